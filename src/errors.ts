@@ -1,0 +1,91 @@
+/**
+ * Typed errors. Every error nodemilter throws is a {@link MilterError}; the
+ * subclass says what kind of problem it is and `code` is a stable string for
+ * programs.
+ *
+ * @module
+ */
+
+/** Base class of every error nodemilter throws. */
+export class MilterError extends Error {
+  /** A stable machine-readable code, e.g. `ERR_MILTER_INVALID_REPLY`. */
+  readonly code: string;
+  constructor(message: string, code = 'ERR_MILTER') {
+    super(message);
+    this.name = new.target.name;
+    this.code = code;
+  }
+}
+
+/** An argument has the wrong type or form (bad rcode, header name, socket spec...). */
+export class InvalidArgumentError extends MilterError {
+  constructor(message: string, code = 'ERR_MILTER_INVALID_ARGUMENT') {
+    super(message, code);
+  }
+}
+
+/** A reply (setreply/setmlreply) breaks the SMTP reply rules. */
+export class InvalidReplyError extends InvalidArgumentError {
+  constructor(message: string) {
+    super(message, 'ERR_MILTER_INVALID_REPLY');
+  }
+}
+
+/** A socket specification (`unix:/path`, `inet:port@host`, ...) is malformed. */
+export class InvalidSocketError extends InvalidArgumentError {
+  constructor(message: string) {
+    super(message, 'ERR_MILTER_INVALID_SOCKET');
+  }
+}
+
+/** A handler returned something that is not a status for that step. */
+export class InvalidStatusError extends InvalidArgumentError {
+  constructor(message: string) {
+    super(message, 'ERR_MILTER_INVALID_STATUS');
+  }
+}
+
+/** An action was called where the protocol does not allow it (e.g. a modification outside eom). */
+export class ActionNotAllowedError extends MilterError {
+  constructor(message: string, code = 'ERR_MILTER_ACTION_NOT_ALLOWED') {
+    super(message, code);
+  }
+}
+
+/** An action needs an action flag (SMFIF_*) that was not negotiated with the MTA. */
+export class DisabledActionError extends ActionNotAllowedError {
+  /** The missing SMFIF_* flag. */
+  readonly flag: number;
+  constructor(message: string, flag: number) {
+    super(message, 'ERR_MILTER_DISABLED_ACTION');
+    this.flag = flag;
+  }
+}
+
+/** The context was used after its connection closed. */
+export class ContextClosedError extends ActionNotAllowedError {
+  constructor(message: string) {
+    super(message, 'ERR_MILTER_CONTEXT_CLOSED');
+  }
+}
+
+/** The engine refused an action or failed to deliver it to the MTA (MI_FAILURE). */
+export class ActionFailedError extends MilterError {
+  constructor(message: string) {
+    super(message, 'ERR_MILTER_ACTION_FAILED');
+  }
+}
+
+/** The milter is in the wrong lifecycle state for the call (main twice, register after start...). */
+export class MilterStateError extends MilterError {
+  constructor(message: string) {
+    super(message, 'ERR_MILTER_STATE');
+  }
+}
+
+/** The native addon could not be loaded or libmilter is missing. */
+export class NativeLoadError extends MilterError {
+  constructor(message: string) {
+    super(message, 'ERR_MILTER_NATIVE_LOAD');
+  }
+}
