@@ -155,3 +155,23 @@ export interface MilterDescription {
   /** Per callback, whether values arrive as strings (default) or raw Buffers. */
   decode?: Partial<Record<DecodableCallback, Decoding>>;
 }
+
+/**
+ * Where nodemilter reports what it does and what went wrong. Any object with
+ * these three methods fits: `console` (the default) or a pino logger.
+ * Messages come fully formatted; an Error, when there is one, follows as the
+ * second argument.
+ *
+ * @example
+ * ```ts
+ * import pino from 'pino';
+ * class MyMilter extends Base {
+ *   static override logger: Logger = pino({ name: 'mymilter' });
+ * }
+ * ```
+ */
+export interface Logger {
+  info(message: string, ...args: unknown[]): void;
+  warn(message: string, ...args: unknown[]): void;
+  error(message: string, ...args: unknown[]): void;
+}
