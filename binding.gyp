@@ -1,0 +1,26 @@
+{
+  "variables": {
+    "sanitize%": "0"
+  },
+  "targets": [
+    {
+      "target_name": "nodemilter",
+      "sources": [
+        "native/addon.cc",
+        "native/context.cc",
+        "native/dispatch.cc",
+        "native/listener.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+      "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+      "libraries": ["-lmilter", "-lpthread", "-ldl"],
+      "conditions": [
+        ["sanitize=='1'", {
+          "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"],
+          "ldflags": ["-fsanitize=address,undefined"]
+        }]
+      ]
+    }
+  ]
+}

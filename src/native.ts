@@ -1,0 +1,155 @@
+/**
+ * The native addon's interface, declared in one place. Internal: the public
+ * surface is `nodemilter/milter`. Every function here maps onto
+ * native/*.cc; see the comments there for the threading rules.
+ *
+ * @internal
+ * @module
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { NativeLoadError } from './errors';
+
+/** Event numbers shared with native/engine.h (EventType). */
+export const Ev = {
+  NEGOTIATE: 0,
+  CONNECT: 1,
+  HELO: 2,
+  ENVFROM: 3,
+  ENVRCPT: 4,
+  DATA: 5,
+  HEADER: 6,
+  EOH: 7,
+  BODY: 8,
+  EOM: 9,
+  ABORT: 10,
+  CLOSE: 11,
+  UNKNOWN: 12,
+  COUNT: 13,
+  STOPPED: 100,
+} as const;
+
+/** Result codes of the context actions (native/context.cc ActionCode). */
+export const ActionCode = {
+  OK: 0,
+  CLOSED: 1,
+  NOT_PARKED: 2,
+  NOT_IN_EOM: 3,
+  FAILURE: 4,
+  NOT_IN_NEGOTIATE: 5,
+  BAD_ARGUMENT: 6,
+} as const;
+
+/** An opaque handle on a native session. */
+export type ConnHandle = object & { readonly __conn: unique symbol };
+
+/** What register() hands to the addon. */
+export interface NativeRegistration {
+  name: string;
+  actions: number;
+  steps: number;
+  handled: number;
+  noreply: number;
+  dynamicNegotiate: boolean;
+  symlists: string[];
+  deadlines: number[];
+  progressMs: number;
+  fallbackStatus: number;
+  watch: string[];
+}
+
+/** Counters kept by the addon. */
+export interface NativeDiag {
+  created: number;
+  deleted: number;
+  active: number;
+  deadlineExpired: number;
+  progressSent: number;
+  lateAnswers: number;
+  drainRefused: number;
+  serving: number;
+  running: boolean;
+  usedSmfiMain: boolean;
+}
+
+export type EventHandler = (
+  type: number,
+  connId: number,
+  seq: number,
+  handle: ConnHandle | undefined,
+  a0: any,
+  a1: any,
+  a2: any,
+  a3: any,
+  macros: string[] | undefined,
+) => void;
+
+export interface NativeBinding {
+  version(): [number, number, number];
+  setconn(spec: string): void;
+  settimeout(seconds: number): void;
+  setbacklog(backlog: number): void;
+  setdbg(level: number): void;
+  opensocket(rmsocket: boolean): void;
+  register(reg: NativeRegistration): void;
+  main(): void;
+  stop(): void;
+  setDraining(on: boolean): void;
+  getdiag(): NativeDiag;
+  constants: Record<string, number>;
+  hasListener: boolean;
+  openChannel(onEvent: EventHandler): void;
+  refChannel(ref: boolean): void;
+  reply(conn: ConnHandle, seq: number, status: number, actions?: number, steps?: number): boolean;
+  getsymval(conn: ConnHandle, seq: number, name: string): string | null | undefined;
+  setreply(conn: ConnHandle, seq: number, rcode: string, xcode: string | null, lines: string[]): number;
+  setsymlist(conn: ConnHandle, seq: number, stage: number, macros: string): number;
+  addheader(conn: ConnHandle, seq: number, name: string, value: string | Buffer): number;
+  insheader(conn: ConnHandle, seq: number, index: number, name: string, value: string | Buffer): number;
+  chgheader(conn: ConnHandle, seq: number, name: string, index: number, value: string | Buffer | null): number;
+  addrcpt(conn: ConnHandle, seq: number, rcpt: string | Buffer, params: string | Buffer | null): number;
+  delrcpt(conn: ConnHandle, seq: number, rcpt: string | Buffer): number;
+  replacebody(conn: ConnHandle, seq: number, chunk: Buffer): number;
+  chgfrom(conn: ConnHandle, seq: number, sender: string | Buffer, params: string | Buffer | null): number;
+  quarantine(conn: ConnHandle, seq: number, reason: string): number;
+  progress(conn: ConnHandle, seq: number): number;
+  negotiated(conn: ConnHandle): [number, number, boolean] | undefined;
+}
+
+let binding: NativeBinding | undefined;
+
+function packageRoot(): string {
+  let dir = __dirname;
+  for (;;) {
+    const pkg = path.join(dir, 'package.json');
+    if (fs.existsSync(pkg) && JSON.parse(fs.readFileSync(pkg, 'utf8')).name === 'nodemilter') return dir;
+    const up = path.dirname(dir);
+    if (up === dir) return path.resolve(__dirname, '..');
+    dir = up;
+  }
+}
+
+/** Load the addon once; a clear NativeLoadError says what to do when that fails. */
+export function loadNative(): NativeBinding {
+  if (binding) return binding;
+  const root = packageRoot();
+  const candidates = [
+    process.env.NODEMILTER_ADDON,
+    path.join(root, 'build', 'Release', 'nodemilter.node'),
+    path.join(root, 'build', 'Debug', 'nodemilter.node'),
+  ].filter((p): p is string => !!p);
+  const found = candidates.find((p) => fs.existsSync(p));
+  if (!found) {
+    throw new NativeLoadError(
+      `nodemilter's native addon is not built (looked in ${candidates.join(', ')}). ` +
+        'Install libmilter-dev (Debian/Ubuntu) and run `npm run build:native`.',
+    );
+  }
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    binding = require(found) as NativeBinding;
+  } catch (err) {
+    throw new NativeLoadError(`could not load ${found}: ${(err as Error).message}`);
+  }
+  return binding;
+}
