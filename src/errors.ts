@@ -89,3 +89,27 @@ export class NativeLoadError extends MilterError {
     super(message, 'ERR_MILTER_NATIVE_LOAD');
   }
 }
+
+/**
+ * The peer broke the milter protocol: an unknown reply code, a modification
+ * outside end-of-message, a truncated or oversize packet, or the connection
+ * closed while a reply was awaited. `reason` says which.
+ */
+export class ProtocolError extends MilterError {
+  /** What went wrong: `unknown-reply`, `unexpected-reply`, `truncated`, `oversize`, `closed`, `malformed` or `negotiation`. */
+  readonly reason: string;
+  constructor(message: string, reason = 'malformed') {
+    super(message, 'ERR_MILTER_PROTOCOL');
+    this.reason = reason;
+  }
+}
+
+/** No reply (or no connection) arrived within the allowed time. */
+export class MilterTimeoutError extends MilterError {
+  /** The time waited, in milliseconds. */
+  readonly timeout: number;
+  constructor(message: string, timeout: number) {
+    super(message, 'ERR_MILTER_TIMEOUT');
+    this.timeout = timeout;
+  }
+}
