@@ -1,0 +1,7 @@
+/**
+ * Testing tools: an MTA-side milter protocol client to drive any milter.
+ *
+ * @module
+ */
+export * from './client';
+export * from './testctx';
