@@ -73,7 +73,7 @@ export interface RunningProcess {
 }
 
 const running = new Set<ChildProcess>();
-process.on('exit', () => {
+function killRunning(): void {
   for (const c of running) {
     try {
       c.kill('SIGKILL');
@@ -81,7 +81,16 @@ process.on('exit', () => {
       /* gone */
     }
   }
-});
+}
+process.on('exit', killRunning);
+// A test worker ended by a signal runs no 'exit' handlers: kill the children
+// first, then let the signal do what it would have done.
+for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) {
+  process.once(sig, () => {
+    killRunning();
+    if (process.listenerCount(sig) === 0) process.kill(process.pid, sig);
+  });
+}
 
 const live = new Set<RunningProcess>();
 
