@@ -68,6 +68,57 @@ suite('per-message and per-connection state', () => {
     expect(Counting.created).toBe(1);
   });
 
+  it('envfrom starts a fresh message even when the previous one got neither eom nor abort', () => {
+    const sizes: number[] = [];
+    class Fresh extends Base<{ rcpts: string[] }> {
+      protected override newMessage() {
+        return { rcpts: [] };
+      }
+      override envfrom() {
+        return CONTINUE;
+      }
+      override envrcpt(to: string) {
+        this.message.rcpts.push(to);
+        sizes.push(this.message.rcpts.length);
+        return REJECT;
+      }
+    }
+    const d = describe(Fresh);
+    const ctx = { id: 901, actions: 0, steps: 0 } as unknown as MilterContext;
+    d.callbacks.envfrom!(ctx, '<a@x>');
+    d.callbacks.envrcpt!(ctx, '<b@x>');
+    d.callbacks.envrcpt!(ctx, '<c@x>');
+    d.callbacks.envfrom!(ctx, '<a@x>'); // no abort in between
+    d.callbacks.envrcpt!(ctx, '<d@x>');
+    expect(sizes).toEqual([1, 2, 1]);
+  });
+
+  it('TestCtx aborts an unfinished message at the next envfrom, as an MTA does', async () => {
+    const sizes: number[] = [];
+    let aborts = 0;
+    class NoEnvfrom extends Base<{ rcpts: string[] }> {
+      protected override newMessage() {
+        return { rcpts: [] };
+      }
+      override envrcpt(to: string) {
+        this.message.rcpts.push(to);
+        sizes.push(this.message.rcpts.length);
+        return REJECT;
+      }
+      override abort() {
+        aborts++;
+      }
+    }
+    const t = new TestCtx(NoEnvfrom);
+    await t.envfrom('<a@x>');
+    await t.envrcpt('<b@x>');
+    await t.envrcpt('<c@x>');
+    await t.envfrom('<a@x>');
+    await t.envrcpt('<d@x>');
+    expect(sizes).toEqual([1, 2, 1]);
+    expect(aborts).toBe(1);
+  });
+
   it('message state is created lazily when envfrom is negotiated away, and dropped after eom', async () => {
     const seen: unknown[] = [];
     class NoEnvfrom extends Base<{ n: number }> {

@@ -177,6 +177,7 @@ export class TestCtx implements MilterContext {
   #running: CallbackName | undefined;
   #negotiated = false;
   #connected = false;
+  #inMessage = false;
   #priv: unknown;
   #macros: Partial<Record<MacroStage, Record<string, string>>> = {};
   #received: Partial<Record<MacroStage, Record<string, string>>> = {};
@@ -290,9 +291,15 @@ export class TestCtx implements MilterContext {
     return this.#step('helo', [this.#decoded('helo', heloname)]);
   }
 
-  /** Send MAIL FROM (starts a message: the per-message records are reset). */
-  envfrom(from: string, ...params: string[]): Promise<number> {
+  /**
+   * Send MAIL FROM (starts a message: the per-message records are reset).
+   * If the previous message got neither eom nor abort, abort is sent first,
+   * as an MTA does when a transaction is reset.
+   */
+  async envfrom(from: string, ...params: string[]): Promise<number> {
+    if (this.#inMessage) await this.abort();
     this.#startMessage();
+    this.#inMessage = true;
     this.sender = from;
     return this.#step('envfrom', [from, ...params].map((a) => this.#decoded('envfrom', a)));
   }
@@ -334,11 +341,13 @@ export class TestCtx implements MilterContext {
 
   /** Send end of message, where the milter may modify it. */
   eom(): Promise<number> {
+    this.#inMessage = false;
     return this.#step('eom', []);
   }
 
   /** Abort the current message (the connection stays open). */
   async abort(): Promise<void> {
+    this.#inMessage = false;
     await this.#step('abort', []);
   }
 
