@@ -658,6 +658,11 @@ describe('parseMessage / parseSmtpReply', () => {
     ]);
     expect(m.body.toString()).toBe('body\r\nmore\r\n\r\n');
     expect(parseMessage('A: b\r\n', true)).toEqual({ headers: [['A', Buffer.from(' b')]], body: Buffer.alloc(0) });
+    // blanks before the colon go; a tab after it stays (Postfix and sendmail eat one space only)
+    expect(parseMessage('X-Sp : v\r\nX-Tab:\tw\r\n\r\n').headers.map(([n, v]) => [n, v.toString()])).toEqual([
+      ['X-Sp', 'v'],
+      ['X-Tab', '\tw'],
+    ]);
     // 8-bit bytes survive
     const raw = parseMessage(Buffer.from([0x58, 0x3a, 0x20, 0xe9, 0x0d, 0x0a, 0x0d, 0x0a, 0xff]));
     expect(raw.headers[0][1]).toEqual(Buffer.from([0xe9]));

@@ -409,9 +409,9 @@ export type ParsedHeader = [name: string, value: Buffer];
 
 /**
  * Split an RFC 5322 message into headers and body the way an MTA hands them
- * to a milter: each header's value is the text after the colon with one
- * leading space removed (unless `leadingSpace` is true, as with
- * SMFIP_HDR_LEADSPC), folded lines joined with `"\n"` (the continuation
+ * to a milter: the name without trailing blanks; the value is the text after
+ * the colon with one leading space (not a tab) removed, as both sendmail and
+ * Postfix do (unless `leadingSpace` is true, as with SMFIP_HDR_LEADSPC), folded lines joined with `"\n"` (the continuation
  * lines keep their leading whitespace), and the body with CRLF line ends.
  * Bytes are kept as they are (no charset decoding). The headers end at the
  * first empty line, or at the first line that is neither a header nor a
@@ -555,8 +555,17 @@ interface Waiter {
  * console.log(eom.decision, eom.actions);
  * await c.quit();
  *
- * // or all at once:
- * const res = await c2.sendMessage({ from: '<a@x>', rcpt: ['<b@y>'], message: 'Subject: hi\r\n\r\nbody\r\n' });
+ * // or a whole transaction at once, on a new connection:
+ * const c2 = await MilterClient.connect('unix:/run/milter.sock');
+ * const res = await c2.sendMessage({
+ *   client: { hostname: 'client.example.com', address: '192.0.2.1', port: 4567 },
+ *   from: '<a@x>',
+ *   rcpt: ['<b@y>'],
+ *   message: 'Subject: hi\r\n\r\nbody\r\n',
+ *   macros: { connect: { j: 'mx.example.org' }, eom: { i: 'QID123' } },
+ *   quit: true,
+ * });
+ * console.log(res.decision, res.actions, res.replacedBody?.toString());
  * ```
  */
 export class MilterClient {
