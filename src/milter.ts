@@ -29,6 +29,7 @@
  * @module
  */
 import { EventEmitter } from 'node:events';
+import * as net from 'node:net';
 import { isUtf8 } from 'node:buffer';
 import { isMainThread } from 'node:worker_threads';
 
@@ -465,9 +466,37 @@ export function stop(options: StopOptions = {}): Promise<void> {
       while (n.getdiag().serving > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
     }
     n.stop();
-    await mainPromise!.catch(() => undefined);
+    // smfi_stop sets its flag from another thread; poke until the listener has returned.
+    const poke = setInterval(wakeListener, 50);
+    wakeListener();
+    try {
+      await mainPromise!.catch(() => undefined);
+    } finally {
+      clearInterval(poke);
+    }
   })();
   return stopPromise;
+}
+
+/**
+ * libmilter's listener notices a stop only when its poll() returns, which
+ * without traffic takes up to five seconds. One connection that is closed at
+ * once wakes it; libmilter sees the stop flag before serving it.
+ */
+function wakeListener(): void {
+  if (!connSpec) return;
+  let target: net.NetConnectOpts;
+  const spec = parseSocketSpec(connSpec);
+  if (spec.kind === 'unix') target = { path: spec.path };
+  else if (spec.kind === 'inet' || spec.kind === 'inet6') {
+    const any = !spec.host || spec.host === '0.0.0.0' || spec.host === '::' || spec.host === 'INADDR_ANY';
+    target = { port: spec.port, host: any ? (spec.kind === 'inet' ? '127.0.0.1' : '::1') : spec.host };
+  } else return;
+  const sock = net.connect(target);
+  sock.on('connect', () => sock.destroy());
+  sock.on('error', () => undefined);
+  sock.setTimeout(1000, () => sock.destroy());
+  sock.unref();
 }
 
 /** Let a running milter keep the process alive (the default). */

@@ -1,0 +1,435 @@
+// Integration tests of the native core and the `milter` module: real
+// libmilter, each milter in its own child process (libmilter runs once per
+// process), driven over real sockets by the MTA-side MilterClient.
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+
+import * as C from '../src/constants';
+import { MilterClient } from '../src/testing/client';
+import { freeInet6Spec, freeInetSpec, startProcess, stopAll, tmpSocketSpec, type RunningProcess } from './helpers';
+
+const FIXTURE = path.join(__dirname, 'fixtures', 'node', 'milter.cjs');
+
+interface Ev {
+  ev: string;
+  conn?: number;
+  args?: unknown[];
+  [k: string]: unknown;
+}
+
+async function startMilter(cfg: Record<string, unknown>): Promise<RunningProcess & { spec: string }> {
+  const spec = (cfg.socket as string) ?? (await freeInetSpec());
+  const p = await startProcess(process.execPath, {
+    args: [FIXTURE],
+    env: { MILTER_CONFIG: JSON.stringify({ ...cfg, socket: spec }) },
+    socket: spec,
+  });
+  return Object.assign(p, { spec });
+}
+
+function events(p: RunningProcess): Ev[] {
+  // The helper reads output as latin1; the fixture writes UTF-8 JSON.
+  return Buffer.from(p.stdout, 'latin1')
+    .toString('utf8')
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => JSON.parse(l) as Ev);
+}
+
+async function waitCount(p: RunningProcess, name: string, n: number, timeout = 10_000): Promise<void> {
+  const until = Date.now() + timeout;
+  while (events(p).filter((e) => e.ev === name).length < n) {
+    if (Date.now() > until) throw new Error(`timed out waiting for ${n} "${name}" events`);
+    if (p.hasExited) throw new Error(`milter exited while waiting for "${name}": ${p.stderr}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+async function waitEvent(p: RunningProcess, name: string, timeout = 5000): Promise<Ev> {
+  await p.waitForOutput(`"ev":"${name}"`, { timeout });
+  return events(p).find((e) => e.ev === name)!;
+}
+
+const MESSAGE = {
+  client: { hostname: 'mail.example.org', family: 'inet' as const, address: '192.0.2.7', port: 40001 },
+  helo: 'mail.example.org',
+  from: ['<alice@example.org>', 'SIZE=1234', 'BODY=8BITMIME'],
+  rcpt: [['<bob@example.net>', 'NOTIFY=NEVER']],
+  headers: [
+    ['Subject', 'hello'],
+    ['X-Latin1', Buffer.from('caf\xe9 cr\xe8me', 'latin1')],
+  ] as [string, string | Buffer][],
+  body: Buffer.from('line one\r\n\0binary\0\r\nend\r\n', 'latin1'),
+};
+
+afterEach(async () => {
+  await stopAll();
+});
+
+describe('callbacks and their arguments', () => {
+  it('delivers every callback with its arguments, 8-bit headers and NUL bytes intact', async () => {
+    const p = await startMilter({});
+    const c = await MilterClient.connect(p.spec);
+    const r = await c.sendMessage({ ...MESSAGE, quit: false });
+    expect(r.decision).toBe('continue');
+    await c.unknown('XYZZY arg');
+    await c.quit();
+    await waitEvent(p, 'close');
+    const ev = events(p).filter((e) => e.conn !== undefined);
+    const names = ev.map((e) => e.ev);
+    expect(names).toEqual(['connect', 'helo', 'envfrom', 'envrcpt', 'data', 'header', 'header', 'eoh', 'body', 'eom', 'eom-actions', 'unknown', 'close']);
+    const by = (n: string) => ev.filter((e) => e.ev === n);
+    expect(by('connect')[0].args).toEqual(['mail.example.org', 'inet', { address: '192.0.2.7', port: 40001 }]);
+    expect(by('helo')[0].args).toEqual(['mail.example.org']);
+    expect(by('envfrom')[0].args).toEqual(['<alice@example.org>', 'SIZE=1234', 'BODY=8BITMIME']);
+    expect(by('envrcpt')[0].args).toEqual(['<bob@example.net>', 'NOTIFY=NEVER']);
+    expect(by('header')[0].args).toEqual(['Subject', 'hello']);
+    // Not valid UTF-8: decoded as latin1 so each byte stays one character.
+    expect(by('header')[1].args).toEqual(['X-Latin1', 'caf\xe9 cr\xe8me']);
+    expect(by('body')[0].args).toEqual([{ hex: MESSAGE.body.toString('hex') }]);
+    expect(by('unknown')[0].args).toEqual(['XYZZY arg']);
+    const ids = new Set(ev.map((e) => e.conn));
+    expect(ids.size).toBe(1);
+  });
+
+  it('decodes IPv6 and unix client addresses, and unknown families', async () => {
+    const p = await startMilter({ callbacks: ['connect', 'close'] });
+    for (const [family, address, port] of [
+      ['inet6', '2001:db8::25', 2525],
+      ['unix', '/run/some.sock', 0],
+      ['unknown', '', 0],
+    ] as const) {
+      const c = await MilterClient.connect(p.spec);
+      const r = await c.connect('client.example', family, address, port);
+      expect(r.status).toBe('continue');
+      await c.quit();
+    }
+    await waitCount(p, 'close', 3);
+    const got = events(p)
+      .filter((e) => e.ev === 'connect')
+      .map((e) => e.args);
+    expect(got).toEqual([
+      ['client.example', 'inet6', { address: '2001:db8::25', port: 2525 }],
+      ['client.example', 'unix', { path: '/run/some.sock' }],
+      ['client.example', 'unknown', null],
+    ]);
+  });
+
+  it('listens on unix and inet6 sockets too', async () => {
+    const specs = [tmpSocketSpec()];
+    const v6 = await freeInet6Spec();
+    if (v6) specs.push(v6);
+    for (const spec of specs) {
+      const p = await startMilter({ socket: spec, callbacks: ['helo'] });
+      const c = await MilterClient.connect(spec);
+      expect((await c.helo('x.example')).status).toBe('continue');
+      await c.quit();
+      process.kill(p.pid, 'SIGTERM');
+      expect((await p.exited).code).toBe(0);
+    }
+  });
+
+  it('negotiates away callbacks that are not registered', async () => {
+    const p = await startMilter({ callbacks: ['eom'] });
+    const c = await MilterClient.connect(p.spec);
+    const n = c.negotiation;
+    const no = C.P_NOCONNECT | C.P_NOHELO | C.P_NOMAIL | C.P_NORCPT | C.P_NOBODY | C.P_NOHDRS | C.P_NOEOH | C.P_NOUNKNOWN | C.P_NODATA;
+    expect(n.steps & no).toBe(no);
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.headers.every((h) => h.status === 'notsent')).toBe(true);
+    expect(r.eom?.status).toBe('continue');
+    await c.close();
+    expect(events(p).map((e) => e.ev)).not.toContain('header');
+  });
+});
+
+describe('actions', () => {
+  it('sends every EOM action on the wire, byte for byte', async () => {
+    const latin = { hex: Buffer.from('\xe9t\xe9', 'latin1').toString('hex') };
+    const p = await startMilter({
+      eomActions: [
+        ['addheader', 'X-Added', 'one'],
+        ['addheader', 'X-Inserted', 'zero', 0],
+        ['chgheader', 'Subject', 1, 'changed'],
+        ['chgheader', 'X-Latin1', 1, latin],
+        ['chgheader', 'X-Gone', 1, null],
+        ['addrcpt', '<new@example.net>'],
+        ['addrcpt', '<par@example.net>', 'NOTIFY=NEVER'],
+        ['delrcpt', '<bob@example.net>'],
+        ['chgfrom', '<bounce@example.org>', 'SIZE=1'],
+        ['replacebody', 'new body\r\n'],
+        ['replacebody', 'second chunk\r\n'],
+        ['quarantine', 'held for review'],
+        ['progress'],
+      ],
+      eomStatus: 'ACCEPT',
+    });
+    const c = await MilterClient.connect(p.spec);
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.decision).toBe('accept');
+    const acts = r.actions.map((a) => {
+      const { raw: _raw, ...rest } = a as typeof a & { valueBytes?: Buffer };
+      if ('valueBytes' in rest) delete (rest as { valueBytes?: Buffer }).valueBytes;
+      return rest;
+    });
+    expect(acts).toEqual([
+      { type: 'addheader', name: 'X-Added', value: 'one' },
+      { type: 'insheader', index: 0, name: 'X-Inserted', value: 'zero' },
+      { type: 'chgheader', index: 1, name: 'Subject', value: 'changed' },
+      { type: 'chgheader', index: 1, name: 'X-Latin1', value: expect.any(String) },
+      { type: 'chgheader', index: 1, name: 'X-Gone', value: '' },
+      { type: 'addrcpt', rcpt: '<new@example.net>' },
+      { type: 'addrcpt_par', rcpt: '<par@example.net>', params: 'NOTIFY=NEVER' },
+      { type: 'delrcpt', rcpt: '<bob@example.net>' },
+      { type: 'chgfrom', sender: '<bounce@example.org>', params: 'SIZE=1' },
+      { type: 'replbody', chunk: Buffer.from('new body\r\n') },
+      { type: 'replbody', chunk: Buffer.from('second chunk\r\n') },
+      { type: 'quarantine', reason: 'held for review' },
+    ]);
+    const latinAction = r.actions[3] as { valueBytes: Buffer };
+    expect(latinAction.valueBytes.equals(Buffer.from('\xe9t\xe9', 'latin1'))).toBe(true);
+    expect(r.replacedBody?.toString()).toBe('new body\r\nsecond chunk\r\n');
+    expect(r.eom?.progress).toBe(1);
+    const results = (await waitEvent(p, 'eom-actions')).results as unknown[][];
+    expect(results.every((x) => x[1] === 'ok')).toBe(true);
+    await c.close();
+  });
+
+  it('replaces a body larger than one milter packet', async () => {
+    const p = await startMilter({ callbacks: ['eom'], eomActions: [['replacebody', { repeat: 'x', count: 200_000 }]] });
+    const big = 'x'.repeat(200_000);
+    const c = await MilterClient.connect(p.spec);
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.replacedBody?.length).toBe(big.length);
+    expect(r.actions.filter((a) => a.type === 'replbody').length).toBeGreaterThan(3);
+    await c.close();
+  });
+
+  it('refuses actions whose flag was not negotiated, or that are called outside eom', async () => {
+    const p = await startMilter({
+      eomActions: [
+        ['addheader', 'X-Ok', 'fine'],
+        ['chgfrom', '<x@example.org>'],
+        ['quarantine', 'nope'],
+      ],
+    });
+    const c = await MilterClient.connect(p.spec, { actions: C.ADDHDRS });
+    await c.sendMessage(MESSAGE);
+    const results = (await waitEvent(p, 'eom-actions')).results as unknown[][];
+    expect(results[0]).toEqual(['addheader', 'ok']);
+    expect(results[1].slice(0, 3)).toEqual(['chgfrom', 'DisabledActionError', 'ERR_MILTER_DISABLED_ACTION']);
+    expect(results[2].slice(0, 2)).toEqual(['quarantine', 'DisabledActionError']);
+    await c.close();
+  });
+
+  it('sets single- and multi-line replies on reject', async () => {
+    const p = await startMilter({ rejectRcpt: '<bad@example.net>' });
+    const c = await MilterClient.connect(p.spec);
+    await c.connect('h', 'inet', '192.0.2.1', 1);
+    await c.envfrom('<a@example.org>');
+    const r = await c.envrcpt('<bad@example.net>');
+    expect(r.status).toBe('reject');
+    expect(r.reply).toMatchObject({ rcode: '550', xcode: '5.7.1', text: 'Recipient refused by test' });
+    await c.close();
+  });
+});
+
+describe('async handlers, ordering and concurrency', () => {
+  it('keeps each connection in order with async handlers across 50 concurrent connections', async () => {
+    const p = await startMilter({ async: 3, eomActions: [['addheader', 'X-Async', 'yes']] });
+    const clients = await Promise.all(Array.from({ length: 50 }, () => MilterClient.connect(p.spec)));
+    const results = await Promise.all(clients.map((c) => c.sendMessage(MESSAGE)));
+    for (const r of results) {
+      expect(r.decision).toBe('continue');
+      expect(r.actions).toHaveLength(1);
+    }
+    await Promise.all(clients.map((c) => c.quit()));
+    await waitCount(p, 'close', 50);
+    const perConn = new Map<number, string[]>();
+    for (const e of events(p)) if (e.conn !== undefined) perConn.set(e.conn, [...(perConn.get(e.conn) ?? []), e.ev]);
+    expect(perConn.size).toBe(50);
+    for (const seq of perConn.values()) {
+      expect(seq).toEqual(['connect', 'helo', 'envfrom', 'envrcpt', 'data', 'header', 'header', 'eoh', 'body', 'eom', 'eom-actions', 'close']);
+    }
+  });
+
+  it('runs no-reply handlers in order without the MTA waiting for them', async () => {
+    const p = await startMilter({ noreply: ['connect', 'helo', 'envfrom', 'header', 'body'], async: 20, macros: ['j', '{mail_addr}'] });
+    const c = await MilterClient.connect(p.spec);
+    const nr = C.P_NR_CONN | C.P_NR_HELO | C.P_NR_MAIL | C.P_NR_HDR | C.P_NR_BODY;
+    expect(c.negotiation.steps & nr).toBe(nr);
+    const r = await c.sendMessage({ ...MESSAGE, macros: { connect: { j: 'mx.test' }, envfrom: { '{mail_addr}': 'alice@example.org' } } });
+    expect(r.connect?.status).toBe('noreply');
+    expect(r.headers.map((h) => h.status)).toEqual(['noreply', 'noreply']);
+    expect(r.envrcpt[0].status).toBe('continue');
+    await c.quit();
+    await waitEvent(p, 'close');
+    const seq = events(p).filter((e) => e.conn !== undefined);
+    expect(seq.map((e) => e.ev)).toEqual(['connect', 'helo', 'envfrom', 'envrcpt', 'data', 'header', 'header', 'eoh', 'body', 'eom', 'eom-actions', 'close']);
+    // getsymval works in no-reply steps from the macros captured with the event.
+    expect(seq[0].macros).toEqual({ j: 'mx.test' });
+    expect(seq[2].macros).toEqual({ j: 'mx.test', '{mail_addr}': 'alice@example.org' });
+  });
+
+  it('lets body answer SKIP and still reaches eom', async () => {
+    const p = await startMilter({ skipBody: true });
+    const c = await MilterClient.connect(p.spec, { chunkSize: 10 });
+    const r = await c.sendMessage({ ...MESSAGE, body: 'a'.repeat(100) });
+    expect(r.body?.status).toBe('skip');
+    expect(r.body?.chunksSent).toBe(1);
+    expect(r.eom?.status).toBe('continue');
+    await c.close();
+    expect(events(p).filter((e) => e.ev === 'body')).toHaveLength(1);
+  });
+});
+
+describe('errors in handlers', () => {
+  for (const [kind, key] of [
+    ['throws', 'throwIn'],
+    ['rejects', 'rejectIn'],
+    ['returns a non-status', 'badStatusIn'],
+  ] as const) {
+    it(`answers TEMPFAIL with 451 4.3.0 when a handler ${kind}, and reports it`, async () => {
+      const p = await startMilter({ [key]: 'envfrom' });
+      const c = await MilterClient.connect(p.spec);
+      await c.connect('h', 'inet', '192.0.2.1', 1);
+      const r = await c.envfrom('<a@example.org>');
+      expect(r.status).toBe('tempfail');
+      expect(r.reply?.rcode).toBe('451');
+      expect(r.reply?.xcode).toBe('4.3.0');
+      const err = await waitEvent(p, 'handlerError');
+      expect(err.info).toMatchObject({ callback: 'envfrom', answered: C.TEMPFAIL });
+      if (key === 'badStatusIn') expect(err.name).toBe('InvalidStatusError');
+      await c.close();
+    });
+  }
+
+  it('follows the exception policy REJECT with 554 5.3.0', async () => {
+    const p = await startMilter({ throwIn: 'eom', policy: 'REJECT' });
+    const c = await MilterClient.connect(p.spec);
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.decision).toBe('reject');
+    expect(r.eom?.reply).toMatchObject({ rcode: '554', xcode: '5.3.0' });
+    await c.close();
+  });
+
+  it('does not let a failed no-reply step pass the message silently', async () => {
+    const p = await startMilter({ noreply: ['header'], throwIn: 'header' });
+    const c = await MilterClient.connect(p.spec);
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.headers[0].status).toBe('noreply');
+    expect(['tempfail']).toContain(r.decision);
+    await c.close();
+  });
+
+  it('survives a storm of throwing handlers', async () => {
+    const p = await startMilter({ throwIn: 'header' });
+    const clients = await Promise.all(Array.from({ length: 20 }, () => MilterClient.connect(p.spec)));
+    const rs = await Promise.all(clients.map((c) => c.sendMessage(MESSAGE)));
+    expect(rs.every((r) => r.decision === 'tempfail')).toBe(true);
+    await Promise.all(clients.map((c) => c.close()));
+    expect(p.hasExited).toBe(false);
+  });
+});
+
+describe('deadlines', () => {
+  it('answers TEMPFAIL when eom misses its deadline, sending progress meanwhile, and ignores the late answer', async () => {
+    const p = await startMilter({ callbacks: ['eom'], eomSleep: 1500, deadline: { eom: 900 }, progressInterval: 250, eomActions: [['addheader', 'X-Late', 'x']] });
+    const c = await MilterClient.connect(p.spec);
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.decision).toBe('tempfail');
+    expect(r.eom?.reply?.rcode).toBe('451');
+    expect(r.eom?.progress).toBeGreaterThanOrEqual(2);
+    expect(r.actions).toHaveLength(0);
+    const late = (await waitEvent(p, 'eom-actions', 3000)).results as unknown[][];
+    expect(late[0].slice(0, 2)).toEqual(['addheader', 'ActionNotAllowedError']);
+    // The session still works after the late answer.
+    const r2 = await c.sendMessage({ ...MESSAGE, client: null, helo: null });
+    expect(r2.decision).toBe('tempfail');
+    await c.close();
+  });
+
+  it('keeps a slow eom alive with progress when it finishes within the deadline', async () => {
+    const p = await startMilter({ callbacks: ['eom'], eomSleep: 700, progressInterval: 200, eomActions: [['addheader', 'X-Slow', 'ok']] });
+    const c = await MilterClient.connect(p.spec, { eomTimeout: 400 });
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.decision).toBe('continue');
+    expect(r.eom?.progress).toBeGreaterThanOrEqual(2);
+    expect(r.actions).toHaveLength(1);
+    await c.close();
+  });
+});
+
+describe('signals, stop and drain', () => {
+  it('leaves SIGHUP to Node: 200 SIGHUPs while mail flows, every message served', async () => {
+    const p = await startMilter({ countSighup: true, callbacks: ['envfrom', 'eom'], eomActions: [['addheader', 'X-Hup', '1']] });
+    let sent = 0;
+    const storm = (async () => {
+      for (let i = 0; i < 200; i++) {
+        process.kill(p.pid, 'SIGHUP');
+        sent++;
+        await new Promise((r) => setTimeout(r, 2));
+      }
+    })();
+    const c = await MilterClient.connect(p.spec);
+    let ok = 0;
+    const flow = (async () => {
+      for (let i = 0; i < 60; i++) {
+        const r = await c.sendMessage({ ...MESSAGE, client: i === 0 ? MESSAGE.client : null, helo: i === 0 ? MESSAGE.helo : null });
+        if (r.decision === 'continue' && r.actions.length === 1) ok++;
+      }
+    })();
+    await Promise.all([storm, flow]);
+    await c.close();
+    expect(sent).toBe(200);
+    expect(ok).toBe(60);
+    expect(p.hasExited).toBe(false);
+    process.kill(p.pid, 'SIGTERM');
+    const stopped = await waitEvent(p, 'stopped', 10_000);
+    // Signals coalesce, so Node may count fewer than were sent, but libmilter took none.
+    expect(stopped.hups).toBeGreaterThan(0);
+    expect(events(p).some((e) => e.ev === 'main-rejected')).toBe(false);
+  });
+
+  it('stops without blocking and the process exits by itself', async () => {
+    const p = await startMilter({ callbacks: ['eom'] });
+    process.kill(p.pid, 'SIGTERM');
+    const exit = await p.exited;
+    expect(exit.code).toBe(0);
+    expect(events(p).map((e) => e.ev)).toEqual(['ready', 'sigterm', 'main-resolved', 'stopped']);
+    // smfi_stop alone waits for the listener's 5 s poll; stop() wakes it.
+    expect(events(p).find((e) => e.ev === 'stopped')!.ms).toBeLessThan(2000);
+  });
+
+  it('drains: an open session finishes its slow eom, a new one is refused with TEMPFAIL', async () => {
+    const p = await startMilter({ callbacks: ['connect', 'eom'], eomSleep: 1200, onSigterm: 'drain:5000', eomActions: [['addheader', 'X-Drained', 'yes']] });
+    const c1 = await MilterClient.connect(p.spec);
+    const inflight = c1.sendMessage(MESSAGE);
+    await p.waitForOutput('"ev":"eom"');
+    process.kill(p.pid, 'SIGTERM');
+    await waitEvent(p, 'sigterm');
+    const c2 = await MilterClient.connect(p.spec);
+    const refused = await c2.connect('late.example', 'inet', '192.0.2.9', 1);
+    expect(refused.status).toBe('tempfail');
+    expect(refused.reply?.rcode).toBe('421');
+    await c2.close();
+    const r = await inflight;
+    expect(r.decision).toBe('continue');
+    expect(r.actions).toHaveLength(1);
+    await c1.quit();
+    const exit = await p.exited;
+    expect(exit.code).toBe(0);
+    const stopped = events(p).find((e) => e.ev === 'stopped')!;
+    expect((stopped.diag as { drainRefused: number }).drainRefused).toBe(1);
+  });
+
+  it('exits cleanly with process.exit() while callbacks are pending', async () => {
+    const p = await startMilter({ exitInEom: 3, async: 50 });
+    const clients = await Promise.all(Array.from({ length: 5 }, () => MilterClient.connect(p.spec, { timeout: 3000 })));
+    const rs = await Promise.allSettled(clients.map((c) => c.sendMessage(MESSAGE)));
+    const exit = await p.exited;
+    expect(exit).toEqual({ code: 3, signal: null });
+    expect(rs.some((r) => r.status === 'rejected')).toBe(true);
+    expect(p.stderr).not.toMatch(/Assertion|Segmentation|core dumped|FATAL/i);
+  });
+});
