@@ -21,4 +21,5 @@ export {
 } from './validate';
 export type { Reply } from './validate';
 export { param2dict } from './utils';
-// runmilter: see src/runmilter.ts
+export { runmilter } from './runmilter';
+export type { RunmilterOptions } from './runmilter';

@@ -54,6 +54,7 @@ import type {
   Decoding,
   Family,
   HostAddr,
+  Logger,
   MilterContext,
   MilterDescription,
   NegotiateResult,
@@ -137,11 +138,7 @@ const CALLBACK_NAMES = new Set<string>(EVENT_NAMES);
 const NR_BIT = [0, C.P_NR_CONN, C.P_NR_HELO, C.P_NR_MAIL, C.P_NR_RCPT, C.P_NR_DATA, C.P_NR_HDR, C.P_NR_EOH, C.P_NR_BODY, 0, 0, 0, C.P_NR_UNKN];
 
 /** A logger: console fits, and so does pino. */
-export interface MilterLogger {
-  info(...args: unknown[]): void;
-  warn(...args: unknown[]): void;
-  error(...args: unknown[]): void;
-}
+export type MilterLogger = Logger;
 
 /** What {@link events} reports when a handler fails. */
 export interface HandlerErrorInfo {

@@ -1,0 +1,123 @@
+/**
+ * runmilter: serve a {@link Base} subclass on the libmilter engine, the way
+ * pymilter's `Milter.runmilter` does, plus what a deployment needs: socket
+ * permissions, a graceful drain on SIGTERM/SIGINT, and clean-up of the unix
+ * socket.
+ *
+ * @module
+ */
+import * as fs from 'node:fs';
+
+import { describe as describeMilter, type MilterFactory } from './base';
+import { InvalidArgumentError } from './errors';
+import * as milter from './milter';
+import { parseSocketSpec } from './socketspec';
+import type { Logger } from './types';
+
+/** Options of {@link runmilter}. */
+export interface RunmilterOptions {
+  /** The milter: a Base subclass (one instance per connection) or a function returning an instance. */
+  factory: MilterFactory;
+  /** Seconds an idle MTA connection may wait (smfi_settimeout; default libmilter's 7210). */
+  timeout?: number;
+  /** Listen backlog (smfi_setbacklog). */
+  backlog?: number;
+  /**
+   * The umask while the unix socket is created, e.g. `0o007` for a socket
+   * the MTA's group may use. Default: the process umask.
+   */
+  umask?: number;
+  /** Milliseconds to let open sessions finish after SIGTERM/SIGINT before stopping (default 30000). */
+  drain?: number;
+  /** Signals that stop the milter gracefully (default SIGTERM and SIGINT). `[]`: install no handler. */
+  signals?: NodeJS.Signals[];
+  /** Where to log (console by default; pino fits). */
+  logger?: Logger;
+  /** Per-callback deadlines, as in `milter.register`. */
+  deadline?: milter.RegisterOptions['deadline'];
+  /** Progress interval during a pending eom, as in `milter.register`. */
+  progressInterval?: number;
+  /** What to answer when a handler fails: TEMPFAIL (default), REJECT, CONTINUE or ACCEPT. */
+  exceptionPolicy?: number;
+  /** Called once the socket is open and the milter serves. */
+  onListening?: () => void;
+}
+
+/**
+ * Register `factory` as milter `name`, listen on `socket` (`unix:/path`,
+ * `inet:PORT@HOST`, `inet6:PORT@HOST`, `fd:N`), and serve until a stop
+ * signal: then drain open sessions (new ones get TEMPFAIL) for up to
+ * `drain` ms, stop libmilter, and remove the unix socket. Resolves when
+ * stopped. One milter per process.
+ *
+ * @example
+ * ```ts
+ * import { Base, runmilter, CONTINUE } from 'nodemilter';
+ * class Hello extends Base {
+ *   override eom() { this.addheader('X-Hello', 'world'); return CONTINUE; }
+ * }
+ * await runmilter('hello', 'inet:8894@127.0.0.1', { factory: Hello });
+ * ```
+ */
+export async function runmilter(name: string, socket: string, options: RunmilterOptions): Promise<void> {
+  if (!options || typeof options.factory !== 'function') {
+    throw new InvalidArgumentError('runmilter needs options.factory: a Base subclass or a function returning an instance');
+  }
+  const log: Logger = options.logger ?? console;
+  const drain = options.drain ?? 30_000;
+  if (!(drain >= 0)) throw new InvalidArgumentError(`drain must be >= 0 ms, got ${drain}`);
+  const spec = parseSocketSpec(socket);
+  const description = describeMilter(options.factory, { name });
+
+  milter.setLogger(log);
+  const onHandlerError = (err: Error, info: milter.HandlerErrorInfo) => {
+    log.error(`${name}: ${info.callback} failed on connection ${info.connection}: ${err.message}`, err);
+  };
+  milter.events.on('handlerError', onHandlerError);
+  if (options.exceptionPolicy !== undefined) milter.set_exception_policy(options.exceptionPolicy);
+  milter.register(description, { deadline: options.deadline, progressInterval: options.progressInterval });
+  milter.setconn(socket);
+  if (options.timeout !== undefined) milter.settimeout(options.timeout);
+  if (options.backlog !== undefined) milter.setbacklog(options.backlog);
+
+  const oldMask = options.umask !== undefined ? process.umask(options.umask) : undefined;
+  try {
+    // Removes a stale unix socket, and only if it is a socket.
+    milter.opensocket(true);
+  } finally {
+    if (oldMask !== undefined) process.umask(oldMask);
+  }
+
+  const signals = options.signals ?? ['SIGTERM', 'SIGINT'];
+  let stopping = false;
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (stopping) {
+      log.warn(`${name}: ${sig} again, still draining`);
+      return;
+    }
+    stopping = true;
+    log.info(`${name}: ${sig}: draining open sessions for up to ${drain} ms, then stopping`);
+    milter.stop({ drain }).catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
+  };
+  for (const s of signals) process.on(s, onSignal);
+
+  const running = milter.main();
+  log.info(`${name}: listening on ${socket}`);
+  options.onListening?.();
+  try {
+    await running;
+  } finally {
+    for (const s of signals) process.removeListener(s, onSignal);
+    milter.events.removeListener('handlerError', onHandlerError);
+    if (spec.kind === 'unix') removeSocket(spec.path, log);
+    log.info(`${name}: stopped`);
+  }
+}
+
+function removeSocket(path: string, log: Logger): void {
+  try {
+    if (fs.lstatSync(path).isSocket()) fs.unlinkSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') log.warn(`could not remove socket ${path}: ${(err as Error).message}`);
+  }
+}
