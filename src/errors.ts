@@ -113,3 +113,27 @@ export class MilterTimeoutError extends MilterError {
     this.timeout = timeout;
   }
 }
+
+/**
+ * A message could not be parsed, or a MIME operation was given something it
+ * cannot work on (nodemilter/mime). `reason` says which: `too-large`,
+ * `too-deep`, `bad-input`, `not-a-child`, `not-a-leaf`.
+ */
+export class MimeError extends MilterError {
+  /** What went wrong, as a stable word. */
+  readonly reason: string;
+  constructor(message: string, reason = 'bad-input') {
+    super(message, 'ERR_MILTER_MIME');
+    this.reason = reason;
+  }
+}
+
+/** An Authentication-Results header value (RFC 8601) could not be parsed; `position` is where parsing stopped. */
+export class AuthResSyntaxError extends InvalidArgumentError {
+  /** The character offset in the value where the parser stopped. */
+  readonly position: number;
+  constructor(message: string, position: number) {
+    super(message, 'ERR_MILTER_AUTHRES_SYNTAX');
+    this.position = position;
+  }
+}
