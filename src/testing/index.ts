@@ -5,3 +5,4 @@
  */
 export * from './client';
 export * from './testctx';
+export * from './apply';

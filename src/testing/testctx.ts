@@ -29,6 +29,8 @@ import {
   validateHeaderValue, validateQuarantineReason, validateReply,
 } from '../validate';
 import type { Reply } from '../validate';
+import { applyEnvelopeChanges, applyHeaderEdits, buildMessage } from './apply';
+import type { HeaderEdit, RawHeader } from './apply';
 
 /** One step TestCtx sent (or skipped), in order. */
 export interface TestStepResult {
@@ -82,17 +84,8 @@ export interface FeedOptions {
   helo?: string;
 }
 
-interface StoredHeader {
-  name: string;
-  /** Everything after the colon, as in the message (leading space, CRLF folding). */
-  raw: Buffer;
-}
-
-type HeaderOp =
-  | { op: 'add'; name: string; value: Buffer }
-  | { op: 'insert'; name: string; value: Buffer; index: number }
-  | { op: 'change'; name: string; value: Buffer; index: number }
-  | { op: 'delete'; name: string; index: number };
+type StoredHeader = RawHeader;
+type HeaderOp = HeaderEdit;
 
 let nextId = 1;
 
@@ -436,40 +429,16 @@ export class TestCtx implements MilterContext {
    * changed, as the MTA does; with it the value is used as given.
    */
   resultMessage(): Buffer {
-    const headers = this.#headers.map((h) => ({ ...h }));
-    const leadspc = (this.steps & P_HDR_LEADSPC) !== 0;
-    const rawOf = (value: Buffer) => {
-      const v = Buffer.from(value.toString('latin1').replace(/\r?\n/g, '\r\n'), 'latin1');
-      return leadspc ? v : Buffer.concat([Buffer.from(' '), v]);
-    };
-    const nth = (name: string, index: number) => {
-      let seen = 0;
-      return headers.findIndex((h) => h.name.toLowerCase() === name.toLowerCase() && ++seen === index);
-    };
-    for (const op of this.#ops) {
-      if (op.op === 'add') headers.push({ name: op.name, raw: rawOf(op.value) });
-      else if (op.op === 'insert') headers.splice(Math.min(op.index, headers.length), 0, { name: op.name, raw: rawOf(op.value) });
-      else {
-        const at = nth(op.name, op.index);
-        if (op.op === 'delete') {
-          if (at >= 0) headers.splice(at, 1);
-        } else if (at >= 0) headers[at] = { name: headers[at].name, raw: rawOf(op.value) };
-        else headers.push({ name: op.name, raw: rawOf(op.value) });
-      }
-    }
-    const parts: Buffer[] = [];
-    for (const h of headers) parts.push(Buffer.from(`${h.name}:`, 'latin1'), h.raw, Buffer.from('\r\n'));
-    parts.push(Buffer.from('\r\n'), this.replacedBody ?? Buffer.concat(this.#body));
-    return Buffer.concat(parts);
+    const headers = applyHeaderEdits(this.#headers, this.#ops, { leadingSpace: (this.steps & P_HDR_LEADSPC) !== 0 });
+    return buildMessage(headers, this.replacedBody ?? Buffer.concat(this.#body));
   }
 
   /** The envelope after the milter's changes: the sender (chgfrom's if called) and the recipients, minus deleted, plus added. */
   resultEnvelope(): { sender: string | undefined; recipients: string[] } {
-    const deleted = new Set(this.deletedRecipients);
-    return {
-      sender: this.newSender?.sender ?? this.sender,
-      recipients: [...this.recipients.filter((r) => !deleted.has(r)), ...this.addedRecipients.map((a) => a.rcpt)],
-    };
+    return applyEnvelopeChanges(
+      { sender: this.sender, recipients: this.recipients },
+      { newSender: this.newSender, added: this.addedRecipients, deleted: this.deletedRecipients },
+    );
   }
 
   /** The results of one step, in order (e.g. every envrcpt). */
