@@ -30,44 +30,35 @@
  */
 import { EventEmitter } from 'node:events';
 import * as net from 'node:net';
-import { isUtf8 } from 'node:buffer';
 import { isMainThread } from 'node:worker_threads';
 
 import * as C from './constants';
 import {
+  CALLBACK_EVENT,
+  COMMON_MACROS,
+  DEFAULT_PROGRESS,
+  Dispatcher,
+  EVENT_NAMES,
+  NOT_PARKED_MESSAGE,
+  SessionCore,
+  checkCallbacks,
+  checkIntOption,
+  deadlineArray,
+  symlistStrings,
+  type Deadlines,
+} from './engine/dispatch';
+import {
   ActionFailedError,
   ActionNotAllowedError,
   ContextClosedError,
-  DisabledActionError,
   InvalidArgumentError,
-  InvalidStatusError,
   MilterError,
   MilterStateError,
 } from './errors';
 import { ActionCode, ConnHandle, Ev, NativeBinding, loadNative } from './native';
 import { parseSocketSpec } from './socketspec';
-import type {
-  Bytes,
-  CallbackName,
-  Callbacks,
-  DecodableCallback,
-  Decoding,
-  Family,
-  HostAddr,
-  Logger,
-  MilterContext,
-  MilterDescription,
-  NegotiateResult,
-} from './types';
-import {
-  normalizeSymlist,
-  validateEnvelope,
-  validateHeaderIndex,
-  validateHeaderName,
-  validateHeaderValue,
-  validateQuarantineReason,
-  validateReply,
-} from './validate';
+import type { Bytes, CallbackName, Callbacks, Logger, MilterDescription } from './types';
+import type { Reply } from './validate';
 
 export * from './constants';
 export type { Callbacks, MilterContext, MilterDescription, NegotiateOffer, NegotiateResult, Family, HostAddr } from './types';
@@ -75,8 +66,7 @@ export type { Callbacks, MilterContext, MilterDescription, NegotiateOffer, Negot
 /* ------------------------------------------------------------------------ */
 /* Configuration                                                            */
 
-/** Per-callback deadlines in milliseconds; `default` applies to the rest. */
-export type Deadlines = Partial<Record<CallbackName | 'default', number>>;
+export type { Deadlines };
 
 /** Options of {@link register} beyond the callbacks. */
 export interface RegisterOptions {
@@ -102,40 +92,6 @@ export interface RegisterOptions {
   progressInterval?: number;
 }
 
-const DEFAULT_DEADLINE = 8_000;
-const DEFAULT_EOM_DEADLINE = 240_000;
-const DEFAULT_PROGRESS = 4_000;
-
-/** Macros remembered for callbacks that run without a parked libmilter thread. */
-const COMMON_MACROS = [
-  'j', '_', 'i', 'v', '{daemon_name}', '{daemon_addr}', '{if_name}', '{if_addr}', '{client_addr}',
-  '{client_port}', '{client_name}', '{client_ptr}', '{client_resolve}', '{auth_type}', '{auth_authen}',
-  '{auth_author}', '{auth_ssf}', '{mail_mailer}', '{mail_host}', '{mail_addr}', '{rcpt_mailer}',
-  '{rcpt_host}', '{rcpt_addr}', '{tls_version}', '{cipher}', '{cipher_bits}', '{cert_subject}',
-  '{cert_issuer}', '{verify}',
-];
-
-const CALLBACK_EVENT: Record<CallbackName, number> = {
-  negotiate: Ev.NEGOTIATE,
-  connect: Ev.CONNECT,
-  helo: Ev.HELO,
-  envfrom: Ev.ENVFROM,
-  envrcpt: Ev.ENVRCPT,
-  data: Ev.DATA,
-  header: Ev.HEADER,
-  eoh: Ev.EOH,
-  body: Ev.BODY,
-  eom: Ev.EOM,
-  abort: Ev.ABORT,
-  close: Ev.CLOSE,
-  unknown: Ev.UNKNOWN,
-};
-const EVENT_NAMES: CallbackName[] = [
-  'negotiate', 'connect', 'helo', 'envfrom', 'envrcpt', 'data', 'header', 'eoh', 'body', 'eom', 'abort', 'close', 'unknown',
-];
-const CALLBACK_NAMES = new Set<string>(EVENT_NAMES);
-/** SMFIP_NR_* per event (0: the step always needs an answer). */
-const NR_BIT = [0, C.P_NR_CONN, C.P_NR_HELO, C.P_NR_MAIL, C.P_NR_RCPT, C.P_NR_DATA, C.P_NR_HDR, C.P_NR_EOH, C.P_NR_BODY, 0, 0, 0, C.P_NR_UNKN];
 
 /** A logger: console fits, and so does pino. */
 export type MilterLogger = Logger;
@@ -176,7 +132,6 @@ let stopPromise: Promise<void> | undefined;
 let mainPromise: Promise<void> | undefined;
 let resolveMain: (() => void) | undefined;
 let rejectMain: ((err: Error) => void) | undefined;
-let decodeOf: Partial<Record<DecodableCallback, Decoding>> = {};
 
 function addon(): NativeBinding {
   if (!native) native = loadNative();
@@ -226,25 +181,10 @@ export function register(a: string | MilterDescription, b?: Callbacks | Register
   if (typeof name !== 'string' || name.length === 0 || name.includes('\0')) {
     throw new InvalidArgumentError(`milter name must be a non-empty string without NUL, got ${JSON.stringify(name)}`);
   }
-  if (!callbacks || typeof callbacks !== 'object') throw new InvalidArgumentError('callbacks must be an object of functions');
-  for (const [key, fn] of Object.entries(callbacks)) {
-    if (!CALLBACK_NAMES.has(key)) throw new InvalidArgumentError(`unknown callback "${key}"; expected one of ${EVENT_NAMES.join(', ')}`);
-    if (fn !== undefined && typeof fn !== 'function') throw new InvalidArgumentError(`callback "${key}" must be a function, got ${typeof fn}`);
-  }
-  for (const n of options.noreply ?? []) {
-    if (!CALLBACK_NAMES.has(n) || NR_BIT[CALLBACK_EVENT[n]] === 0 && n !== 'abort' && n !== 'close') {
-      throw new InvalidArgumentError(`"${n}" cannot be a no-reply callback; expected one of connect, helo, envfrom, envrcpt, data, header, eoh, body, unknown`);
-    }
-  }
+  checkCallbacks(callbacks, options.noreply);
   checkIntOption('actions', options.actions);
   checkIntOption('steps', options.steps);
   registered = { name, callbacks, options, flags: registered?.flags };
-}
-
-function checkIntOption(what: string, v: number | undefined): void {
-  if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > 0xffffffff)) {
-    throw new InvalidArgumentError(`${what} must be a 32-bit flag mask, got ${String(v)}`);
-  }
 }
 
 /** Set the action flags (SMFIF_*) the milter asks for, as pymilter's set_flags. */
@@ -356,21 +296,6 @@ export function getdiag(): Diag {
   };
 }
 
-function deadlineArray(opt: RegisterOptions['deadline']): number[] {
-  const out: number[] = [];
-  const obj: Deadlines = typeof opt === 'number' ? { default: opt } : opt ?? {};
-  for (const [k, v] of Object.entries(obj)) {
-    if (k !== 'default' && !CALLBACK_NAMES.has(k)) throw new InvalidArgumentError(`deadline for unknown callback "${k}"`);
-    if (typeof v !== 'number' || !(v > 0) || !Number.isFinite(v)) throw new InvalidArgumentError(`deadline "${k}" must be a positive number of milliseconds, got ${String(v)}`);
-  }
-  const dflt = obj.default ?? DEFAULT_DEADLINE;
-  for (let i = 0; i < Ev.COUNT; i++) {
-    const name = EVENT_NAMES[i];
-    out.push(Math.round(obj[name] ?? (name === 'eom' ? Math.max(dflt, DEFAULT_EOM_DEADLINE) : dflt)));
-  }
-  return out;
-}
-
 function commit(): void {
   if (committed) return;
   if (!registered || !registered.name) throw new MilterStateError('register() must be called first');
@@ -381,21 +306,17 @@ function commit(): void {
   // abort and close never make the MTA wait.
   noreply |= (1 << Ev.ABORT) | (1 << Ev.CLOSE);
   for (const n of options.noreply ?? []) noreply |= 1 << CALLBACK_EVENT[n];
-  const symlists: string[] = [];
+  const symlists = symlistStrings(options.symlists);
   const watch = new Set(COMMON_MACROS);
-  for (let stage = 0; stage < 7; stage++) {
-    const list = options.symlists?.[stage as C.MacroStage] ?? [];
-    for (const m of list) {
-      if (typeof m !== 'string' || !m || /[\s\0]/.test(m)) throw new InvalidArgumentError(`bad macro name ${JSON.stringify(m)} in symlist`);
-      watch.add(m);
-    }
-    symlists.push(list.join(' '));
-  }
+  for (const list of symlists) for (const m of list.split(' ')) if (m) watch.add(m);
   const actions = registered.flags ?? options.actions;
   const progress = options.progressInterval ?? DEFAULT_PROGRESS;
   if (!(progress >= 0)) throw new InvalidArgumentError(`progressInterval must be >= 0 ms, got ${progress}`);
-  decodeOf = { ...options.decode };
-  dispatcher = new Dispatcher(callbacks);
+  dispatcher = new Dispatcher(callbacks, { ...options.decode }, {
+    exceptionStatus: () => exceptionStatus,
+    report,
+    closed: (s) => sessions.delete(s.id),
+  });
   addon().register({
     name,
     actions: actions ?? -1,
@@ -512,91 +433,7 @@ export function unref(): void {
 const sessions = new Map<number, Session>();
 let dispatcher: Dispatcher | undefined;
 
-type Pending = [number, number, any, any, any, any];
-
-/** The status a step may answer, beyond the common ones. */
-function checkStatus(type: number, status: unknown, steps: number): number {
-  if (typeof status !== 'number' || !Number.isInteger(status)) {
-    throw new InvalidStatusError(`${EVENT_NAMES[type]} returned ${describe(status)}, expected a status such as CONTINUE, REJECT, TEMPFAIL, ACCEPT or DISCARD`);
-  }
-  switch (status) {
-    case C.CONTINUE:
-    case C.REJECT:
-    case C.DISCARD:
-    case C.ACCEPT:
-    case C.TEMPFAIL:
-      return status;
-    case C.SKIP:
-      if (type === Ev.BODY && steps & C.P_SKIP) return status;
-      throw new InvalidStatusError(`${EVENT_NAMES[type]} returned SKIP, which is only valid from body when SMFIP_SKIP was negotiated`);
-    case C.NOREPLY:
-      if (NR_BIT[type] && steps & NR_BIT[type]) return status;
-      throw new InvalidStatusError(`${EVENT_NAMES[type]} returned NOREPLY, but no-reply was not negotiated for it (the MTA would wait and time out)`);
-    default:
-      throw new InvalidStatusError(`${EVENT_NAMES[type]} returned ${describe(status)}, which is not a valid status here`);
-  }
-}
-
-function describe(v: unknown): string {
-  if (v === undefined) return 'undefined';
-  if (typeof v === 'number') return C.statusName(v) ?? String(v);
-  if (typeof v === 'string') return JSON.stringify(v);
-  return typeof v === 'object' ? (v === null ? 'null' : 'an object') : typeof v;
-}
-
-function decodeText(v: string | Buffer, how: Decoding | undefined): string | Buffer {
-  if (how === 'bytes') return typeof v === 'string' ? Buffer.from(v, 'latin1') : v;
-  if (typeof v === 'string') return v;
-  return isUtf8(v) ? v.toString('utf8') : v.toString('latin1');
-}
-
-const FAMILIES: Record<number, Family> = { 0: 'unknown', 1: 'unix', 4: 'inet', 6: 'inet6' };
-
-class Dispatcher {
-  constructor(readonly cb: Callbacks) {}
-
-  /** Run one event's callback; returns its result (maybe a promise). */
-  invoke(s: Session, type: number, a0: any, a1: any, a2: any, a3: any): unknown {
-    const cb = this.cb;
-    switch (type) {
-      case Ev.NEGOTIATE:
-        return cb.negotiate!(s, { actions: a0, steps: a1 });
-      case Ev.CONNECT: {
-        const family = FAMILIES[a1] ?? 'unknown';
-        const where = typeof a2 === 'string' ? a2 : (a2 as Buffer).toString('utf8');
-        const hostaddr: HostAddr = family === 'inet' || family === 'inet6' ? { address: where, port: a3 } : family === 'unix' ? { path: where } : null;
-        return cb.connect!(s, decodeText(a0, decodeOf.connect) as string, family, hostaddr);
-      }
-      case Ev.HELO:
-        return cb.helo!(s, decodeText(a0, decodeOf.helo) as string);
-      case Ev.ENVFROM:
-        return cb.envfrom!(s, ...(a0 as (string | Buffer)[]).map((v) => decodeText(v, decodeOf.envfrom)));
-      case Ev.ENVRCPT:
-        return cb.envrcpt!(s, ...(a0 as (string | Buffer)[]).map((v) => decodeText(v, decodeOf.envrcpt)));
-      case Ev.DATA:
-        return cb.data!(s);
-      case Ev.HEADER:
-        return cb.header!(s, decodeText(a0, 'string') as string, decodeText(a1, decodeOf.header));
-      case Ev.EOH:
-        return cb.eoh!(s);
-      case Ev.BODY:
-        return cb.body!(s, a0 as Buffer);
-      case Ev.EOM:
-        return cb.eom!(s);
-      case Ev.ABORT:
-        return cb.abort!(s);
-      case Ev.CLOSE:
-        return cb.close?.(s);
-      case Ev.UNKNOWN:
-        return cb.unknown!(s, decodeText(a0, decodeOf.unknown));
-      default:
-        return undefined;
-    }
-  }
-}
-
-function report(err: unknown, s: Session, type: number, answered?: number): void {
-  const error = err instanceof Error ? err : new MilterError(`handler threw a non-Error value: ${describe(err)}`, 'ERR_MILTER_HANDLER');
+function report(error: Error, s: SessionCore, type: number, answered?: number): void {
   const info: HandlerErrorInfo = { callback: EVENT_NAMES[type], connection: s.id, answered };
   if (events.listenerCount('handlerError') > 0) {
     try {
@@ -609,20 +446,14 @@ function report(err: unknown, s: Session, type: number, answered?: number): void
   logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}:`, error);
 }
 
-/** The per-session context handed to every callback. */
-class Session implements MilterContext {
-  /** Current callback's sequence number when libmilter is parked on it, else 0. */
-  seq = 0;
-  type = -1;
-  busy = false;
-  closed = false;
-  failed = false;
-  queue: Pending[] | undefined;
+/** A libmilter session: the actions go to the native addon, checked against the parked callback. */
+class Session extends SessionCore {
   macros: Map<string, string> | undefined;
-  private priv: unknown;
   private flags: [number, number] | undefined;
 
-  constructor(readonly id: number, readonly handle: ConnHandle) {}
+  constructor(id: number, readonly handle: ConnHandle) {
+    super(id);
+  }
 
   get actions(): number {
     return this.negotiated()[0];
@@ -640,16 +471,8 @@ class Session implements MilterContext {
     return [n[0], n[1]];
   }
 
-  getpriv<T = unknown>(): T | undefined {
-    return this.priv as T | undefined;
-  }
-
-  setpriv(value: unknown): void {
-    this.priv = value;
-  }
-
   getsymval(name: string): string | undefined {
-    if (typeof name !== 'string' || !name) throw new InvalidArgumentError(`macro name must be a non-empty string, got ${describe(name)}`);
+    this.checkMacroName(name);
     if (this.seq && !this.closed) {
       const v = addon().getsymval(this.handle, this.seq, name);
       if (v !== undefined) return v ?? undefined;
@@ -660,6 +483,15 @@ class Session implements MilterContext {
     return m.get(name) ?? m.get(bare) ?? m.get(`{${bare}}`);
   }
 
+  answer(seq: number, status: number, actions?: number, steps?: number): void {
+    if (actions === undefined) addon().reply(this.handle, seq, status);
+    else addon().reply(this.handle, seq, status, actions, steps ?? 0);
+  }
+
+  fallbackReply(seq: number, rcode: string, xcode: string, text: string): void {
+    addon().setreply(this.handle, seq, rcode, xcode, [text]);
+  }
+
   private check(code: number, what: string): void {
     switch (code) {
       case ActionCode.OK:
@@ -667,9 +499,7 @@ class Session implements MilterContext {
       case ActionCode.CLOSED:
         throw new ContextClosedError(`${what}: connection ${this.id} is closed`);
       case ActionCode.NOT_PARKED:
-        throw new ActionNotAllowedError(
-          `${what}: the MTA is not waiting for this callback any more (it returned, its deadline passed, or it is a no-reply step); call actions before the handler's result settles`,
-        );
+        throw new ActionNotAllowedError(`${what}: ${NOT_PARKED_MESSAGE}`);
       case ActionCode.NOT_IN_EOM:
         throw new ActionNotAllowedError(`${what} is only allowed in eom, not in ${EVENT_NAMES[this.type] ?? 'this callback'}`);
       case ActionCode.NOT_IN_NEGOTIATE:
@@ -681,82 +511,44 @@ class Session implements MilterContext {
     }
   }
 
-  private ready(what: string, flag: number, eom = true): void {
-    if (this.closed) throw new ContextClosedError(`${what}: connection ${this.id} is closed`);
-    if (eom && this.type !== Ev.EOM) throw new ActionNotAllowedError(`${what} is only allowed in eom, not in ${EVENT_NAMES[this.type] ?? 'this callback'}`);
-    if (flag && !(this.actions & flag)) {
-      const name = Object.entries(C).find(([k, v]) => k.startsWith('SMFIF_') && v === flag)?.[0] ?? String(flag);
-      throw new DisabledActionError(`${what} needs the ${name} action flag, which was not negotiated with the MTA`, flag);
-    }
-  }
-
-  setreply(rcode: string, xcode?: string | null, ...lines: string[]): void {
-    if (this.closed) throw new ContextClosedError(`setreply: connection ${this.id} is closed`);
-    const r = validateReply(rcode, xcode, lines);
+  protected doSetreply(r: Reply): void {
     this.check(addon().setreply(this.handle, this.seq, r.rcode, r.xcode, r.lines), 'setreply');
   }
 
-  setsymlist(stage: C.MacroStage, macros: string | readonly string[]): void {
-    this.ready('setsymlist', 0, false);
-    const list = normalizeSymlist(stage, macros);
+  protected doSetsymlist(stage: C.MacroStage, list: string[]): void {
     this.check(addon().setsymlist(this.handle, this.seq, stage, list.join(' ')), 'setsymlist');
   }
 
-  addheader(name: string, value: Bytes, index = -1): void {
-    this.ready('addheader', C.ADDHDRS);
-    validateHeaderName(name);
-    validateHeaderValue(name, value);
-    if (index !== -1) validateHeaderIndex(index, 'insert');
+  protected doAddheader(name: string, value: Bytes, index: number): void {
     const code = index >= 0 ? addon().insheader(this.handle, this.seq, index, name, value) : addon().addheader(this.handle, this.seq, name, value);
     this.check(code, index >= 0 ? 'insheader' : 'addheader');
   }
 
-  chgheader(name: string, index: number, value: Bytes | null): void {
-    this.ready('chgheader', C.CHGHDRS);
-    validateHeaderName(name);
-    validateHeaderIndex(index, 'change');
-    if (value !== null && value !== undefined) validateHeaderValue(name, value);
-    const v = value === null || value === undefined || value.length === 0 ? null : value;
-    this.check(addon().chgheader(this.handle, this.seq, name, index, v), 'chgheader');
+  protected doChgheader(name: string, index: number, value: Bytes | null): void {
+    this.check(addon().chgheader(this.handle, this.seq, name, index, value), 'chgheader');
   }
 
-  addrcpt(rcpt: Bytes, params?: Bytes | null): void {
-    const withParams = params !== undefined && params !== null;
-    this.ready('addrcpt', withParams ? C.ADDRCPT_PAR : C.ADDRCPT);
-    validateEnvelope('recipient', rcpt);
-    if (withParams) validateEnvelope('ESMTP parameters', params!, true);
-    this.check(addon().addrcpt(this.handle, this.seq, rcpt, withParams ? params : null), 'addrcpt');
+  protected doAddrcpt(rcpt: Bytes, params: Bytes | null): void {
+    this.check(addon().addrcpt(this.handle, this.seq, rcpt, params), 'addrcpt');
   }
 
-  delrcpt(rcpt: Bytes): void {
-    this.ready('delrcpt', C.DELRCPT);
-    validateEnvelope('recipient', rcpt);
+  protected doDelrcpt(rcpt: Bytes): void {
     this.check(addon().delrcpt(this.handle, this.seq, rcpt), 'delrcpt');
   }
 
-  replacebody(chunk: Bytes): void {
-    this.ready('replacebody', C.CHGBODY);
-    if (typeof chunk !== 'string' && !Buffer.isBuffer(chunk)) throw new InvalidArgumentError(`replacebody takes a Buffer or string, got ${describe(chunk)}`);
-    const buf = typeof chunk === 'string' ? Buffer.from(chunk, 'utf8') : chunk;
-    this.check(addon().replacebody(this.handle, this.seq, buf), 'replacebody');
+  protected doReplacebody(chunk: Buffer): void {
+    this.check(addon().replacebody(this.handle, this.seq, chunk), 'replacebody');
   }
 
-  chgfrom(sender: Bytes, params?: Bytes | null): void {
-    this.ready('chgfrom', C.CHGFROM);
-    validateEnvelope('sender', sender);
-    const withParams = params !== undefined && params !== null;
-    if (withParams) validateEnvelope('ESMTP parameters', params!, true);
-    this.check(addon().chgfrom(this.handle, this.seq, sender, withParams ? params : null), 'chgfrom');
+  protected doChgfrom(sender: Bytes, params: Bytes | null): void {
+    this.check(addon().chgfrom(this.handle, this.seq, sender, params), 'chgfrom');
   }
 
-  quarantine(reason: string): void {
-    this.ready('quarantine', C.QUARANTINE);
-    validateQuarantineReason(reason);
+  protected doQuarantine(reason: string): void {
     this.check(addon().quarantine(this.handle, this.seq, reason), 'quarantine');
   }
 
-  progress(): void {
-    this.ready('progress', 0);
+  protected doProgress(): void {
     this.check(addon().progress(this.handle, this.seq), 'progress');
   }
 }
@@ -776,144 +568,7 @@ function onEvent(type: number, connId: number, seq: number, handle: ConnHandle |
     const m = (s.macros ??= new Map());
     for (let i = 0; i + 1 < macros.length; i += 2) m.set(macros[i], macros[i + 1]);
   }
-  if (type === Ev.CLOSE) s.closed = true;
-  if (s.busy) {
-    (s.queue ??= []).push([type, seq, a0, a1, a2, a3]);
-    return;
-  }
-  run(s, type, seq, a0, a1, a2, a3);
-  pump(s);
-}
-
-function pump(s: Session): void {
-  const q = s.queue;
-  while (!s.busy && q && q.length > 0) {
-    const [type, seq, a0, a1, a2, a3] = q.shift()!;
-    run(s, type, seq, a0, a1, a2, a3);
-  }
-}
-
-function run(s: Session, type: number, seq: number, a0: any, a1: any, a2: any, a3: any): void {
-  if (type === Ev.CLOSE) {
-    sessions.delete(s.id);
-    if (!dispatcher!.cb.close) return;
-  }
-  if (seq > 0 && s.failed) {
-    // An earlier no-reply step failed: nothing is accepted silently.
-    s.failed = false;
-    s.seq = seq;
-    s.type = type;
-    answerFailure(s, type, seq);
-    return;
-  }
-  s.seq = seq;
-  s.type = type;
-  let result: unknown;
-  try {
-    result = dispatcher!.invoke(s, type, a0, a1, a2, a3);
-  } catch (err) {
-    failed(s, type, seq, err);
-    return;
-  }
-  if (result !== null && typeof result === 'object' && typeof (result as PromiseLike<unknown>).then === 'function') {
-    s.busy = true;
-    (result as PromiseLike<unknown>).then(
-      (v) => {
-        finish(s, type, seq, v);
-        s.busy = false;
-        pump(s);
-      },
-      (err) => {
-        failed(s, type, seq, err);
-        s.busy = false;
-        pump(s);
-      },
-    );
-    return;
-  }
-  finish(s, type, seq, result);
-}
-
-function finish(s: Session, type: number, seq: number, result: unknown): void {
-  if (type === Ev.ABORT || type === Ev.CLOSE) {
-    s.seq = 0;
-    return;
-  }
-  if (type === Ev.NEGOTIATE) {
-    finishNegotiate(s, seq, result);
-    return;
-  }
-  if (seq === 0) {
-    s.seq = 0;
-    // No-reply step: the MTA was answered already.
-    if (result !== C.CONTINUE && result !== C.NOREPLY) {
-      report(
-        new InvalidStatusError(`${EVENT_NAMES[type]} is a no-reply step but its handler returned ${describe(result)}; only CONTINUE is possible there and the result is lost`),
-        s,
-        type,
-      );
-      if (result !== undefined && result !== C.ACCEPT) s.failed = true;
-    }
-    return;
-  }
-  let status: number;
-  try {
-    status = checkStatus(type, result, s.steps);
-  } catch (err) {
-    failed(s, type, seq, err);
-    return;
-  }
-  s.seq = 0;
-  addon().reply(s.handle, seq, status);
-}
-
-function finishNegotiate(s: Session, seq: number, result: unknown): void {
-  let status: number;
-  let actions = 0;
-  let steps = 0;
-  if (typeof result === 'number') {
-    status = result;
-  } else if (result && typeof result === 'object' && typeof (result as NegotiateResult).status === 'number') {
-    const r = result as NegotiateResult;
-    status = r.status;
-    actions = r.actions ?? 0;
-    steps = r.steps ?? 0;
-  } else {
-    failed(s, Ev.NEGOTIATE, seq, new InvalidStatusError(`negotiate returned ${describe(result)}, expected ALL_OPTS, CONTINUE with {actions, steps}, or REJECT`));
-    return;
-  }
-  if (![C.ALL_OPTS, C.CONTINUE, C.REJECT, C.TEMPFAIL].includes(status)) {
-    failed(s, Ev.NEGOTIATE, seq, new InvalidStatusError(`negotiate returned status ${describe(status)}, expected ALL_OPTS, CONTINUE or REJECT`));
-    return;
-  }
-  s.seq = 0;
-  addon().reply(s.handle, seq, status, actions >>> 0, steps >>> 0);
-}
-
-function failed(s: Session, type: number, seq: number, err: unknown): void {
-  if (seq === 0 || type === Ev.ABORT || type === Ev.CLOSE) {
-    s.seq = 0;
-    report(err, s, type);
-    if (type !== Ev.ABORT && type !== Ev.CLOSE && exceptionStatus !== C.CONTINUE && exceptionStatus !== C.ACCEPT) s.failed = true;
-    return;
-  }
-  report(err, s, type, type === Ev.NEGOTIATE ? C.ALL_OPTS : exceptionStatus);
-  answerFailure(s, type, seq);
-}
-
-function answerFailure(s: Session, type: number, seq: number): void {
-  const n = addon();
-  if (type === Ev.NEGOTIATE) {
-    s.seq = 0;
-    n.reply(s.handle, seq, C.ALL_OPTS);
-    return;
-  }
-  let status = exceptionStatus;
-  if (status === C.TEMPFAIL) n.setreply(s.handle, seq, '451', '4.3.0', ['Temporary failure in mail filter']);
-  else if (status === C.REJECT) n.setreply(s.handle, seq, '554', '5.3.0', ['Mail filter failed']);
-  else if (status === C.ACCEPT && type === Ev.EOM) status = C.CONTINUE;
-  s.seq = 0;
-  n.reply(s.handle, seq, status);
+  dispatcher!.deliver(s, type, seq, a0, a1, a2, a3);
 }
 
 function onStopped(error: string): void {
