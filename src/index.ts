@@ -23,3 +23,5 @@ export type { Reply } from './validate';
 export { param2dict } from './utils';
 export { runmilter } from './runmilter';
 export type { RunmilterOptions } from './runmilter';
+export { parse_addr, parse_header, iniplist, IpList, formatAuthResults, parseAuthResults } from './utils';
+export type { AuthenticationResults, AuthResResult, AuthResProperty } from './utils';
