@@ -137,3 +137,21 @@ export class AuthResSyntaxError extends InvalidArgumentError {
     this.position = position;
   }
 }
+
+/**
+ * An optional peer dependency is not installed (e.g. `better-sqlite3` for the
+ * SQLite store, `ioredis` for the Redis store). `packageName` names what to
+ * install.
+ */
+export class MissingDependencyError extends MilterError {
+  /** The npm package to install. */
+  readonly packageName: string;
+  constructor(packageName: string, feature: string, cause?: unknown) {
+    super(
+      `${feature} needs the optional package "${packageName}", which is not installed: run \`npm install ${packageName}\`` +
+        (cause instanceof Error && (cause as NodeJS.ErrnoException).code !== 'MODULE_NOT_FOUND' ? ` (loading it failed: ${cause.message})` : ''),
+      'ERR_MILTER_MISSING_DEPENDENCY',
+    );
+    this.packageName = packageName;
+  }
+}

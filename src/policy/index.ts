@@ -1,0 +1,12 @@
+/**
+ * `nodemilter/policy`: policy helpers for milters: sendmail-style access
+ * maps ({@link AccessMap}), dynamic-IP heuristics ({@link isDynip}) and
+ * delivery status notifications ({@link createDsn}).
+ *
+ * @module
+ */
+export { AccessMap, parseAccessValue, addressKeys, domainKeys, ipKeys } from './access';
+export type { AccessAction, AccessDecision, AccessParseOptions } from './access';
+export { isDynip, dynipReason, DYNAMIC_KEYWORDS } from './dynip';
+export { createDsn, rfc5322Date } from './dsn';
+export type { DsnAction, DsnOptions, DsnRecipient } from './dsn';
