@@ -1,0 +1,692 @@
+/*
+ * loadgen: plays the MTA over the milter protocol (v6) against one milter,
+ * as fast as one core allows. Single-threaded, epoll, non-blocking sockets,
+ * packets encoded once per negotiated step set.
+ *
+ * Each connection: OPTNEG, macros C + CONNECT, HELO, then M messages of
+ * macros M + MAIL, RCPT, DATA, 10 headers, EOH, body (chunks of at most
+ * 65535 bytes), EOM; then QUIT and a new connection. Steps the milter
+ * negotiated away (SMFIP_NO*) are not sent; steps it asked not to answer
+ * (SMFIP_NR_*) are sent back to back without waiting, as an MTA does.
+ * Everything up to the next step that needs a reply goes out in one write.
+ *
+ * Per message it checks the EOM reply: a final CONTINUE/ACCEPT, the added
+ * headers (>= -H) and, with -R, replaced body bytes equal to the body size.
+ *
+ * Latency of a message: from sending MAIL (or, for the first message of a
+ * connection, from connect()) to the final EOM reply.
+ *
+ * Usage: loadgen -s SOCKET [-c CONC] [-m MSGS_PER_CONN] [-b BODY_BYTES]
+ *                [-n MESSAGES | -d SECONDS] [-w WARMUP_SECONDS] [-H MIN_HEADERS]
+ *                [-R] [-B] [-t TIMEOUT_SECONDS]
+ *   -B  barrier: every connection stops before EOM until all CONC
+ *       connections hold a message in flight, then all send EOM (scale test).
+ * Output: one JSON line on stdout.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define P_NOCONNECT 0x1
+#define P_NOHELO 0x2
+#define P_NOMAIL 0x4
+#define P_NORCPT 0x8
+#define P_NOBODY 0x10
+#define P_NOHDRS 0x20
+#define P_NOEOH 0x40
+#define P_NR_HDR 0x80
+#define P_NODATA 0x200
+#define P_NR_CONN 0x1000
+#define P_NR_HELO 0x2000
+#define P_NR_MAIL 0x4000
+#define P_NR_RCPT 0x8000
+#define P_NR_DATA 0x10000
+#define P_NR_EOH 0x40000
+#define P_NR_BODY 0x80000
+#define OFFER_PROTO 0x001FFFFF
+#define OFFER_ACTS 0x1FF
+#define CHUNK 65535
+
+enum expect { EXP_NONE = 0, EXP_ONE, EXP_EOM, EXP_OPTNEG };
+
+typedef struct {
+  size_t off, len;   /* bytes in the script buffer */
+  int expect;        /* what follows the write */
+  int msg_start;     /* latency clock starts here (MAIL) */
+  int barrier;       /* EOM: wait for the barrier first */
+} seg_t;
+
+typedef struct {
+  char *buf;
+  size_t len, cap;
+  seg_t *segs;
+  int nsegs, segcap;
+} script_t;
+
+/* Scripts: 0 = OPTNEG; per negotiated protocol bits: conn (connect+helo), msg, quit */
+typedef struct {
+  uint32_t proto;
+  int ready;
+  script_t conn, msg, quit;
+} scripts_t;
+
+typedef struct conn {
+  int fd;
+  int state;           /* 0 = connecting, 1 = running, 2 = closing */
+  script_t *cur;       /* current script */
+  int seg;             /* next segment index in cur */
+  size_t woff;         /* bytes of the current write already sent */
+  int writing;         /* a write is pending (EPOLLOUT armed) */
+  int expect;          /* reply expected now */
+  int msgs_done;       /* messages finished on this connection */
+  int waiting_barrier;
+  double t_msg;        /* latency clock */
+  int hdrs;            /* headers added in this EOM */
+  size_t replbody;     /* bytes of replaced body in this EOM */
+  char *rbuf;
+  size_t rlen;
+  int id;
+} conn_t;
+
+static const char *sockspec;
+static int conc = 1, per_conn = 100, min_headers = 1, check_repl = 0, barrier = 0;
+static long body_bytes = 2048, total_msgs = 0;
+static double duration = 0, warmup = 0, timeout_s = 60;
+static int epfd;
+static scripts_t sc;
+static script_t optneg;
+static char *body;
+
+static long started = 0, done_msgs = 0, counted = 0, errors = 0, headers_seen = 0, connections = 0, bad = 0;
+static long long replbody_total = 0;
+static double t0, t_count0, t_end = 0;
+static int counting = 0, stopping = 0, open_conns = 0, at_barrier = 0, barrier_released = 0;
+static uint32_t *lat; /* microseconds */
+static long nlat = 0, latcap = 0;
+static char first_error[256];
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void fail(const char *what) {
+  fprintf(stderr, "loadgen: %s: %s\n", what, strerror(errno));
+  exit(2);
+}
+
+static void note_error(const char *msg) {
+  errors++;
+  if (!first_error[0]) snprintf(first_error, sizeof first_error, "%s", msg);
+}
+
+static void grow(script_t *s, size_t n) {
+  if (s->len + n > s->cap) {
+    s->cap = (s->len + n) * 2 + 4096;
+    s->buf = realloc(s->buf, s->cap);
+    if (!s->buf) fail("realloc");
+  }
+}
+
+static void put_pkt(script_t *s, char cmd, const char *data, size_t n) {
+  grow(s, n + 5);
+  uint32_t l = htonl((uint32_t)(n + 1));
+  memcpy(s->buf + s->len, &l, 4);
+  s->buf[s->len + 4] = cmd;
+  if (n) memcpy(s->buf + s->len + 5, data, n);
+  s->len += n + 5;
+}
+
+/* NUL-terminated strings: pass a list ending with NULL. For 'D' (macros)
+ * the first string is the one-letter stage, sent without its NUL. */
+static void put_strs(script_t *s, char cmd, const char *first, ...) {
+  char tmp[4096];
+  size_t n = 0;
+  va_list ap;
+  if (cmd == 'D') {
+    tmp[n++] = first[0];
+    va_start(ap, first);
+    first = va_arg(ap, const char *);
+    for (const char *p = first; p; p = va_arg(ap, const char *)) {
+      size_t l = strlen(p) + 1;
+      memcpy(tmp + n, p, l);
+      n += l;
+    }
+    va_end(ap);
+    put_pkt(s, cmd, tmp, n);
+    return;
+  }
+  va_start(ap, first);
+  for (const char *p = first; p; p = va_arg(ap, const char *)) {
+    size_t l = strlen(p) + 1;
+    memcpy(tmp + n, p, l);
+    n += l;
+  }
+  va_end(ap);
+  put_pkt(s, cmd, tmp, n);
+}
+
+/* Close the bytes since the last segment into a segment with `expect`. */
+static void end_seg(script_t *s, int expect, int msg_start, int bar) {
+  size_t off = s->nsegs ? s->segs[s->nsegs - 1].off + s->segs[s->nsegs - 1].len : 0;
+  if (s->nsegs == s->segcap) {
+    s->segcap = s->segcap * 2 + 8;
+    s->segs = realloc(s->segs, s->segcap * sizeof(seg_t));
+  }
+  s->segs[s->nsegs++] = (seg_t){off, s->len - off, expect, msg_start, bar};
+}
+
+static void build_scripts(uint32_t proto) {
+  script_t *c = &sc.conn, *m = &sc.msg, *q = &sc.quit;
+  sc.proto = proto;
+  /* connection */
+  if (!(proto & P_NOCONNECT)) {
+    put_strs(c, 'D', "C", "j", "mx.example.org", "_", "client.example.net [192.0.2.7]", "{daemon_name}", "smtpd",
+             "{client_addr}", "192.0.2.7", "{client_name}", "client.example.net", NULL);
+    char ci[64];
+    size_t n = 0;
+    memcpy(ci, "client.example.net", 19);
+    n = 19;
+    ci[n++] = '4';
+    ci[n++] = (char)(25000 >> 8);
+    ci[n++] = (char)(25000 & 0xff);
+    memcpy(ci + n, "192.0.2.7", 10);
+    n += 10;
+    put_pkt(c, 'C', ci, n);
+    if (!(proto & P_NR_CONN)) end_seg(c, EXP_ONE, 0, 0);
+  }
+  if (!(proto & P_NOHELO)) {
+    put_strs(c, 'H', "client.example.net", NULL);
+    if (!(proto & P_NR_HELO)) end_seg(c, EXP_ONE, 0, 0);
+  }
+  if (c->nsegs == 0 || c->segs[c->nsegs - 1].off + c->segs[c->nsegs - 1].len != c->len) end_seg(c, EXP_NONE, 0, 0);
+  /* message */
+  int first = 1;
+#define SEG(exp)                       \
+  do {                                 \
+    end_seg(m, exp, first, 0);         \
+    first = 0;                         \
+  } while (0)
+  if (!(proto & P_NOMAIL)) {
+    put_strs(m, 'D', "M", "{mail_addr}", "sender@example.net", "{mail_mailer}", "smtp", "{mail_host}", "example.net", NULL);
+    put_strs(m, 'M', "<sender@example.net>", "SIZE=2400", NULL);
+    if (!(proto & P_NR_MAIL)) SEG(EXP_ONE);
+  }
+  if (!(proto & P_NORCPT)) {
+    put_strs(m, 'R', "<rcpt@example.org>", NULL);
+    if (!(proto & P_NR_RCPT)) SEG(EXP_ONE);
+  }
+  if (!(proto & P_NODATA)) {
+    put_pkt(m, 'T', NULL, 0);
+    if (!(proto & P_NR_DATA)) SEG(EXP_ONE);
+  }
+  if (!(proto & P_NOHDRS)) {
+    static const char *h[10][2] = {
+        {"Received", "from client.example.net (client.example.net [192.0.2.7]) by mx.example.org"},
+        {"From", "Sender <sender@example.net>"},
+        {"To", "Recipient <rcpt@example.org>"},
+        {"Subject", "Benchmark message for the milter load generator"},
+        {"Date", "Sun, 29 Nov 2026 04:00:00 +0000"},
+        {"Message-ID", "<bench.0123456789@example.net>"},
+        {"MIME-Version", "1.0"},
+        {"Content-Type", "text/plain; charset=us-ascii"},
+        {"X-Mailer", "loadgen"},
+        {"Reply-To", "sender@example.net"},
+    };
+    for (int i = 0; i < 10; i++) {
+      put_strs(m, 'L', h[i][0], h[i][1], NULL);
+      if (!(proto & P_NR_HDR)) SEG(EXP_ONE);
+    }
+  }
+  if (!(proto & P_NOEOH)) {
+    put_pkt(m, 'N', NULL, 0);
+    if (!(proto & P_NR_EOH)) SEG(EXP_ONE);
+  }
+  if (!(proto & P_NOBODY)) {
+    for (long off = 0; off < body_bytes; off += CHUNK) {
+      long n = body_bytes - off < CHUNK ? body_bytes - off : CHUNK;
+      put_pkt(m, 'B', body + off, (size_t)n);
+      if (!(proto & P_NR_BODY)) SEG(EXP_ONE);
+    }
+  }
+  if (barrier) {
+    /* flush what is pending, then EOM alone after the barrier */
+    if (m->len != (m->nsegs ? m->segs[m->nsegs - 1].off + m->segs[m->nsegs - 1].len : 0)) SEG(EXP_NONE);
+    put_pkt(m, 'E', NULL, 0);
+    end_seg(m, EXP_EOM, first, 1);
+  } else {
+    put_pkt(m, 'E', NULL, 0);
+    SEG(EXP_EOM);
+  }
+#undef SEG
+  put_pkt(q, 'Q', NULL, 0);
+  end_seg(q, EXP_NONE, 0, 0);
+  sc.ready = 1;
+}
+
+static void arm(conn_t *c, int out) {
+  struct epoll_event ev = {.events = EPOLLIN | (out ? EPOLLOUT : 0), .data.ptr = c};
+  if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) fail("epoll_ctl mod");
+}
+
+static void open_conn(conn_t *c);
+static void run_segments(conn_t *c);
+
+static void close_conn(conn_t *c, int reopen) {
+  epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
+  close(c->fd);
+  c->fd = -1;
+  open_conns--;
+  if (reopen && !stopping) open_conn(c);
+}
+
+static int want_more(void) {
+  if (stopping) return 0;
+  if (total_msgs && started >= total_msgs) return 0;
+  return 1;
+}
+
+static void open_conn(conn_t *c) {
+  int fd;
+  if (!strncmp(sockspec, "unix:", 5) || !strncmp(sockspec, "local:", 6) || sockspec[0] == '/') {
+    const char *path = sockspec[0] == '/' ? sockspec : strchr(sockspec, ':') + 1;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) fail("socket");
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS && errno != EAGAIN) fail("connect");
+  } else if (!strncmp(sockspec, "inet:", 5)) {
+    int port = atoi(sockspec + 5);
+    const char *at = strchr(sockspec, '@');
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, at ? at + 1 : "127.0.0.1", &sa.sin_addr);
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) fail("socket");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) fail("connect");
+  } else {
+    fprintf(stderr, "loadgen: socket spec %s: expected unix:/path or inet:PORT@HOST\n", sockspec);
+    exit(2);
+  }
+  c->fd = fd;
+  c->cur = &optneg;
+  c->seg = 0;
+  c->woff = 0;
+  c->writing = 0;
+  c->expect = EXP_NONE;
+  c->msgs_done = 0;
+  c->rlen = 0;
+  c->waiting_barrier = 0;
+  c->t_msg = now();
+  started++; /* the first message of this connection counts as started now */
+  connections++;
+  open_conns++;
+  struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
+  if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) fail("epoll_ctl add");
+  c->writing = 1; /* wait for writable = connected */
+}
+
+static int cmp_u32(const void *a, const void *b) {
+  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+static void record_latency(double us) {
+  if (nlat == latcap) {
+    latcap = latcap * 2 + 65536;
+    lat = realloc(lat, latcap * sizeof *lat);
+  }
+  lat[nlat++] = (uint32_t)(us > 4e9 ? 4e9 : us);
+}
+
+static void message_done(conn_t *c) {
+  double t = now();
+  done_msgs++;
+  if (c->hdrs < min_headers) {
+    bad++;
+    note_error("EOM reply without the added header");
+  }
+  if (check_repl && (long)c->replbody != body_bytes) {
+    bad++;
+    note_error("replaced body size differs from the body sent");
+  }
+  headers_seen += c->hdrs;
+  replbody_total += c->replbody;
+  if (counting && !stopping) {
+    counted++;
+    record_latency((t - c->t_msg) * 1e6);
+  } else if (!counting && warmup > 0 && t - t0 >= warmup) {
+    counting = 1;
+    t_count0 = t;
+  }
+  c->msgs_done++;
+}
+
+/* After an EOM: next message on this connection, or QUIT and reconnect. */
+static void next_message(conn_t *c) {
+  if (c->msgs_done < per_conn && want_more()) {
+    started++;
+    c->cur = &sc.msg;
+    c->seg = 0;
+    c->t_msg = now();
+  } else {
+    c->cur = &sc.quit;
+    c->seg = 0;
+  }
+}
+
+/* Write the current segment; returns when a reply is expected, a write blocks or the connection ends. */
+static void run_segments(conn_t *c) {
+  for (;;) {
+    if (c->expect != EXP_NONE || c->waiting_barrier) return;
+    if (c->seg >= c->cur->nsegs) {
+      if (c->cur == &sc.conn) {
+        c->cur = &sc.msg;
+        c->seg = 0;
+        continue;
+      }
+      if (c->cur == &sc.quit) {
+        int more = want_more();
+        close_conn(c, more);
+        return;
+      }
+      return;
+    }
+    seg_t *s = &c->cur->segs[c->seg];
+    if (s->barrier && !barrier_released && c->woff == 0) {
+      c->waiting_barrier = 1;
+      if (++at_barrier >= conc) barrier_released = 1;
+      return;
+    }
+    if (s->msg_start && c->cur == &sc.msg && c->woff == 0 && c->msgs_done > 0) c->t_msg = now();
+    while (c->woff < s->len) {
+      ssize_t n = write(c->fd, c->cur->buf + s->off + c->woff, s->len - c->woff);
+      if (n < 0) {
+        if (errno == EAGAIN) {
+          if (!c->writing) {
+            c->writing = 1;
+            arm(c, 1);
+          }
+          return;
+        }
+        if (errno == EINTR) continue;
+        note_error("write failed");
+        close_conn(c, !stopping);
+        return;
+      }
+      c->woff += (size_t)n;
+    }
+    if (c->writing) {
+      c->writing = 0;
+      arm(c, 0);
+    }
+    c->woff = 0;
+    c->expect = s->expect;
+    c->hdrs = 0;
+    c->replbody = 0;
+    c->seg++;
+    if (s->expect == EXP_EOM && c->cur == &sc.msg) c->seg = c->cur->nsegs; /* message script ends with EOM */
+  }
+}
+
+static void release_barrier(conn_t *conns) {
+  for (int i = 0; i < conc; i++)
+    if (conns[i].fd >= 0 && conns[i].waiting_barrier) {
+      conns[i].waiting_barrier = 0;
+      run_segments(&conns[i]);
+    }
+}
+
+/* One reply packet: returns 0 to go on, -1 if the connection was closed. */
+static int on_packet(conn_t *c, char cmd, const char *data, uint32_t n) {
+  switch (c->expect) {
+  case EXP_OPTNEG: {
+    if (cmd != 'O' || n < 12) {
+      note_error("bad OPTNEG reply");
+      close_conn(c, 0);
+      return -1;
+    }
+    uint32_t proto;
+    memcpy(&proto, data + 8, 4);
+    proto = ntohl(proto);
+    if (!sc.ready) build_scripts(proto);
+    else if (proto != sc.proto) {
+      note_error("milter negotiated different steps on another connection");
+      close_conn(c, 0);
+      return -1;
+    }
+    c->expect = EXP_NONE;
+    c->cur = &sc.conn;
+    c->seg = 0;
+    return 0;
+  }
+  case EXP_ONE:
+    if (cmd != 'c') {
+      note_error("step reply is not CONTINUE");
+      close_conn(c, 0);
+      return -1;
+    }
+    c->expect = EXP_NONE;
+    return 0;
+  case EXP_EOM:
+    switch (cmd) {
+    case 'h':
+    case 'i':
+      c->hdrs++;
+      return 0;
+    case 'b':
+      c->replbody += n;
+      return 0;
+    case 'p':
+    case 'm':
+    case '+':
+    case '-':
+    case '2':
+    case 'e':
+    case 'q':
+      return 0;
+    case 'c':
+    case 'a':
+      c->expect = EXP_NONE;
+      message_done(c);
+      next_message(c);
+      return 0;
+    default:
+      note_error("EOM ended with a status other than CONTINUE/ACCEPT");
+      close_conn(c, 0);
+      return -1;
+    }
+  default:
+    note_error("unexpected packet from the milter");
+    close_conn(c, 0);
+    return -1;
+  }
+}
+
+static void on_readable(conn_t *c) {
+  for (;;) {
+    ssize_t n = read(c->fd, c->rbuf + c->rlen, (CHUNK + 16) * 2 - c->rlen);
+    if (n == 0) {
+      if (c->cur != &sc.quit || c->expect != EXP_NONE) note_error("milter closed the connection");
+      close_conn(c, !stopping && c->cur == &sc.quit);
+      return;
+    }
+    if (n < 0) {
+      if (errno == EAGAIN) break;
+      if (errno == EINTR) continue;
+      note_error("read failed");
+      close_conn(c, 0);
+      return;
+    }
+    c->rlen += (size_t)n;
+    size_t p = 0;
+    while (c->rlen - p >= 5) {
+      uint32_t len;
+      memcpy(&len, c->rbuf + p, 4);
+      len = ntohl(len);
+      if (len == 0 || len > CHUNK + 1 + 16) {
+        note_error("bad packet length");
+        close_conn(c, 0);
+        return;
+      }
+      if (c->rlen - p < 4 + (size_t)len) break;
+      if (on_packet(c, c->rbuf[p + 4], c->rbuf + p + 5, len - 1) < 0) return;
+      p += 4 + len;
+    }
+    if (p) {
+      memmove(c->rbuf, c->rbuf + p, c->rlen - p);
+      c->rlen -= p;
+    }
+    if (c->expect == EXP_NONE) run_segments(c);
+    if (c->fd < 0) return;
+  }
+}
+
+int main(int argc, char **argv) {
+  int opt;
+  while ((opt = getopt(argc, argv, "s:c:m:b:n:d:w:H:RBt:")) != -1) {
+    switch (opt) {
+    case 's': sockspec = optarg; break;
+    case 'c': conc = atoi(optarg); break;
+    case 'm': per_conn = atoi(optarg); break;
+    case 'b': body_bytes = atol(optarg); break;
+    case 'n': total_msgs = atol(optarg); break;
+    case 'd': duration = atof(optarg); break;
+    case 'w': warmup = atof(optarg); break;
+    case 'H': min_headers = atoi(optarg); break;
+    case 'R': check_repl = 1; break;
+    case 'B': barrier = 1; break;
+    case 't': timeout_s = atof(optarg); break;
+    default:
+      fprintf(stderr, "usage: loadgen -s SOCKET [-c CONC] [-m PER_CONN] [-b BODY] [-n MSGS | -d SECS] [-w WARMUP] [-H N] [-R] [-B] [-t TIMEOUT]\n");
+      return 2;
+    }
+  }
+  if (!sockspec || conc < 1 || per_conn < 1 || body_bytes < 0 || (!total_msgs && duration <= 0)) {
+    fprintf(stderr, "loadgen: need -s SOCKET and either -n MESSAGES or -d SECONDS (got conc %d, per-conn %d)\n", conc, per_conn);
+    return 2;
+  }
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)conc + 64) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  body = malloc(body_bytes + 1);
+  for (long i = 0; i < body_bytes; i++) {
+    long col = i % 72;
+    body[i] = col == 70 ? '\r' : col == 71 ? '\n' : (char)('a' + (i / 72 + col) % 26);
+  }
+  {
+    char o[12];
+    uint32_t v = htonl(6), a = htonl(OFFER_ACTS), p = htonl(OFFER_PROTO);
+    memcpy(o, &v, 4);
+    memcpy(o + 4, &a, 4);
+    memcpy(o + 8, &p, 4);
+    put_pkt(&optneg, 'O', o, 12);
+    end_seg(&optneg, EXP_OPTNEG, 0, 0);
+  }
+  epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (epfd < 0) fail("epoll_create1");
+  conn_t *conns = calloc(conc, sizeof *conns);
+  t0 = now();
+  if (warmup <= 0) {
+    counting = 1;
+    t_count0 = t0;
+  }
+  for (int i = 0; i < conc; i++) {
+    conns[i].id = i;
+    conns[i].rbuf = malloc((CHUNK + 16) * 2);
+    conns[i].fd = -1;
+    open_conn(&conns[i]);
+  }
+  struct epoll_event evs[256];
+  double hard_end = duration > 0 ? t0 + warmup + duration + timeout_s : 0;
+  double last_progress = t0;
+  long last_done = 0;
+  while (open_conns > 0) {
+    int n = epoll_wait(epfd, evs, 256, 200);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail("epoll_wait");
+    }
+    for (int i = 0; i < n; i++) {
+      conn_t *c = evs[i].data.ptr;
+      if (c->fd < 0) continue;
+      if (evs[i].events & (EPOLLERR | EPOLLHUP) && !(evs[i].events & EPOLLIN)) {
+        note_error("connection error (is the milter listening?)");
+        close_conn(c, 0);
+        continue;
+      }
+      if (evs[i].events & EPOLLIN) on_readable(c);
+      if (c->fd >= 0 && (evs[i].events & EPOLLOUT) && c->writing) {
+        if (c->cur == &optneg && c->expect == EXP_NONE && c->seg == 0 && c->woff == 0) {
+          int err = 0;
+          socklen_t l = sizeof err;
+          getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &l);
+          if (err) {
+            errno = err;
+            note_error("connect failed");
+            close_conn(c, 0);
+            continue;
+          }
+        }
+        run_segments(c);
+      }
+    }
+    if (barrier && barrier_released) {
+      release_barrier(conns);
+      barrier = 0; /* one barrier: the scale test sends one message per connection */
+    }
+    double t = now();
+    if (duration > 0 && counting && !stopping && t - t_count0 >= duration) {
+      stopping = 1;
+      t_end = t;
+    }
+    if (total_msgs && !stopping && done_msgs >= total_msgs) {
+      stopping = 1;
+      t_end = t;
+    }
+    if (done_msgs != last_done) {
+      last_done = done_msgs;
+      last_progress = t;
+    } else if (t - last_progress > timeout_s) {
+      note_error("no progress: timed out");
+      break;
+    }
+    if (hard_end && t > hard_end) {
+      note_error("did not finish in time");
+      break;
+    }
+  }
+  if (!t_end) t_end = now();
+  double secs = t_end - t_count0;
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+  /* percentiles */
+  qsort(lat, nlat, sizeof *lat, cmp_u32);
+  double p50 = nlat ? lat[(long)(nlat * 0.50)] : 0, p99 = nlat ? lat[nlat * 99 / 100 < nlat ? nlat * 99 / 100 : nlat - 1] : 0;
+  double pmax = nlat ? lat[nlat - 1] : 0;
+  printf("{\"messages\":%ld,\"counted\":%ld,\"seconds\":%.4f,\"rate\":%.1f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"max_us\":%.0f,"
+         "\"errors\":%ld,\"bad\":%ld,\"headers\":%ld,\"replbody_bytes\":%lld,\"connections\":%ld,\"proto\":%u,"
+         "\"loadgen_cpu_s\":%.3f,\"first_error\":\"%s\"}\n",
+         done_msgs, counted, secs, secs > 0 ? counted / secs : 0, p50, p99, pmax, errors, bad, headers_seen, replbody_total,
+         connections, sc.proto, cpu, first_error);
+  return errors || bad ? 1 : 0;
+}
