@@ -1,0 +1,118 @@
+// Scale and stamina, against each implementation (default: c, py, node):
+//   npm run bench:scale   -- [--impls c,py,node] [--conns 1000] [--shape s4]
+//       CONNS connections each hold one message in flight at once: every
+//       connection stops before EOM until all have arrived, then all send
+//       EOM. Reports failures, time, peak RSS and threads.
+//   npm run bench:soak    -- [--impls node] [--messages 200000] [--shape s2] [--conc 8]
+//       MESSAGES in a row; RSS after a warm-up of 10% vs at the end (< 10% growth wanted).
+//   npm run bench:bigbody -- [--impls c,py,node] [--mb 10] [--count 5]
+//       a body of MB megabytes through the `big` shape (body no-reply,
+//       EOM replaces it with the same bytes and adds a header); MB/s.
+'use strict';
+const L = require('./lib.cjs');
+
+function opts(argv, defaults) {
+  const o = { ...defaults };
+  for (let i = 0; i < argv.length; i += 2) {
+    const k = argv[i].replace(/^--/, '');
+    if (!(k in defaults) || i + 1 >= argv.length) throw new Error(`unknown option or missing value: ${argv[i]}; options: ${Object.keys(defaults).join(', ')}`);
+    o[k] = typeof defaults[k] === 'number' ? Number(argv[i + 1]) : argv[i + 1];
+  }
+  o.impls = String(o.impls).split(',');
+  return o;
+}
+
+async function conns(argv) {
+  const o = opts(argv, { impls: 'c,py,node', conns: 1000, shape: 's4', rounds: 1 });
+  console.log(`${o.conns} connections, each with one message in flight at once (barrier before EOM), shape ${o.shape}`);
+  for (let round = 0; round < o.rounds; round++) {
+    for (const impl of o.impls) {
+      const m = await L.startMilter(impl, o.shape, L.socketFor(`scale-${impl}`));
+      let maxThreads = 0;
+      const t = setInterval(() => {
+        try {
+          maxThreads = Math.max(maxThreads, L.threads(m.pid));
+        } catch {}
+      }, 20);
+      const r = await L.runLoadgen(m.socket, { conc: o.conns, perConn: 1, messages: o.conns, barrier: true, timeout: 120 });
+      clearInterval(t);
+      const st = L.procStatus(m.pid);
+      const ok = r.errors === 0 && r.bad === 0 && r.headers === o.conns && m.alive();
+      console.log(
+        `${impl.padEnd(4)} ${ok ? 'ok  ' : 'FAIL'} messages ${r.messages}/${o.conns}, headers ${r.headers}, errors ${r.errors}` +
+          `${r.first_error ? ` (${r.first_error})` : ''}, ${(r.seconds * 1000).toFixed(0)} ms, p50 ${(r.p50_us / 1000).toFixed(1)} ms, ` +
+          `p99 ${(r.p99_us / 1000).toFixed(1)} ms, peak RSS ${(st.VmHWM / 1024).toFixed(0)} MB, threads up to ${maxThreads}`,
+      );
+      await m.stop();
+    }
+  }
+}
+
+async function soak(argv) {
+  const o = opts(argv, { impls: 'node', messages: 200000, shape: 's2', conc: 8 });
+  console.log(`${o.messages} messages in a row, shape ${o.shape}, concurrency ${o.conc}, 100 per connection`);
+  for (const impl of o.impls) {
+    const m = await L.startMilter(impl, o.shape, L.socketFor(`soak-${impl}`));
+    const warm = Math.round(o.messages / 10);
+    const w = await L.runLoadgen(m.socket, { conc: o.conc, perConn: 100, messages: warm, timeout: 60 });
+    const rssWarm = L.procStatus(m.pid).VmRSS;
+    const samples = [];
+    const t = setInterval(() => {
+      try {
+        samples.push(L.procStatus(m.pid).VmRSS);
+      } catch {}
+    }, 250);
+    const r = await L.runLoadgen(m.socket, { conc: o.conc, perConn: 100, messages: o.messages - warm, timeout: 60 });
+    clearInterval(t);
+    const rssEnd = L.procStatus(m.pid).VmRSS;
+    const growth = (rssEnd - rssWarm) / rssWarm;
+    const ok = w.errors + r.errors + w.bad + r.bad === 0;
+    console.log(
+      `${impl.padEnd(4)} ${ok ? 'ok  ' : 'FAIL'} ${w.messages + r.messages} messages, ${r.rate.toFixed(0)} msg/s; RSS after warm-up ` +
+        `${(rssWarm / 1024).toFixed(1)} MB, at the end ${(rssEnd / 1024).toFixed(1)} MB (${(growth * 100).toFixed(1)}%, ` +
+        `${growth < 0.1 ? 'under' : 'OVER'} the 10% limit), max seen ${(Math.max(rssEnd, ...samples) / 1024).toFixed(1)} MB`,
+    );
+    await m.stop();
+  }
+}
+
+async function bigbody(argv) {
+  const o = opts(argv, { impls: 'c,py,node', mb: 10, count: 5, rounds: 3 });
+  const bytes = Math.round(o.mb * 1024 * 1024);
+  console.log(`${o.mb} MB body through the big shape (replacebody of the same size), ${o.count} messages on one connection, ${o.rounds} rounds`);
+  const rates = {};
+  for (let round = 0; round < o.rounds; round++) {
+    for (const impl of o.impls) {
+      const m = await L.startMilter(impl, 'big', L.socketFor(`big-${impl}`));
+      L.resetPeak(m.pid);
+      const r = await L.runLoadgen(m.socket, { conc: 1, perConn: o.count, messages: o.count, body: bytes, checkReplacedBody: true, timeout: 120 });
+      const st = L.procStatus(m.pid);
+      // MB/s of message body: each message carries the body in and the replaced body out.
+      const mbps = (r.counted * o.mb) / r.seconds;
+      (rates[impl] ??= []).push(mbps);
+      const ok = r.errors === 0 && r.bad === 0;
+      console.log(
+        `round ${round + 1} ${impl.padEnd(4)} ${ok ? 'ok  ' : 'FAIL'} ${mbps.toFixed(1)} MB/s (${(r.p50_us / 1000).toFixed(0)} ms per message), ` +
+          `replaced ${(r.replbody_bytes / 2 ** 20).toFixed(0)} MB, peak RSS ${(st.VmHWM / 1024).toFixed(0)} MB${r.first_error ? ` (${r.first_error})` : ''}`,
+      );
+      await m.stop();
+    }
+  }
+  const med = Object.fromEntries(Object.entries(rates).map(([k, v]) => [k, L.median(v)]));
+  console.log(`medians: ${Object.entries(med).map(([k, v]) => `${k} ${v.toFixed(1)} MB/s`).join(', ')}` +
+    (med.node && med.c ? `; node/C ${(med.node / med.c).toFixed(2)}` : '') + (med.node && med.py ? `; node/py ${(med.node / med.py).toFixed(2)}` : ''));
+}
+
+const [cmd, ...rest] = process.argv.slice(2);
+const cmds = { conns, soak, bigbody };
+if (!cmds[cmd]) {
+  console.error('usage: node bench/scale.cjs conns|soak|bigbody [--option value ...]');
+  process.exit(2);
+}
+cmds[cmd](rest).then(
+  () => process.exit(0),
+  (err) => {
+    console.error(err.stack || String(err));
+    process.exit(1);
+  },
+);

@@ -1,0 +1,35 @@
+// Smoke test of the benchmark tools (correctness only, no timing): the C
+// load generator drives ~200 messages through the C and the nodemilter S3
+// milters, and every message comes back with its added header.
+import { afterAll, describe, expect, it } from 'vitest';
+import { createRequire } from 'node:module';
+
+const bench = createRequire(__filename)('../bench/lib.cjs') as {
+  startMilter(impl: string, shape: string, socket: string): Promise<{ stop(): Promise<void>; socket: string; alive(): boolean }>;
+  runLoadgen(socket: string, o: Record<string, unknown>): Promise<Record<string, any>>;
+  socketFor(name: string): string;
+  killAll(): void;
+};
+
+afterAll(() => bench.killAll());
+
+describe('bench load generator', () => {
+  for (const impl of ['c', 'node']) {
+    it(`sends 200 messages through the ${impl} S3 milter, each gets its header`, async () => {
+      const m = await bench.startMilter(impl, 's3', bench.socketFor(`smoke-${impl}-${process.pid}`));
+      try {
+        const r = await bench.runLoadgen(m.socket, { conc: 4, perConn: 25, messages: 200, timeout: 20 });
+        expect(r.first_error).toBe('');
+        expect(r.errors).toBe(0);
+        expect(r.bad).toBe(0);
+        expect(r.messages).toBe(200);
+        expect(r.headers).toBe(200);
+        expect(r.connections).toBeGreaterThanOrEqual(8); // 25 per connection; the last ones may be split
+        expect(r.exitCode).toBe(0);
+        expect(m.alive()).toBe(true);
+      } finally {
+        await m.stop();
+      }
+    });
+  }
+});
