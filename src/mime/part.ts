@@ -600,10 +600,13 @@ export class MimePart {
           count++;
           return '';
         });
-        out = out.replace(/<script\b[\s\S]*$/i, () => {
-          count++;
-          return '';
-        });
+        // only when no whole element is left: an unclosed one runs to the end
+        if (out === before) {
+          out = out.replace(/<script\b[\s\S]*$/i, () => {
+            count++;
+            return '';
+          });
+        }
       } while (out !== before);
       if (out !== text) part.setPayload(out);
     }
