@@ -575,7 +575,10 @@ function onStopped(error: string): void {
   const res = resolveMain;
   const rej = rejectMain;
   resolveMain = rejectMain = undefined;
-  for (const s of sessions.values()) s.closed = true;
+  // Sessions parked between commands are abandoned by libmilter (no close):
+  // mark them closed. A session parked inside a callback (seq > 0) is still
+  // alive: its answer and its eom modifications still reach the MTA.
+  for (const s of sessions.values()) if (!s.seq) s.closed = true;
   events.emit('stopped');
   if (error && !stopPromise) rej?.(new MilterError(error, 'ERR_MILTER_STOPPED'));
   else res?.();

@@ -9,7 +9,7 @@
 import * as fs from 'node:fs';
 
 import { describe as describeMilter, type MilterFactory } from './base';
-import { InvalidArgumentError } from './errors';
+import { InvalidArgumentError, InvalidSocketError } from './errors';
 import * as milter from './milter';
 import { parseSocketSpec } from './socketspec';
 import type { Logger } from './types';
@@ -50,6 +50,10 @@ export interface RunmilterOptions {
  * `drain` ms, stop libmilter, and remove the unix socket. Resolves when
  * stopped. One milter per process.
  *
+ * A stale unix socket at the path (left by a milter that died) is
+ * replaced; anything else there (a regular file, a directory) is left
+ * untouched and the call rejects with InvalidSocketError naming it.
+ *
  * @example
  * ```ts
  * import { Base, runmilter, CONTINUE } from 'nodemilter';
@@ -67,6 +71,7 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   const drain = options.drain ?? 30_000;
   if (!(drain >= 0)) throw new InvalidArgumentError(`drain must be >= 0 ms, got ${drain}`);
   const spec = parseSocketSpec(socket);
+  if (spec.kind === 'unix') refuseNonSocket(spec.path, socket);
   const description = describeMilter(options.factory, { name });
 
   milter.setLogger(log);
@@ -112,6 +117,25 @@ export async function runmilter(name: string, socket: string, options: Runmilter
     if (spec.kind === 'unix') removeSocket(spec.path, log);
     log.info(`${name}: stopped`);
   }
+}
+
+/**
+ * libmilter replaces a stale unix socket but fails on anything else at the
+ * path with a bare "could not open the milter socket": say what is there,
+ * and leave it alone.
+ */
+function refuseNonSocket(path: string, socket: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return; // nothing there (or not reachable: libmilter reports that)
+  }
+  if (st.isSocket()) return;
+  const what = st.isFile() ? 'a regular file' : st.isDirectory() ? 'a directory' : st.isSymbolicLink() ? 'a symbolic link' : 'not a socket';
+  throw new InvalidSocketError(
+    `cannot listen on ${socket}: ${path} exists and is ${what}; expected a unix socket or nothing there (it was left untouched)`,
+  );
 }
 
 function removeSocket(path: string, log: Logger): void {
