@@ -200,6 +200,8 @@ export abstract class SessionCore implements MilterContext {
   closed = false;
   failed = false;
   queue: Pending[] | undefined;
+  /** Engine data that came with the event being run (e.g. the macros of that moment). */
+  eventData: unknown;
   private priv: unknown;
 
   constructor(readonly id: number) {}
@@ -313,8 +315,8 @@ export abstract class SessionCore implements MilterContext {
   }
 }
 
-/** A queued event: type, seq and up to four raw arguments. */
-export type Pending = [number, number, any, any, any, any];
+/** A queued event: type, seq, up to four raw arguments and the engine's event data. */
+export type Pending = [number, number, any, any, any, any, unknown];
 
 /** What the {@link Dispatcher} needs from its engine. */
 export interface DispatchHooks {
@@ -343,21 +345,21 @@ export class Dispatcher {
   ) {}
 
   /** Hand one event to its session: run it now, or queue it behind a pending async handler. */
-  deliver(s: SessionCore, type: number, seq: number, a0?: any, a1?: any, a2?: any, a3?: any): void {
+  deliver(s: SessionCore, type: number, seq: number, a0?: any, a1?: any, a2?: any, a3?: any, data?: unknown): void {
     if (type === Ev.CLOSE) s.closed = true;
     if (s.busy) {
-      (s.queue ??= []).push([type, seq, a0, a1, a2, a3]);
+      (s.queue ??= []).push([type, seq, a0, a1, a2, a3, data]);
       return;
     }
-    this.run(s, type, seq, a0, a1, a2, a3);
+    this.run(s, type, seq, a0, a1, a2, a3, data);
     this.pump(s);
   }
 
   private pump(s: SessionCore): void {
     const q = s.queue;
     while (!s.busy && q && q.length > 0) {
-      const [type, seq, a0, a1, a2, a3] = q.shift()!;
-      this.run(s, type, seq, a0, a1, a2, a3);
+      const [type, seq, a0, a1, a2, a3, data] = q.shift()!;
+      this.run(s, type, seq, a0, a1, a2, a3, data);
     }
   }
 
@@ -401,7 +403,8 @@ export class Dispatcher {
     }
   }
 
-  private run(s: SessionCore, type: number, seq: number, a0: any, a1: any, a2: any, a3: any): void {
+  private run(s: SessionCore, type: number, seq: number, a0: any, a1: any, a2: any, a3: any, data: unknown): void {
+    s.eventData = data;
     if (type === Ev.CLOSE) {
       this.hooks.closed?.(s);
       if (!this.cb.close) return;
