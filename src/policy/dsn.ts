@@ -83,8 +83,11 @@ function bareAddress(a: string, what: string): string {
 function headerSection(original: Buffer): Buffer {
   const crlf = original.indexOf('\r\n\r\n');
   const lf = original.indexOf('\n\n');
-  const end = crlf >= 0 && (lf < 0 || crlf <= lf) ? crlf + 2 : lf >= 0 ? lf + 1 : original.length;
-  return original.subarray(0, end);
+  // Keep the empty line that ends the header section: the CRLF before the
+  // next boundary belongs to the boundary, so the last header keeps its own.
+  if (crlf >= 0 && (lf < 0 || crlf <= lf)) return original.subarray(0, crlf + 4);
+  if (lf >= 0) return original.subarray(0, lf + 2);
+  return Buffer.concat([original, Buffer.from('\r\n\r\n')]);
 }
 
 function toCrlf(b: Buffer): Buffer {
