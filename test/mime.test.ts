@@ -1,5 +1,6 @@
-import { describe, expect, test } from 'vitest';
-import { readdirSync, readFileSync } from 'node:fs';
+import { afterEach, describe, expect, test } from 'vitest';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { zipSync, strToU8 } from 'fflate';
@@ -10,7 +11,8 @@ import type { MimeAction, MimeHeaderChange } from '../src/mime';
 import { MimeError } from '../src/errors';
 import { ADDHDRS, CHGBODY, CHGHDRS, CONTINUE } from '../src/constants';
 import { Base } from '../src/base';
-import { TestCtx } from '../src/testing';
+import { MilterClient, TestCtx } from '../src/testing';
+import { startProcess, stopAll, tmpSocketSpec } from './helpers';
 
 const FIXTURES = join(__dirname, 'fixtures', 'mime');
 const fixture = (name: string) => readFileSync(join(FIXTURES, name));
@@ -442,4 +444,47 @@ describe('limits and robustness', () => {
     expect(worst).toBeLessThan(2000);
     expect(Date.now() - started).toBeLessThan(30000);
   });
+});
+
+describe('on the real libmilter engine (runmilter + MilterClient)', () => {
+  afterEach(() => stopAll());
+
+  test('defang, strip scripts and replacebody over a socket; spool files removed', async () => {
+    const spool = mkdtempSync(join(tmpdir(), 'nodemilter-mime-spool-'));
+    try {
+      const spec = tmpSocketSpec();
+      const proc = await startProcess(process.execPath, {
+        args: [join(FIXTURES, 'defang-milter.cjs'), spec],
+        env: { MIME_SPOOL_DIR: spool, MIME_THRESHOLD: '512' },
+        socket: spec,
+      });
+      const client = await MilterClient.connect(spec, { timeout: 10_000 });
+      const raw = fixture('mixed-alternative.eml');
+      const res = await client.sendMessage({ from: '<alice@example.com>', rcpt: ['<bob@example.org>'], message: raw });
+      expect(res.decision).toBe('continue');
+      expect(res.actions.filter((a) => a.type !== 'replbody').map((a) => [a.type, (a as any).name, (a as any).value])).toEqual([
+        ['addheader', 'X-Defanged', 'setup.exe'],
+      ]);
+      const delivered = parseMime(Buffer.concat([parseMime(raw).headerBuffer(), res.replacedBody!]));
+      expect(delivered.getnames()).toEqual(['Rapport annuel été.pdf', 'Привет.txt']);
+      expect(delivered.parts[0].parts[1].getText()).not.toMatch(/<script/i);
+      expect(delivered.parts[1].getText()).toMatch(/"setup\.exe"/);
+
+      // a zip holding an .exe: the whole zip attachment goes
+      const res2 = await client.sendMessage({ from: '<a@example.com>', rcpt: ['<b@example.org>'], message: zipMessage() });
+      expect(parseMime(Buffer.concat([parseMime(zipMessage()).headerBuffer(), res2.replacedBody!])).getnames()).toEqual([]);
+      // an innocent message: no actions
+      const res3 = await client.sendMessage({ from: '<a@example.com>', rcpt: ['<b@example.org>'], message: fixture('plain-lf.eml'), quit: true });
+      expect(res3.actions).toEqual([]);
+
+      const events = (await proc.stop()).stdout.trim().split('\n').map((l) => JSON.parse(l));
+      const spools = events.filter((e) => e.ev === 'spool').map((e) => e.path as string);
+      expect(spools).toHaveLength(2); // the two big messages spooled, the small one did not
+      for (const p of spools) expect(existsSync(p)).toBe(false);
+      expect(readdirSync(spool)).toEqual([]);
+      expect(events.filter((e) => e.ev === 'checked').map((e) => e.names)).toEqual([['setup.exe'], ['files.zip'], []]);
+    } finally {
+      rmSync(spool, { recursive: true, force: true });
+    }
+  }, 30_000);
 });
