@@ -5,13 +5,15 @@
 import { afterEach, describe, expect, it } from 'vitest';
 
 import {
-  ADDHDRS, CHGHDRS, DisabledActionError, M_CONNECT, M_EOM, M_ENVFROM, M_ENVRCPT, P_NOBODY, P_NOCONNECT, P_NODATA, P_NOEOH, P_NOHDRS, P_NOHELO,
+  ADDHDRS, CHGBODY, CHGHDRS, CONTINUE, DisabledActionError, TEMPFAIL, ACCEPT, methodTags, protocolSteps, M_CONNECT, M_EOM, M_ENVFROM, M_ENVRCPT, P_NOBODY, P_NOCONNECT, P_NODATA, P_NOEOH, P_NOHDRS, P_NOHELO,
   P_NOMAIL, P_NORCPT, P_NOUNKNOWN, P_NR_CONN, P_NR_EOH, P_NR_HDR, P_NR_HELO, P_NR_MAIL, P_NR_RCPT, P_SKIP, SETSYMLIST, SMFIF_ALL,
   SMFIP_NO_ALL, SMFIP_NR_ALL,
 } from '../src/index';
+import * as api from '../src/index';
+import * as testing from '../src/testing/index';
 import { MilterClient } from '../src/testing/client';
 import { stopAll } from './helpers';
-import { events, startBase, waitFor, type Ev } from './fixtures/base/harness';
+import { events, loadGuideExamples, startBase, waitFor, type Ev } from './fixtures/base/harness';
 
 afterEach(async () => {
   await stopAll();
@@ -327,5 +329,56 @@ describe('class switches and inheritance over the wire', () => {
     await waitFor(p, (e) => e.ev === 'chgheader');
     expect(events(p).filter((e) => e.ev === 'header').map((e) => e.name)).toEqual(['Subject', 'X-Reject-Me']);
     expect(events(p).some((e) => e.ev === 'envrcpt')).toBe(false);
+  });
+});
+
+describe("docs/guide.md's examples (compiled by tsc as a user's build would)", () => {
+  const guide = loadGuideExamples(api, testing);
+
+  it('Tagger over the wire: chgheader when offered, the DisabledActionError fallback when not', async () => {
+    const p = await startBase({ milter: 'guide:Tagger' });
+    const full = await MilterClient.connect(p.spec);
+    expect(full.negotiation!.actions).toBe(ADDHDRS | CHGHDRS);
+    const r1 = await full.sendMessage({ ...MESSAGE, macros: { eom: { i: 'Q1' } }, quit: true });
+    expect(r1.actions.map((a) => [a.type, (a as { value?: string }).value])).toEqual([['chgheader', '[tagged] Q1']]);
+    const poor = await MilterClient.connect(p.spec, { actions: ADDHDRS });
+    const r2 = await poor.sendMessage({ ...MESSAGE, quit: true });
+    expect(r2.decision).toBe('continue');
+    expect(r2.actions.map((a) => [a.type, (a as { name?: string }).name])).toEqual([['addheader', 'X-Tag']]);
+  });
+
+  it('RcptLimit: the 51st recipient is refused with 452, message state is per message', async () => {
+    const t = new testing.TestCtx(guide.RcptLimit);
+    await t.connect();
+    await t.helo();
+    await t.envfrom('<a@example.org>', 'SIZE=1000');
+    for (let i = 0; i < 50; i++) expect(await t.envrcpt(`<r${i}@example.net>`)).toBe(CONTINUE);
+    expect(await t.envrcpt('<r50@example.net>')).toBe(TEMPFAIL);
+    expect(t.reply).toMatchObject({ rcode: '452', xcode: '4.5.3' });
+    await t.abort();
+    expect(await t.feedMessage('Subject: x\r\n\r\nbody\r\n', { rcpts: ['<b@example.net>'] })).toBe(CONTINUE);
+    expect(t.headerChanges).toEqual([expect.objectContaining({ name: 'X-Rcpt-Count', value: '1' })]);
+    expect((t.milter as unknown as { messages: number }).messages).toBe(2);
+  });
+
+  it('decorators: Auth negotiates NR_HDR and its symlist; QuietAuth drops header; Counter is tagged', async () => {
+    const { Auth, QuietAuth, Counter } = guide;
+    expect(protocolSteps(Auth) & api.P_NR_HDR).toBe(api.P_NR_HDR);
+    expect(protocolSteps(QuietAuth) & api.P_NOHDRS).toBe(api.P_NOHDRS);
+    expect(methodTags(Counter.prototype.header)).toEqual({ noreply: true, decode: 'bytes' });
+    const t = new testing.TestCtx(Auth, { macros: { [M_ENVFROM]: { '{auth_authen}': 'alice', '{auth_type}': 'PLAIN' } } });
+    await t.negotiate();
+    expect(t.symlists[M_ENVFROM]).toEqual(['{auth_authen}', '{auth_type}']);
+    await t.connect();
+    expect(await t.helo('caf\u00e9')).toBe(api.REJECT); // 8-bit HELO, seen as bytes
+    expect(await t.envfrom('<alice@example.org>')).toBe(ACCEPT);
+  });
+
+  it('Cautious: its negotiate sees the offer and replaces the body only when CHGBODY is offered', async () => {
+    for (const [actions, replaced] of [[api.SMFIF_ALL, true], [api.SMFIF_ALL & ~CHGBODY, false]] as const) {
+      const t = new testing.TestCtx(guide.Cautious, { offer: { actions } });
+      expect(await t.feedMessage('Subject: x\r\n\r\nsecret\r\n')).toBe(CONTINUE);
+      expect(t.replacedBody?.toString()).toBe(replaced ? '[removed]\r\n' : undefined);
+    }
   });
 });
