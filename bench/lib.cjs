@@ -12,7 +12,19 @@ const path = require('node:path');
 const BENCH = __dirname;
 const ROOT = path.join(BENCH, '..');
 const PYTHON = '/usr/bin/python3'; // Debian's, which can import Milter
-const IMPLS = ['c', 'py', 'node'];
+// c: libmilter; py: pymilter; node: nodemilter on libmilter (the default
+// engine, the one the targets are for); ts: nodemilter on its TypeScript
+// engine (nodemilter/engine), when the build has it.
+const IMPLS = ['c', 'py', 'node', 'ts'];
+
+function nodemilterDist() {
+  return process.env.NODEMILTER_DIST || path.join(ROOT, 'dist');
+}
+
+/** The implementations this build can run (ts only if dist has the TypeScript engine). */
+function availableImpls() {
+  return IMPLS.filter((i) => i !== 'ts' || fs.existsSync(path.join(nodemilterDist(), 'src/engine/index.js')));
+}
 const SHAPES = ['s1', 's2', 's3', 's4'];
 
 /** Compile a C file with cc -O2 into a cache dir keyed by source and flags; returns the binary. */
@@ -41,9 +53,11 @@ function milterCommand(impl, shape, socket) {
     case 'py':
       return [PYTHON, [path.join(BENCH, 'milters/pymilter_bench.py'), shape, socket]];
     case 'node':
-      return [process.execPath, [path.join(BENCH, 'milters/node.cjs'), shape, socket]];
+      return [process.execPath, [path.join(BENCH, 'milters/node.cjs'), shape, socket, 'libmilter']];
+    case 'ts':
+      return [process.execPath, [path.join(BENCH, 'milters/node.cjs'), shape, socket, 'ts']];
     default:
-      throw new Error(`unknown implementation ${impl}: expected c, py or node`);
+      throw new Error(`unknown implementation ${impl}: expected ${IMPLS.join(', ')}`);
   }
 }
 
@@ -222,6 +236,6 @@ function machine() {
 }
 
 module.exports = {
-  BENCH, ROOT, PYTHON, IMPLS, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
+  BENCH, ROOT, PYTHON, IMPLS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
   procStatus, resetPeak, cpuSeconds, threads, median, machine, sleep, killAll,
 };

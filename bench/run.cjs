@@ -34,7 +34,7 @@ function parseArgs(argv) {
   o.shapes ??= L.SHAPES;
   o.conc ??= [1, 8, 64];
   o.modes ??= o.quick ? ['many'] : ['many', 'one'];
-  o.impls ??= L.IMPLS;
+  o.impls ??= L.availableImpls();
   for (const s of o.shapes) if (!L.SHAPES.includes(s)) throw new Error(`unknown shape ${s}: expected ${L.SHAPES.join(', ')}`);
   for (const m of o.modes) if (m !== 'many' && m !== 'one') throw new Error(`unknown mode ${m}: expected many or one`);
   for (const i of o.impls) if (!L.IMPLS.includes(i)) throw new Error(`unknown implementation ${i}: expected ${L.IMPLS.join(', ')}`);
@@ -103,13 +103,21 @@ async function main() {
   if (o.doc) writeDoc(header + '\n' + table.text);
 }
 
+const LABEL = { c: 'C', py: 'py', node: 'node', ts: 'node/ts' };
+
 function summarize(results, o) {
+  const impls = o.impls;
+  const has = (i) => impls.includes(i);
+  // ratios of the nodemilter builds to C and to pymilter
+  const pairs = ['node', 'ts'].filter(has).flatMap((n) => ['c', 'py'].filter(has).map((b) => [n, b]));
+  const names = impls.map((i) => LABEL[i]).join(' / ');
   const lines = [];
-  const has = (i) => o.impls.includes(i);
   lines.push(
-    '| shape | conc | msgs/conn | C msg/s | py msg/s | node msg/s | node/C | node/py | p50 ms C / py / node | p99 ms C / py / node | peak RSS MB C / py / node | target node/C | met |',
+    `| shape | conc | msgs/conn | ${impls.map((i) => `${LABEL[i]} msg/s`).join(' | ')} | ` +
+      `${pairs.map(([a, b]) => `${LABEL[a]}/${LABEL[b]}`).join(' | ')} | p50 ms ${names} | p99 ms ${names} | ` +
+      `peak RSS MB ${names} | target node/C | met |`,
   );
-  lines.push('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
+  lines.push(`|${'---|'.repeat(3 + impls.length + pairs.length + 5)}`);
   const misses = [];
   for (const shape of o.shapes) {
     for (const conc of o.conc) {
@@ -124,21 +132,21 @@ function summarize(results, o) {
               return x && y && y.rate ? x.rate / y.rate : NaN;
             }),
           );
-        const rate = (i) => (has(i) ? by(i, (r) => r.rate).toFixed(0) : '-');
-        const ms = (i, k) => (has(i) ? (by(i, (r) => r[k]) / 1000).toFixed(2) : '-');
-        const mb = (i) => (has(i) ? (by(i, (r) => r.peakRssKiB) / 1024).toFixed(0) : '-');
+        const fmt = (x, d) => (Number.isNaN(x) ? '-' : x.toFixed(d));
         const nc = has('node') && has('c') ? ratio('node', 'c') : NaN;
         const np = has('node') && has('py') ? ratio('node', 'py') : NaN;
         const t = targetC(shape, conc);
         const okC = t === null || !(nc < t);
         const okP = !(np < 1);
         const met = Number.isNaN(nc) && Number.isNaN(np) ? '-' : okC && okP ? 'yes' : 'NO';
-        if (met === 'NO') misses.push(`${shape} c${conc} ${mode}`);
+        if (met === 'NO') misses.push(`${shape} c${conc} ${PER_CONN[mode]}/conn`);
         lines.push(
-          `| ${shape.toUpperCase()} | ${conc} | ${PER_CONN[mode]} | ${rate('c')} | ${rate('py')} | ${rate('node')} | ` +
-            `${Number.isNaN(nc) ? '-' : nc.toFixed(2)} | ${Number.isNaN(np) ? '-' : np.toFixed(2)} | ` +
-            `${ms('c', 'p50_us')} / ${ms('py', 'p50_us')} / ${ms('node', 'p50_us')} | ` +
-            `${ms('c', 'p99_us')} / ${ms('py', 'p99_us')} / ${ms('node', 'p99_us')} | ${mb('c')} / ${mb('py')} / ${mb('node')} | ` +
+          `| ${shape.toUpperCase()} | ${conc} | ${PER_CONN[mode]} | ` +
+            `${impls.map((i) => fmt(by(i, (r) => r.rate), 0)).join(' | ')} | ` +
+            `${pairs.map(([a, b]) => fmt(ratio(a, b), 2)).join(' | ')} | ` +
+            `${impls.map((i) => fmt(by(i, (r) => r.p50_us) / 1000, 2)).join(' / ')} | ` +
+            `${impls.map((i) => fmt(by(i, (r) => r.p99_us) / 1000, 2)).join(' / ')} | ` +
+            `${impls.map((i) => fmt(by(i, (r) => r.peakRssKiB) / 1024, 0)).join(' / ')} | ` +
             `${t === null ? '>= py' : `>= ${t}, >= py`} | ${met} |`,
         );
       }
@@ -146,7 +154,7 @@ function summarize(results, o) {
   }
   const errs = results.filter((r) => r.errors || r.bad);
   let text = lines.join('\n') + '\n';
-  text += `\nTargets missed: ${misses.length ? misses.join(', ') : 'none'}.`;
+  text += `\nTargets (for node, nodemilter on libmilter) missed: ${misses.length ? misses.join(', ') : 'none'}.`;
   text += `\nRuns with errors: ${errs.length ? errs.map((r) => `${r.impl} ${r.shape} c${r.conc} ${r.mode}: ${r.first_error}`).join('; ') : 'none'}.\n`;
   return { text, misses };
 }

@@ -1,11 +1,11 @@
 // Scale and stamina, against each implementation (default: c, py, node):
-//   npm run bench:scale   -- [--impls c,py,node] [--conns 1000] [--shape s4]
+//   npm run bench:scale   -- [--impls all|c,py,node,ts] [--conns 1000] [--shape s4]
 //       CONNS connections each hold one message in flight at once: every
 //       connection stops before EOM until all have arrived, then all send
 //       EOM. Reports failures, time, peak RSS and threads.
 //   npm run bench:soak    -- [--impls node] [--messages 200000] [--shape s2] [--conc 8]
 //       MESSAGES in a row; RSS after a warm-up of 10% vs at the end (< 10% growth wanted).
-//   npm run bench:bigbody -- [--impls c,py,node] [--mb 10] [--count 5]
+//   npm run bench:bigbody -- [--impls all|c,py,node,ts] [--mb 10] [--count 5]
 //       a body of MB megabytes through the `big` shape (body no-reply,
 //       EOM replaces it with the same bytes and adds a header); MB/s.
 'use strict';
@@ -18,12 +18,12 @@ function opts(argv, defaults) {
     if (!(k in defaults) || i + 1 >= argv.length) throw new Error(`unknown option or missing value: ${argv[i]}; options: ${Object.keys(defaults).join(', ')}`);
     o[k] = typeof defaults[k] === 'number' ? Number(argv[i + 1]) : argv[i + 1];
   }
-  o.impls = String(o.impls).split(',');
+  o.impls = o.impls === 'all' ? L.availableImpls() : String(o.impls).split(',');
   return o;
 }
 
 async function conns(argv) {
-  const o = opts(argv, { impls: 'c,py,node', conns: 1000, shape: 's4', rounds: 1 });
+  const o = opts(argv, { impls: 'all', conns: 1000, shape: 's4', rounds: 1 });
   console.log(`${o.conns} connections, each with one message in flight at once (barrier before EOM), shape ${o.shape}`);
   for (let round = 0; round < o.rounds; round++) {
     for (const impl of o.impls) {
@@ -77,7 +77,7 @@ async function soak(argv) {
 }
 
 async function bigbody(argv) {
-  const o = opts(argv, { impls: 'c,py,node', mb: 10, count: 5, rounds: 3 });
+  const o = opts(argv, { impls: 'all', mb: 10, count: 5, rounds: 3 });
   const bytes = Math.round(o.mb * 1024 * 1024);
   console.log(`${o.mb} MB body through the big shape (replacebody of the same size), ${o.count} messages on one connection, ${o.rounds} rounds`);
   const rates = {};

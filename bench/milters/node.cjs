@@ -6,7 +6,7 @@
 'use strict';
 const path = require('node:path');
 const dist = process.env.NODEMILTER_DIST || path.join(__dirname, '../../dist');
-const { Base, runmilter, decorate, noreply, CONTINUE, ADDHDRS, CHGBODY } = require(path.join(dist, 'src/index.js'));
+const { Base, runmilter, describe, decorate, noreply, CONTINUE, ADDHDRS, CHGBODY } = require(path.join(dist, 'src/index.js'));
 
 class S1 extends Base {
   static flags = ADDHDRS;
@@ -79,13 +79,23 @@ decorate(Big, 'body', noreply);
 
 const SHAPES = { s1: S1, s2: S2, s3: S3, s4: S4, big: Big };
 
-const [shape, socket] = process.argv.slice(2);
-if (!SHAPES[shape] || !socket) {
-  console.error('usage: node bench/milters/node.cjs s1|s2|s3|s4|big SOCKET');
+const [shape, socket, engine = 'libmilter'] = process.argv.slice(2);
+if (!SHAPES[shape] || !socket || !['libmilter', 'ts'].includes(engine)) {
+  console.error('usage: node bench/milters/node.cjs s1|s2|s3|s4|big SOCKET [libmilter|ts]');
   process.exit(2);
 }
 const quiet = { debug() {}, info() {}, warn: console.warn, error: console.error };
-runmilter('bench-node', socket, { factory: SHAPES[shape], backlog: 1024, drain: 0, logger: quiet }).catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+for (const cls of Object.values(SHAPES)) cls.logger = quiet;
+if (engine === 'libmilter') {
+  runmilter('bench-node', socket, { factory: SHAPES[shape], backlog: 1024, drain: 0, logger: quiet }).catch((err) => {
+    console.error(err);
+    process.exit(1);
+  });
+} else {
+  // The milter protocol in TypeScript (nodemilter/engine), same Base classes.
+  const { serve } = require(path.join(dist, 'src/engine/index.js'));
+  serve(describe(SHAPES[shape], { name: 'bench-node-ts' }), { socket }).catch((err) => {
+    console.error(err);
+    process.exit(1);
+  });
+}
