@@ -123,8 +123,11 @@ export function encodeBase64(input: Buffer, eol = '\r\n'): string {
  */
 export function decodeTransfer(body: Buffer, encoding: string): Buffer {
   switch (encoding) {
-    case 'base64':
-      return Buffer.from(body.toString('latin1').replace(/[^A-Za-z0-9+/]/g, ''), 'base64');
+    case 'base64': {
+      // Node skips white space and other non-alphabet bytes, but reads - and _ as base64url
+      const text = body.toString('latin1');
+      return Buffer.from(/[-_]/.test(text) ? text.replace(/[-_]/g, '') : text, 'base64');
+    }
     case 'quoted-printable':
       return decodeQuotedPrintable(body);
     default:

@@ -399,8 +399,12 @@ export class MimePart {
     if (this.#payload) return this.#payload;
     if (this.#kind === 'multipart') return Buffer.from(this.#bodyText(), 'latin1');
     if (this.#kind === 'message' && this.#message!.ismodified()) return Buffer.from(this.#message!.#text(), 'latin1');
-    return decodeTransfer(Buffer.from(this.#body, 'latin1'), this.transferEncoding);
+    if (this.#kind === 'message') return decodeTransfer(Buffer.from(this.#body, 'latin1'), this.transferEncoding);
+    return (this.#decoded ??= decodeTransfer(Buffer.from(this.#body, 'latin1'), this.transferEncoding));
   }
+
+  /** The decoded original body of a leaf, kept once computed (the original never changes). */
+  #decoded: Buffer | undefined;
 
   /** The decoded body as text in its charset (UTF-8 when the charset is unknown). */
   getText(): string {
@@ -500,6 +504,7 @@ export class MimePart {
       this.#record({ op: 'insert', name, value: MimePart.#milterValue(h), index });
     }
     this.#headersDirty = true;
+    this.#decoded = undefined;
   }
 
   /** Set header `name`: change its first occurrence (or the `nth`, from 1), or add it when absent. */
@@ -509,6 +514,7 @@ export class MimePart {
     const h = this.#makeHeader(this.#headers[pos].name, value);
     this.#headers[pos] = h;
     this.#headersDirty = true;
+    this.#decoded = undefined;
     this.#record({ op: 'change', name: h.name, value: MimePart.#milterValue(h), index: this.#indexOfName(pos) });
   }
 
@@ -521,6 +527,7 @@ export class MimePart {
       const index = this.#indexOfName(pos);
       const h = this.#headers.splice(pos, 1)[0];
       this.#headersDirty = true;
+      this.#decoded = undefined;
       this.#record({ op: 'delete', name: h.name, index });
       removed++;
       if (nth !== undefined) break;
