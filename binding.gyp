@@ -1,7 +1,4 @@
 {
-  "variables": {
-    "sanitize%": "0"
-  },
   "targets": [
     {
       "target_name": "nodemilter",
@@ -16,7 +13,7 @@
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
       "libraries": ["-lmilter", "-lpthread", "-ldl"],
       "conditions": [
-        ["sanitize=='1'", {
+        ["'<!(node -p \"process.env.NODEMILTER_SANITIZE || 0\")'=='1'", {
           "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"],
           "ldflags": ["-fsanitize=address,undefined"]
         }]

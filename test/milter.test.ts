@@ -21,7 +21,11 @@ async function startMilter(cfg: Record<string, unknown>): Promise<RunningProcess
   const spec = (cfg.socket as string) ?? (await freeInetSpec());
   const p = await startProcess(process.execPath, {
     args: [FIXTURE],
-    env: { MILTER_CONFIG: JSON.stringify({ ...cfg, socket: spec }) },
+    env: {
+      MILTER_CONFIG: JSON.stringify({ ...cfg, socket: spec }),
+      // scripts/test-asan.sh: the sanitizer runtime goes into the milter process only.
+      LD_PRELOAD: process.env.NODEMILTER_CHILD_PRELOAD ?? process.env.LD_PRELOAD,
+    },
     socket: spec,
   });
   return Object.assign(p, { spec });

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs the native integration tests against an AddressSanitizer + UBSan build
+# of the addon, and reports the findings that involve the addon.
+#
+# The sanitized addon is built in a scratch directory (the normal build in
+# build/ is left alone) and picked up through NODEMILTER_ADDON. Node itself
+# is not instrumented, so the ASan runtime is preloaded; leak detection is
+# off because Node deliberately leaks at exit (valgrind covers leaks).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mktemp -d /tmp/nodemilter-asan.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+cp "$root/binding.gyp" "$work/"
+ln -s "$root/native" "$work/native"
+ln -s "$root/node_modules" "$work/node_modules"
+echo "== building the addon with -fsanitize=address,undefined in $work"
+(cd "$work" && NODEMILTER_SANITIZE=1 npx --prefix "$root" node-gyp rebuild >"$work/build.log" 2>&1) || {
+  cat "$work/build.log"
+  exit 1
+}
+addon="$work/build/Release/nodemilter.node"
+ldd "$addon" | grep -q libasan || { echo "the addon is not linked with ASan"; exit 1; }
+asan_rt="$(gcc -print-file-name=libasan.so)"
+ubsan_rt="$(gcc -print-file-name=libubsan.so)"
+logdir="$work/reports"
+mkdir -p "$logdir"
+(cd "$root" && npm run --silent build:ts)
+echo "== running the integration tests under ASan/UBSan"
+status=0
+(
+  cd "$root"
+  # Only the milter processes load the addon: preload the runtime there.
+  NODEMILTER_ADDON="$addon" \
+    NODEMILTER_CHILD_PRELOAD="$asan_rt $ubsan_rt" \
+    ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=0:log_path=$logdir/asan:verify_asan_link_order=0" \
+    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=0:log_path=$logdir/ubsan" \
+    npx vitest run test/milter.test.ts --testTimeout=120000 "$@"
+) || status=$?
+findings=0
+for f in "$logdir"/*; do
+  [ -e "$f" ] || continue
+  if grep -q "nodemilter.node\|native/" "$f"; then
+    echo "== finding attributable to the addon: $f"
+    cat "$f"
+    findings=$((findings + 1))
+  else
+    echo "== report not involving the addon (ignored): $f"
+    head -5 "$f"
+  fi
+done
+echo "sanitizer findings attributable to the addon: $findings"
+if [ "$findings" -ne 0 ]; then exit 1; fi
+exit "$status"
