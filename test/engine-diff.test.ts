@@ -156,7 +156,7 @@ function differential(title: string, cfg: Record<string, unknown>, cases: Case[]
     afterAll(() => stopAll());
     for (const k of cases) {
       it(k.name, async () => {
-        const quiet = k.quiet ?? 400;
+        const quiet = k.quiet ?? 800;
         await Promise.all([settle(both.native, 30), settle(both.engine, 30)]);
         const n0 = both.native.stdout.length;
         const e0 = both.engine.stdout.length;
@@ -224,7 +224,8 @@ const basic: Case[] = [
   { name: 'a short negotiation packet', script: [pkt('O', n32(6), n32(0x1ff)), S.conn(), S.quit()] },
   { name: 'connect with unknown and unix families', script: [S.opt(), S.conn('h', '', 0, 'U'), S.quitNc(), S.conn('h', '/var/run/x', 0, 'L'), S.quitNc(), S.conn('h', '2001:db8::1', 25, '6'), S.quit()] },
   { name: 'a connect packet without family', script: [S.opt(), pkt('C', z('host')), S.quit()] },
-  { name: 'helo without NUL, header without value', script: session(pkt('H', 'nonul'), S.mail(), S.rcpt(), S.data(), pkt('L', z('X-No')), S.quit()) },
+  { name: 'helo without NUL', script: [S.opt(), S.conn(), pkt('H', 'nonul'), S.mail(), S.quit()] },
+  { name: 'a header without value', script: session(S.mail(), S.rcpt(), S.data(), pkt('L', z('X-No')), S.hdr(), S.quit()) },
   { name: 'the MTA hangs up mid-message', script: session(S.mail(), S.rcpt(), S.data()) },
 ];
 
@@ -240,7 +241,8 @@ differential('no-reply callbacks', {
   noreply: ['connect', 'helo', 'envfrom', 'envrcpt', 'data', 'header', 'eoh', 'body', 'unknown'],
   eomActions: [['addheader', 'X-NR', '1']],
 }, [
-  basic[0], basic[1], basic[2], basic[4], basic[18], basic[20], basic[12], basic[13],
+  // basic[1] (QUIT_NC) is left out here: see the divergence test in engine.test.ts.
+  basic[0], basic[2], basic[4], basic[18], basic[20], basic[12], basic[13],
 ]);
 
 differential('few callbacks (NO* steps, skipped states)', {

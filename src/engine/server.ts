@@ -42,8 +42,8 @@ const M = (...states: number[]) => states.reduce((a, s) => a | (1 << s), 0);
 const NEXT: readonly number[] = [
   /* INIT */ M(ST.OPTS),
   /* OPTS */ M(ST.CONN, ST.UNKN),
-  /* CONN */ M(ST.HELO, ST.MAIL, ST.UNKN),
-  /* HELO */ M(ST.HELO, ST.MAIL, ST.UNKN),
+  /* CONN */ M(ST.HELO, ST.MAIL, ST.UNKN, ST.QUIT),
+  /* HELO */ M(ST.HELO, ST.MAIL, ST.UNKN, ST.QUIT),
   /* MAIL */ M(ST.RCPT, ST.ABRT, ST.UNKN),
   /* RCPT */ M(ST.HDRS, ST.EOHS, ST.DATA, ST.BODY, ST.ENDM, ST.RCPT, ST.ABRT, ST.UNKN),
   /* DATA */ M(ST.EOHS, ST.HDRS, ST.ABRT),
@@ -77,21 +77,21 @@ interface CommandSpec {
   state: number;
   /** A failure status keeps the state (RCPT, UNKNOWN). */
   ignoreFailure: boolean;
-  /** Macro slot of this command (later slots are cleared when it arrives), or -1. */
+  /** Macro slot whose later slots are cleared when this command arrives (MAIL, RCPT), or -1. */
   slot: number;
 }
 const COMMANDS: Record<number, CommandSpec> = {
   [Cmd.ABORT]: { state: ST.ABRT, ignoreFailure: false, slot: -1 },
   [Cmd.BODY]: { state: ST.BODY, ignoreFailure: false, slot: -1 },
-  [Cmd.CONNECT]: { state: ST.CONN, ignoreFailure: false, slot: C.M_CONNECT },
-  [Cmd.BODYEOB]: { state: ST.ENDM, ignoreFailure: false, slot: C.M_EOM },
-  [Cmd.HELO]: { state: ST.HELO, ignoreFailure: false, slot: C.M_HELO },
+  [Cmd.CONNECT]: { state: ST.CONN, ignoreFailure: false, slot: -1 },
+  [Cmd.BODYEOB]: { state: ST.ENDM, ignoreFailure: false, slot: -1 },
+  [Cmd.HELO]: { state: ST.HELO, ignoreFailure: false, slot: -1 },
   [Cmd.HEADER]: { state: ST.HDRS, ignoreFailure: false, slot: -1 },
   [Cmd.MAIL]: { state: ST.MAIL, ignoreFailure: false, slot: C.M_ENVFROM },
   [Cmd.OPTNEG]: { state: ST.OPTS, ignoreFailure: false, slot: -1 },
-  [Cmd.EOH]: { state: ST.EOHS, ignoreFailure: false, slot: C.M_EOH },
+  [Cmd.EOH]: { state: ST.EOHS, ignoreFailure: false, slot: -1 },
   [Cmd.QUIT]: { state: ST.QUIT, ignoreFailure: false, slot: -1 },
-  [Cmd.DATA]: { state: ST.DATA, ignoreFailure: false, slot: C.M_DATA },
+  [Cmd.DATA]: { state: ST.DATA, ignoreFailure: false, slot: -1 },
   [Cmd.RCPT]: { state: ST.RCPT, ignoreFailure: true, slot: C.M_ENVRCPT },
   [Cmd.UNKNOWN]: { state: ST.UNKN, ignoreFailure: true, slot: -1 },
   [Cmd.QUIT_NC]: { state: ST.Q_NC, ignoreFailure: false, slot: -1 },
@@ -522,7 +522,9 @@ class Connection {
       this.end(`unknown command 0x${cmd.toString(16)}`);
       return;
     }
-    if (cmd !== Cmd.QUIT && !this.transOk(this.state, spec.state)) {
+    // A one-string command (HELO, UNKNOWN) whose string is not NUL-terminated is dropped unanswered.
+    if ((cmd === Cmd.HELO || cmd === Cmd.UNKNOWN) && data.indexOf(0) < 0) return;
+    if (!this.transOk(this.state, spec.state)) {
       if (this.state >= ST.MAIL && this.state < ST.ENDM) this.abortEvent();
       this.state = ST.HELO;
       if (!this.transOk(this.state, spec.state)) return; // out of order: ignored
@@ -554,7 +556,11 @@ class Connection {
           return;
         }
         const end = data.indexOf(0, nul + 1);
-        this.event(Ev.HEADER, step, rawText(data.subarray(0, nul)), rawText(data.subarray(nul + 1, end < 0 ? data.length : end)));
+        if (end < 0) {
+          this.end('header value without NUL');
+          return;
+        }
+        this.event(Ev.HEADER, step, rawText(data.subarray(0, nul)), rawText(data.subarray(nul + 1, end)));
         return;
       }
       case Cmd.EOH:
@@ -592,10 +598,7 @@ class Connection {
   private storeMacros(data: Buffer): void {
     if (data.length < 1) return;
     const slot = MACRO_SLOT[data[0]];
-    if (slot === undefined) {
-      this.end(`macros for unknown stage 0x${data[0].toString(16)}`);
-      return;
-    }
+    if (slot === undefined) return; // an unknown stage is ignored
     this.macros[slot] = splitStrings(data.subarray(1)).map((b) => b.toString('utf8'));
   }
 
