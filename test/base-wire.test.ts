@@ -2,6 +2,8 @@
 // served by runmilter on the real libmilter in a child process, driven by the
 // MTA-side MilterClient. What the MTA sees (negotiation reply, replies,
 // modifications) and what the milter saw (its printed events) are both checked.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import {
@@ -12,8 +14,8 @@ import {
 import * as api from '../src/index';
 import * as testing from '../src/testing/index';
 import { MilterClient } from '../src/testing/client';
-import { stopAll } from './helpers';
-import { events, loadGuideExamples, startBase, waitFor, type Ev } from './fixtures/base/harness';
+import { stopAll, tmpDir } from './helpers';
+import { events, loadGuideExamples, startBase, transpileGuideExamples, waitFor, type Ev } from './fixtures/base/harness';
 
 afterEach(async () => {
   await stopAll();
@@ -333,10 +335,13 @@ describe('class switches and inheritance over the wire', () => {
 });
 
 describe("docs/guide.md's examples (compiled by tsc as a user's build would)", () => {
-  const guide = loadGuideExamples(api, testing);
+  const js = transpileGuideExamples();
+  const guide = loadGuideExamples(js, api, testing);
 
   it('Tagger over the wire: chgheader when offered, the DisabledActionError fallback when not', async () => {
-    const p = await startBase({ milter: 'guide:Tagger' });
+    const guideJs = path.join(tmpDir('nmg-'), 'guide-examples.js');
+    fs.writeFileSync(guideJs, js);
+    const p = await startBase({ milter: 'guide:Tagger', guideJs });
     const full = await MilterClient.connect(p.spec);
     expect(full.negotiation!.actions).toBe(ADDHDRS | CHGHDRS);
     const r1 = await full.sendMessage({ ...MESSAGE, macros: { eom: { i: 'Q1' } }, quit: true });
@@ -348,6 +353,8 @@ describe("docs/guide.md's examples (compiled by tsc as a user's build would)", (
   });
 
   it('RcptLimit: the 51st recipient is refused with 452, message state is per message', async () => {
+    const lines: string[] = [];
+    guide.RcptLimit.logger = { info: (m: string) => lines.push(m), warn: (m: string) => lines.push(m), error: (m: string) => lines.push(m) };
     const t = new testing.TestCtx(guide.RcptLimit);
     await t.connect();
     await t.helo();
@@ -356,6 +363,7 @@ describe("docs/guide.md's examples (compiled by tsc as a user's build would)", (
     expect(await t.envrcpt('<r50@example.net>')).toBe(TEMPFAIL);
     expect(t.reply).toMatchObject({ rcode: '452', xcode: '4.5.3' });
     await t.abort();
+    expect(lines).toEqual(['message from <a@example.org> aborted after 50 recipients']);
     expect(await t.feedMessage('Subject: x\r\n\r\nbody\r\n', { rcpts: ['<b@example.net>'] })).toBe(CONTINUE);
     expect(t.headerChanges).toEqual([expect.objectContaining({ name: 'X-Rcpt-Count', value: '1' })]);
     expect((t.milter as unknown as { messages: number }).messages).toBe(2);
@@ -372,6 +380,21 @@ describe("docs/guide.md's examples (compiled by tsc as a user's build would)", (
     await t.connect();
     expect(await t.helo('caf\u00e9')).toBe(api.REJECT); // 8-bit HELO, seen as bytes
     expect(await t.envfrom('<alice@example.org>')).toBe(ACCEPT);
+  });
+
+  it('the testing example: TestCtx records the Subject change with the queue id macro', async () => {
+    const t = new testing.TestCtx(guide.Tagger, { macros: { [api.M_EOM]: { i: 'QID1' } } });
+    expect(await t.feedMessage('Subject: hi\r\n\r\nbody\r\n', { rcpts: ['<bob@example.net>'] })).toBe(CONTINUE);
+    expect(t.headerChanges).toEqual([{ op: 'change', name: 'Subject', index: 1, value: '[tagged] QID1' }]);
+    expect(t.resultMessage().toString()).toBe('Subject: [tagged] QID1\r\n\r\nbody\r\n');
+  });
+
+  it('every TypeScript block of docs/guide.md is quoted verbatim from guide-examples.ts (so it was type-checked)', () => {
+    const guideMd = fs.readFileSync(path.join(__dirname, '..', 'docs', 'guide.md'), 'utf8');
+    const examples = fs.readFileSync(path.join(__dirname, 'fixtures', 'base', 'guide-examples.ts'), 'utf8');
+    const blocks = [...guideMd.matchAll(/```ts\n([\s\S]*?)```/g)].map((m) => m[1]);
+    expect(blocks.length).toBeGreaterThanOrEqual(10);
+    for (const b of blocks) expect(examples).toContain(b);
   });
 
   it('Cautious: its negotiate sees the offer and replaces the body only when CHGBODY is offered', async () => {
