@@ -25,6 +25,7 @@ describe.skipIf(skip)('greylist example behind Postfix', () => {
       args: [EXAMPLE, spec],
       env: { GREYLIST_STORE: path.join(tmpDir('nm-greypf-'), 'grey.db'), GREY_TIME: '1.5', GREY_EXPIRE: '3600' },
       socket: spec,
+      readyTimeout: 30_000,
       stopSignal: 'SIGKILL',
     });
     const pf = await startPostfix({ milter: spec });
@@ -44,5 +45,5 @@ describe.skipIf(skip)('greylist example behind Postfix', () => {
     expect(retry.queueId).toBeTruthy();
     const [delivered] = await pf.waitDelivered(retry.queueId!);
     expect(delivered.message).toMatch(/^X-Greylist: passed on mta\.test\.example: <bob@sink\.example> count=1 delay=\d+s$/m);
-  });
+  }, 90_000); // child processes on a busy machine
 });

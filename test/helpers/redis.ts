@@ -48,6 +48,7 @@ export async function startRedis(): Promise<TestRedis> {
       '--save', '', '--appendonly', 'no', '--daemonize', 'no', '--protected-mode', 'yes', '--loglevel', 'warning',
     ],
     socket: `inet:${port}@127.0.0.1`,
+    readyTimeout: 30_000,
     stopSignal: 'SIGTERM',
   });
   return { url: `redis://127.0.0.1:${port}`, port, process: proc };
