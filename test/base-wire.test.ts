@@ -149,6 +149,23 @@ describe('negotiation derived from the class', () => {
     expect(seen.eom).toMatchObject({ i: 'QID42', j: 'mx.example.net' }); // eom's own j was filtered; connect's remains
   });
 
+  it('an async negotiate override (super.negotiate) gets the offer and sends the same answer and macro lists', async () => {
+    const p = await startBase({ milter: 'DynSymlists' });
+    const c = await MilterClient.connect(p.spec, { filterMacros: true, actions: SMFIF_ALL & ~CHGBODY });
+    const neg = c.negotiation!;
+    expect(neg.actions).toBe(SMFIF_ALL & ~CHGBODY);
+    expect(neg.symlists[M_ENVFROM]).toEqual(['{auth_authen}', '{mail_addr}']);
+    expect(neg.steps & (P_NOCONNECT | P_NOMAIL | P_NORCPT)).toBe(0);
+    expect(neg.steps & (P_NOHELO | P_NOHDRS | P_NOBODY)).toBe(P_NOHELO | P_NOHDRS | P_NOBODY);
+    const r = await c.sendMessage({ ...MESSAGE, macros: { envfrom: { '{auth_authen}': 'alice', '{auth_type}': 'PLAIN' } }, quit: true });
+    expect(r.decision).toBe('continue');
+    await waitFor(p, (e) => e.ev === 'eom');
+    const ng = events(p).find((e) => e.ev === 'negotiate')!;
+    expect(ng.offer.actions).toBe(SMFIF_ALL & ~CHGBODY);
+    expect(ng.answer).toEqual({ status: CONTINUE, actions: neg.actions, steps: neg.steps });
+    expect(events(p).find((e) => e.ev === 'envfrom')!.macros).toEqual({ '{auth_authen}': 'alice' });
+  });
+
   it('without SETSYMLIST on offer, the symlists are dropped and the session still works', async () => {
     const p = await startBase({ milter: 'Symlists' });
     const c = await MilterClient.connect(p.spec, { actions: SMFIF_ALL & ~SETSYMLIST, filterMacros: true });
