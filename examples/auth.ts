@@ -1,0 +1,198 @@
+/**
+ * auth: SPF and DKIM verification with an Authentication-Results header
+ * (RFC 8601), the job pymilter users do with pyspf, pydkim and authres.
+ * The checks come from **mailauth** 4.x; this example is the only part of
+ * nodemilter that needs it, so install it beside nodemilter:
+ *
+ * ```sh
+ * npm install mailauth@4
+ * ```
+ *
+ * - At MAIL FROM: SPF of the envelope sender (RFC 7208; for the null
+ *   sender, of `postmaster@HELO`), and SPF of the HELO name. With
+ *   `AUTH_REJECT_SPF_FAIL=1` an SPF `fail` of the sender is refused with
+ *   `550 5.7.23`.
+ * - At end of message: DKIM verification of every signature (RFC 6376).
+ * - Then one `Authentication-Results` header on top of the message, with
+ *   `auth=pass` too when the client used SMTP AUTH. Authentication-Results
+ *   headers that already claim our authserv-id are forged (RFC 8601 §5)
+ *   and deleted.
+ *
+ * Nothing is refused for a DKIM result: that is DMARC's job, which reads
+ * this header.
+ *
+ * Run it (after `npm run build:ts`):
+ *
+ * ```sh
+ * AUTH_SERVID=mx.example.org npm run example -- auth inet:8898@127.0.0.1
+ * ```
+ *
+ * Environment: `AUTH_SERVID` (the authserv-id; default the MTA's `j`
+ * macro, else the host name), `AUTH_REJECT_SPF_FAIL=1`.
+ *
+ * DNS: `config.resolver` takes any function shaped like Node's
+ * `dns.promises.resolve(name, rrtype)`; the tests give it
+ * {@link staticResolver} over fixture records so they run offline.
+ */
+import * as os from 'node:os';
+
+import { dkimVerify, spf } from 'mailauth';
+import type { DNSResolver } from 'mailauth';
+
+import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter } from '../src/index';
+import type { AuthResResult, Family, HostAddr } from '../src/index';
+import { CollectingMilter } from '../src/mime/index';
+import type { MessageCollector } from '../src/mime/index';
+
+/** Settings of the auth milter; set by main() from the environment, or by a test. */
+export const config: {
+  /** The authserv-id written in the header (default: the `j` macro, else the host name). */
+  authservId?: string;
+  /** Refuse MAIL FROM when the sender's SPF result is `fail`. */
+  rejectSpfFail?: boolean;
+  /** DNS lookups for SPF and DKIM (default: Node's resolver). */
+  resolver?: DNSResolver;
+} = {};
+
+/**
+ * A resolver over fixed records, for tests and offline runs. Keys are
+ * `"name TYPE"` (`"example.org TXT"`); TXT values are strings (one chunk
+ * each). A name with no entry fails like Node's resolver does for a missing
+ * name (`ENOTFOUND`), and a name with other types only gives `ENODATA`.
+ *
+ * @example
+ * ```ts
+ * config.resolver = staticResolver({ 'example.org TXT': ['v=spf1 ip4:192.0.2.0/24 -all'] });
+ * ```
+ */
+export function staticResolver(records: Record<string, string[]>): DNSResolver {
+  const zone = new Map(Object.entries(records).map(([k, v]) => [k.toLowerCase(), v]));
+  return async (name: string, rrtype: string) => {
+    const key = `${name.toLowerCase().replace(/\.$/, '')} ${rrtype.toUpperCase()}`;
+    const found = zone.get(key);
+    if (found) return rrtype.toUpperCase() === 'TXT' ? found.map((s) => [s]) : found;
+    const known = [...zone.keys()].some((k) => k.startsWith(`${name.toLowerCase()} `));
+    const err: NodeJS.ErrnoException = new Error(`${rrtype} ${name}: ${known ? 'no data' : 'not found'}`);
+    err.code = known ? 'ENODATA' : 'ENOTFOUND';
+    throw err;
+  };
+}
+
+/** What one message collects before its Authentication-Results header is written. */
+interface AuthMessage {
+  results: AuthResResult[];
+  /** Which Authentication-Results headers (1-based among them) claim our authserv-id. */
+  forged: number[];
+  seen: number;
+  sender: string;
+}
+
+export class AuthMilter extends CollectingMilter<AuthMessage> {
+  static override flags = ADDHDRS | CHGHDRS;
+
+  ip?: string;
+  helo = '';
+
+  protected override newMessage(): AuthMessage {
+    return { results: [], forged: [], seen: 0, sender: '' };
+  }
+
+  /** The authserv-id: the configured one, else the MTA's host name (`j`), else ours. */
+  authservId(): string {
+    return config.authservId ?? this.getsymval('j') ?? os.hostname();
+  }
+
+  override connect(hostname: string, family: Family, hostaddr: HostAddr) {
+    // SPF needs the client's IP; a local (unix socket) client has none.
+    if ((family === 'inet' || family === 'inet6') && hostaddr && 'address' in hostaddr) {
+      this.ip = hostaddr.address.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, '');
+    }
+    return CONTINUE;
+  }
+
+  override hello(heloname: string) {
+    this.helo = heloname;
+    return CONTINUE;
+  }
+
+  override async envfrom(from: string) {
+    const m = this.message;
+    const address = from.replace(/^<|>$/g, '');
+    m.sender = address;
+    const user = this.getsymval('{auth_authen}');
+    if (user) m.results.push({ method: 'auth', result: 'pass', properties: [{ type: 'smtp', name: 'auth', value: user }] });
+    if (!this.ip) return CONTINUE;
+    const mta = this.authservId();
+    const heloIsName = /^[a-z0-9-]+(\.[a-z0-9-]+)+$/i.test(this.helo);
+    // RFC 7208 §2.3/§2.4: check the HELO identity when it is a name, and
+    // MAIL FROM (postmaster@HELO for the null sender).
+    if (heloIsName) {
+      const r = await this.checkSpf(`postmaster@${this.helo}`, mta);
+      m.results.push({ method: 'spf', result: r.result, comment: r.comment, properties: [{ type: 'smtp', name: 'helo', value: this.helo }] });
+    }
+    if (address) {
+      const r = await this.checkSpf(address, mta);
+      m.results.push({ method: 'spf', result: r.result, comment: r.comment, properties: [{ type: 'smtp', name: 'mailfrom', value: address }] });
+      if (r.result === 'fail' && config.rejectSpfFail && !user) {
+        this.log('refused', from, 'from', this.ip, r.comment ?? '');
+        this.setreply('550', '5.7.23', `SPF: ${this.ip} may not send mail for ${address}`.replace(/%/g, '%%'));
+        return REJECT;
+      }
+    }
+    return CONTINUE;
+  }
+
+  /** SPF of one identity; a failure of the check itself is a `temperror`, never an exception. */
+  async checkSpf(sender: string, mta: string): Promise<{ result: string; comment?: string }> {
+    try {
+      const r = await spf({ sender, ip: this.ip!, helo: this.helo, mta, resolver: config.resolver });
+      return { result: r.status.result, comment: r.status.comment };
+    } catch (err) {
+      return { result: 'temperror', comment: (err as Error).message };
+    }
+  }
+
+  override header(name: string, value: string) {
+    if (name.toLowerCase() === 'authentication-results') {
+      const n = ++this.message.seen;
+      const id = value.trim().split(/[\s;]/, 1)[0].toLowerCase();
+      if (id === this.authservId().toLowerCase()) this.message.forged.push(n);
+    }
+    return super.header(name, value); // collect it for DKIM
+  }
+
+  protected override async checkmessage(collected: MessageCollector) {
+    const m = this.message;
+    try {
+      const dkim = await dkimVerify(await collected.buffer(), { resolver: config.resolver, sender: m.sender || undefined });
+      for (const r of dkim.results) {
+        const props = [];
+        if (r.signingDomain) props.push({ type: 'header', name: 'd', value: r.signingDomain });
+        if (r.selector) props.push({ type: 'header', name: 's', value: r.selector });
+        m.results.push({ method: 'dkim', result: r.status.result, comment: r.status.comment, properties: props });
+      }
+    } catch (err) {
+      m.results.push({ method: 'dkim', result: 'temperror', comment: (err as Error).message, properties: [] });
+    }
+    // Delete from the last, so the indexes of the others stay right.
+    for (const n of [...m.forged].reverse()) this.chgheader('Authentication-Results', n, null);
+    this.addheader('Authentication-Results', formatAuthResults({ authservId: this.authservId(), results: m.results }, { fold: true }), 0);
+    return CONTINUE;
+  }
+}
+
+/** Read the settings from the environment and serve on `socket` until SIGTERM/SIGINT. */
+export function main(socket = 'inet:8898@127.0.0.1'): Promise<void> {
+  config.authservId = process.env.AUTH_SERVID || config.authservId;
+  config.rejectSpfFail = process.env.AUTH_REJECT_SPF_FAIL === '1' || config.rejectSpfFail;
+  return runmilter('auth', socket, { factory: AuthMilter });
+}
+
+// Started directly (node dist/examples/auth.js) or by scripts/run-example.js
+// (which sets argv[1]); a test that requires this module only gets the class.
+if (require.main === module || process.argv[1] === __filename) {
+  main(process.argv[2]).catch((err: Error) => {
+    console.error(`auth: ${err.message}`);
+    process.exit(1);
+  });
+}
