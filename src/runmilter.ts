@@ -11,6 +11,7 @@ import * as fs from 'node:fs';
 import { describe as describeMilter, type MilterFactory } from './base';
 import { InvalidArgumentError, InvalidSocketError } from './errors';
 import * as milter from './milter';
+import { runOnNodeEngine } from './engine/run';
 import { parseSocketSpec } from './socketspec';
 import type { Logger } from './types';
 
@@ -41,6 +42,12 @@ export interface RunmilterOptions {
   exceptionPolicy?: number;
   /** Called once the socket is open and the milter serves. */
   onListening?: () => void;
+  /**
+   * Which engine serves: `'libmilter'` (default, the native addon) or
+   * `'node'` (the milter protocol in TypeScript, `nodemilter/engine`; no
+   * libmilter needed). See docs/engine.md.
+   */
+  engine?: 'libmilter' | 'node';
 }
 
 /**
@@ -73,6 +80,10 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   const spec = parseSocketSpec(socket);
   if (spec.kind === 'unix') refuseNonSocket(spec.path, socket);
   const description = describeMilter(options.factory, { name });
+  if (options.engine !== undefined && options.engine !== 'libmilter') {
+    if (options.engine !== 'node') throw new InvalidArgumentError(`engine must be 'libmilter' or 'node', got ${JSON.stringify(options.engine)}`);
+    return runOnNodeEngine(name, socket, description, { ...options, drain, logger: log });
+  }
 
   milter.setLogger(log);
   const onHandlerError = (err: Error, info: milter.HandlerErrorInfo) => {

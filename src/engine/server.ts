@@ -308,12 +308,13 @@ export class MilterServer extends EventEmitter {
     const drain = options.drain ?? 0;
     if (!(drain >= 0)) throw new InvalidArgumentError(`drain must be >= 0 ms, got ${drain}`);
     this.closing = (async () => {
-      const closed = new Promise<void>((r) => this.server.close(() => r()));
-      if (drain > 0 && this.conns.size > 0) {
+      if (drain > 0 && this.listening) {
+        // Keep accepting, so new sessions get 421 4.3.2 rather than a refused connection.
         this.draining = true;
         const until = Date.now() + drain;
         while ([...this.conns].some((c) => c.inMessage()) && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
       }
+      const closed = new Promise<void>((r) => this.server.close(() => r()));
       for (const c of [...this.conns]) c.end('server stopped');
       await closed;
       this.listening = false;
