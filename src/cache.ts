@@ -28,6 +28,16 @@ export interface AddrCacheOptions {
 /** A cached value: any JSON value; `null` is pymilter's `None` ("present, nothing more to say"). */
 export type CacheValue = string | number | boolean | null | CacheValue[] | { [key: string]: CacheValue };
 
+/** What {@link AddrCache.lookup} found. */
+export interface CacheHit<V> {
+  /** The key that matched: the address itself or its domain. */
+  key: string;
+  /** The cached value. */
+  value: V;
+  /** When the entry expires (Unix seconds), or null for a permanent entry. */
+  expires: number | null;
+}
+
 function normalizeKey(address: string): string {
   if (typeof address !== 'string') throw new InvalidArgumentError(`AddrCache key must be a string, got ${typeof address}`);
   const s = address.trim();
@@ -96,7 +106,7 @@ export class AddrCache<V extends CacheValue = CacheValue> {
   }
 
   /** Like {@link AddrCache.get}, also telling which key matched and when it expires (null: permanent). */
-  async lookup(address: string): Promise<{ key: string; value: V; expires: number | null } | undefined> {
+  async lookup(address: string): Promise<CacheHit<V> | undefined> {
     const key = normalizeKey(address);
     const now = this.#clock();
     for (const k of [key, domainOf(key)]) {

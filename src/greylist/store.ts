@@ -30,8 +30,11 @@ export interface GreylistRecord {
 
 /** The greylisting timing, in seconds. See {@link GreylistOptions} for the meaning. */
 export interface GreylistTiming {
+  /** Seconds a new triplet is refused. */
   greyTime: number;
+  /** Seconds after the first attempt during which a retry passes. */
   greyExpire: number;
+  /** Seconds a triplet is kept after it was last seen. */
   greyRetain: number;
 }
 
@@ -46,7 +49,9 @@ export type GreylistOutcome = 'new' | 'early' | 'pass' | 'late' | 'expired';
 
 /** The record after a check, and what the check found. */
 export interface GreylistCheck {
+  /** The record as stored after the check. */
   record: GreylistRecord;
+  /** What the check found. */
   outcome: GreylistOutcome;
 }
 

@@ -21,6 +21,7 @@ export interface DsnRecipient {
   recipient: string;
   /** The recipient as originally given, if it differs (`Original-Recipient`). */
   originalRecipient?: string;
+  /** What happened to the message for this recipient (`Action`). */
   action: DsnAction;
   /** The enhanced status code, e.g. `5.1.1` (`Status`). */
   status: string;
@@ -50,7 +51,7 @@ export interface DsnOptions {
   arrivalDate?: Date;
   /** The original ENVID (`Original-Envelope-Id`). */
   envelopeId?: string;
-  /** The original message (or only its header section). */
+  /** The original message (or only its header section), as a string (UTF-8) or bytes. */
   original?: Bytes;
   /** Return the original's `headers` (text/rfc822-headers, the default) or the `full` message (message/rfc822). */
   returnContent?: 'headers' | 'full';
