@@ -79,7 +79,8 @@ export class SampleMilter extends CollectingMilter<SampleMessage> {
   override envfrom(from: string, ...params: string[]) {
     this.message.from = from;
     this.message.user = this.getsymval('{auth_authen}');
-    this.log('mail from', from, ...params, this.message.user ? `(authenticated as ${this.message.user})` : '');
+    const user = this.message.user ? [`(authenticated as ${this.message.user})`] : [];
+    this.log('mail from', from, ...params, ...user);
     return CONTINUE;
   }
 

@@ -102,7 +102,7 @@ export class TemplateMilter extends Base<TemplateMessage> {
     this.message.from = from;
     this.message.params = param2dict(params); // e.g. { SIZE: '1234', BODY: '8BITMIME', SMTPUTF8: true }
     const auth = this.getsymval('{auth_authen}');
-    this.log('mail from', from, JSON.stringify(this.message.params), auth ? `auth=${auth}` : '');
+    this.log('mail from', from, JSON.stringify(this.message.params), ...(auth ? [`auth=${auth}`] : []));
     return CONTINUE;
   }
 
@@ -139,7 +139,8 @@ export class TemplateMilter extends Base<TemplateMessage> {
     const m = this.message;
     this.addheader('X-Template', `${m.headers} headers, ${m.bodyBytes} body bytes, message ${this.messages} on this connection`);
     if (config.bcc) this.addrcpt(config.bcc);
-    this.log('eom', this.getsymval('i') ?? '', m.from, '->', m.rcpts.join(' '), m.subject ? `"${m.subject}"` : '');
+    const queueId = this.getsymval('i'); // Postfix sends it at end of message (milter_end_of_data_macros)
+    this.log('eom', ...(queueId ? [queueId] : []), m.from, '->', m.rcpts.join(' '), ...(m.subject ? [`"${m.subject}"`] : []));
     return CONTINUE;
   }
 
