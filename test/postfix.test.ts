@@ -52,17 +52,15 @@ describe.skipIf(skip)('Postfix end to end', () => {
 
   /** The events the milter printed for the session that carried `marker` in its Subject. */
   function sessionOf(marker: string): MilterEvent[] {
-    const sessions: MilterEvent[][] = [];
-    let cur: MilterEvent[] = [];
+    const byConn = new Map<number, MilterEvent[]>();
     for (const line of milter!.stdout.split('\n')) {
       if (!line.startsWith('{')) continue;
       const e = JSON.parse(line) as MilterEvent;
-      cur.push(e);
-      if (e.ev === 'close') {
-        sessions.push(cur);
-        cur = [];
-      }
+      if (e.conn === undefined) continue;
+      if (!byConn.has(e.conn)) byConn.set(e.conn, []);
+      byConn.get(e.conn)!.push(e);
     }
+    const sessions = [...byConn.values()];
     const s = sessions.find((evs) => evs.some((e) => e.ev === 'header' && e.name === 'Subject' && e.value.includes(marker)));
     if (!s) throw new Error(`no milter session with ${marker}:\n${milter!.stdout}`);
     return s;
