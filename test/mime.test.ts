@@ -184,6 +184,8 @@ describe('zip attachments', () => {
     }
     expect(listZip(good, 'x.zip').map((e) => e.name)).toEqual(['a.txt', 'b.zip', 'c.exe']);
     expect(listZip(good, 'x.zip', { maxNestedSize: 10 }).find((e) => e.name === 'b.zip')!.error).toBe('too large to open');
+    const cut = listZip(good, 'x.zip', { maxEntries: 1 });
+    expect(cut.map((e) => [e.name, e.error])).toEqual([['a.txt', undefined], ['x.zip', 'too many entries']]);
   });
 });
 
@@ -441,8 +443,8 @@ describe('limits and robustness', () => {
       }
       worst = Math.max(worst, Date.now() - t0);
     }
-    expect(worst).toBeLessThan(2000);
-    expect(Date.now() - started).toBeLessThan(30000);
+    expect(worst).toBeLessThan(5000); // generous: CI machines are noisy; a hang would take far longer
+    expect(Date.now() - started).toBeLessThan(60000);
   });
 });
 

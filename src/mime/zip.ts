@@ -12,7 +12,7 @@ export interface ZipLimits {
   maxDepth?: number;
   /** The largest nested zip (uncompressed bytes) to open. Default 32 MiB. */
   maxNestedSize?: number;
-  /** Stop listing after this many members in all. Default 10000. */
+  /** Stop listing after this many members in all (a corrupt directory can claim 65535). Default 2000. */
   maxEntries?: number;
 }
 
@@ -27,7 +27,8 @@ export interface ZipEntry {
   /**
    * Set when this member is a zip that could not be listed (`corrupt zip:
    * ...`, `nested too deep`, `too large to open`), or when the archive
-   * itself could not be read: then `name` is the archive's name.
+   * itself could not be read: then `name` is the archive's name. A listing
+   * cut at `maxEntries` ends with an entry whose error is `too many entries`.
    */
   error?: string;
 }
@@ -38,6 +39,7 @@ export function looksLikeZip(data: Uint8Array): boolean {
 }
 
 const isZipName = (name: string) => /\.zip$/i.test(name);
+const TOO_MANY = new Error('too many entries');
 
 /**
  * List the members of a zip archive, opening nested zips (members whose
@@ -50,20 +52,24 @@ const isZipName = (name: string) => /\.zip$/i.test(name);
 export function listZip(data: Uint8Array, name: string, limits: ZipLimits = {}): ZipEntry[] {
   const maxDepth = limits.maxDepth ?? 4;
   const maxNested = limits.maxNestedSize ?? 32 * 1024 * 1024;
-  const maxEntries = limits.maxEntries ?? 10000;
+  const maxEntries = limits.maxEntries ?? 2000;
   const out: ZipEntry[] = [];
+  let truncated = false;
   const walk = (bytes: Uint8Array, path: string[], depth: number): string | undefined => {
     const infos: { name: string; originalSize: number }[] = [];
     let opened: Record<string, Uint8Array>;
     try {
       opened = unzipSync(bytes, {
         filter: (info) => {
+          if (out.length + infos.length >= maxEntries) throw TOO_MANY;
           infos.push({ name: info.name, originalSize: info.originalSize });
           return depth < maxDepth && isZipName(info.name) && info.originalSize <= maxNested;
         },
       });
     } catch (err) {
-      return `corrupt zip: ${(err as Error).message}`;
+      if (err !== TOO_MANY) return `corrupt zip: ${(err as Error).message}`;
+      truncated = true;
+      opened = {}; // nothing was decompressed yet: fflate decompresses after the directory
     }
     for (const info of infos) {
       if (out.length >= maxEntries) return undefined;
@@ -82,5 +88,6 @@ export function listZip(data: Uint8Array, name: string, limits: ZipLimits = {}):
   };
   const error = walk(data, [name], 1);
   if (error) out.push({ name, path: [], size: data.length, error });
+  if (truncated) out.push({ name, path: [], size: data.length, error: 'too many entries' });
   return out;
 }
