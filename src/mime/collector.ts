@@ -65,7 +65,9 @@ const bytes = (value: Bytes) => (typeof value === 'string' ? Buffer.from(value, 
  * ```
  */
 export class MessageCollector {
+  /** Body bytes kept in memory before spooling. */
   readonly threshold: number;
+  /** The directory spool files go to. */
   readonly dir: string;
   #headers: Buffer[] = [];
   #memory: Buffer[] = [];
@@ -226,16 +228,19 @@ export abstract class CollectingMilter<M extends object = Record<string, any>> e
     await c?.dispose();
   }
 
+  /** Collects the header (call `super.header()` when overriding). */
   override header(name: string, value: Bytes): StatusLike {
     this.collected.header(name, value, (this.steps & P_HDR_LEADSPC) !== 0);
     return CONTINUE;
   }
 
+  /** Collects the body chunk (call `super.body()` when overriding). */
   override async body(chunk: Buffer): Promise<number> {
     await this.collected.body(chunk);
     return CONTINUE;
   }
 
+  /** Runs {@link checkmessage}, then disposes the collector whatever happened. */
   override async eom(): Promise<number> {
     try {
       return await this.checkmessage(this.collected);
