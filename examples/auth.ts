@@ -41,6 +41,7 @@ import type { DNSResolver } from 'mailauth';
 
 import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter } from '../src/index';
 import type { AuthResResult, Family, HostAddr } from '../src/index';
+import { InvalidArgumentError } from '../src/errors';
 import { CollectingMilter } from '../src/mime/index';
 import type { MessageCollector } from '../src/mime/index';
 
@@ -66,12 +67,17 @@ export const config: {
  * ```
  */
 export function staticResolver(records: Record<string, string[]>): DNSResolver {
-  const zone = new Map(Object.entries(records).map(([k, v]) => [k.toLowerCase(), v]));
+  const keyOf = (name: string, rrtype: string) => `${name.toLowerCase().replace(/\.$/, '')} ${rrtype.toUpperCase()}`;
+  const zone = new Map<string, string[]>();
+  for (const [key, values] of Object.entries(records)) {
+    const m = /^(\S+)\s+([A-Za-z]+)$/.exec(key.trim());
+    if (!m) throw new InvalidArgumentError(`staticResolver: record key ${JSON.stringify(key)} is invalid: expected "name TYPE", e.g. "example.org TXT"`);
+    zone.set(keyOf(m[1], m[2]), values);
+  }
   return async (name: string, rrtype: string) => {
-    const key = `${name.toLowerCase().replace(/\.$/, '')} ${rrtype.toUpperCase()}`;
-    const found = zone.get(key);
+    const found = zone.get(keyOf(name, rrtype));
     if (found) return rrtype.toUpperCase() === 'TXT' ? found.map((s) => [s]) : found;
-    const known = [...zone.keys()].some((k) => k.startsWith(`${name.toLowerCase()} `));
+    const known = [...zone.keys()].some((k) => k.startsWith(`${name.toLowerCase().replace(/\.$/, '')} `));
     const err: NodeJS.ErrnoException = new Error(`${rrtype} ${name}: ${known ? 'no data' : 'not found'}`);
     err.code = known ? 'ENODATA' : 'ENOTFOUND';
     throw err;
