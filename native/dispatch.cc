@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <chrono>
+#include <unordered_map>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -57,13 +58,38 @@ void Unregister(Conn* c) {
   c->prev = c->next = nullptr;
 }
 
-Conn* GetConn(SMFICTX* ctx) {
+// What negotiation settled, per libmilter context. After QUIT_NC libmilter
+// closes the session and serves the next one on the same context without a
+// new negotiation, so the new Conn takes its options from here. A context
+// address is overwritten by the next negotiation that reuses it, so the table
+// holds at most one entry per context address ever in use.
+struct Negotiated {
+  uint32_t actions, steps;
+};
+std::mutex g_negmu;
+std::unordered_map<SMFICTX*, Negotiated> g_negotiated;
+
+void RememberNegotiation(SMFICTX* ctx, uint32_t actions, uint32_t steps) {
+  std::lock_guard<std::mutex> lk(g_negmu);
+  g_negotiated[ctx] = {actions, steps};
+}
+
+Conn* GetConn(SMFICTX* ctx, bool negotiating = false) {
   Conn* c = static_cast<Conn*>(smfi_getpriv(ctx));
   if (c) return c;
   Addon& a = State();
   c = new Conn();
   c->ctx = ctx;
   c->id = a.next_conn_id.fetch_add(1);
+  if (!negotiating) {
+    std::lock_guard<std::mutex> lk(g_negmu);
+    auto it = g_negotiated.find(ctx);
+    if (it != g_negotiated.end()) {
+      c->actions = it->second.actions;
+      c->steps = it->second.steps;
+      c->negotiated = true;
+    }
+  }
   smfi_setpriv(ctx, c);
   Register(c);
   a.created.fetch_add(1);
@@ -173,7 +199,7 @@ sfsistat Deliver(SMFICTX* ctx, Conn* c, Event* ev) {
 sfsistat OnNegotiate(SMFICTX* ctx, unsigned long f0, unsigned long f1, unsigned long, unsigned long,
                      unsigned long* pf0, unsigned long* pf1, unsigned long* pf2, unsigned long* pf3) {
   Addon& a = State();
-  Conn* c = GetConn(ctx);
+  Conn* c = GetConn(ctx, true);
   const Registration& r = a.reg;
   *pf2 = 0;
   *pf3 = 0;
@@ -185,6 +211,7 @@ sfsistat OnNegotiate(SMFICTX* ctx, unsigned long f0, unsigned long f1, unsigned 
     *pf0 = 0;
     *pf1 = 0;  // every step, every reply
     c->negotiated = true;
+    RememberNegotiation(ctx, 0, 0);
     return SMFIS_CONTINUE;
   }
   if (r.dynamic_negotiate && (r.handled & Bit(EV_NEGOTIATE))) {
@@ -203,6 +230,7 @@ sfsistat OnNegotiate(SMFICTX* ctx, unsigned long f0, unsigned long f1, unsigned 
       c->steps = 0;
     }
     c->negotiated = true;
+    RememberNegotiation(ctx, c->actions, c->steps);
     return st;
   }
   uint32_t actions = r.actions < 0 ? static_cast<uint32_t>(f0) : static_cast<uint32_t>(r.actions & f0);
@@ -224,6 +252,7 @@ sfsistat OnNegotiate(SMFICTX* ctx, unsigned long f0, unsigned long f1, unsigned 
   c->actions = actions;
   c->steps = steps;
   c->negotiated = true;
+  RememberNegotiation(ctx, actions, steps);
   *pf0 = actions;
   *pf1 = steps;
   if (actions & SMFIF_SETSYMLIST) {

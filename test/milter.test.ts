@@ -199,6 +199,22 @@ describe('actions', () => {
     await c.close();
   });
 
+  it('keeps the negotiated actions for the session that follows QUIT_NC', async () => {
+    const p = await startMilter({ callbacks: ['connect', 'eom', 'close'], eomActions: [['addheader', 'X-Session', 'n']] });
+    const c = await MilterClient.connect(p.spec);
+    const first = await c.sendMessage(MESSAGE);
+    expect(first.actions).toHaveLength(1);
+    await c.quitNc();
+    const second = await c.sendMessage(MESSAGE);
+    expect(second.decision).toBe('continue');
+    expect(second.actions.map((a) => a.type)).toEqual(['addheader']);
+    await c.close();
+    const results = events(p).filter((e) => e.ev === 'eom-actions');
+    expect(results.map((r) => (r.results as unknown[][])[0][1])).toEqual(['ok', 'ok']);
+    // QUIT_NC ends one session and starts another on the same connection.
+    expect(new Set(results.map((r) => r.conn)).size).toBe(2);
+  });
+
   it('replaces a body larger than one milter packet', async () => {
     const p = await startMilter({ callbacks: ['eom'], eomActions: [['replacebody', { repeat: 'x', count: 200_000 }]] });
     const big = 'x'.repeat(200_000);
