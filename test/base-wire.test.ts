@@ -15,9 +15,10 @@ import * as api from '../src/index';
 import * as testing from '../src/testing/index';
 import { MilterClient } from '../src/testing/client';
 import { stopAll, tmpDir } from './helpers';
-import { events, loadGuideExamples, startBase, transpileGuideExamples, waitFor, type Ev } from './fixtures/base/harness';
+import { events, loadGuideExamples, reportFixtures, startBase, transpileGuideExamples, waitFor, type Ev } from './fixtures/base/harness';
 
-afterEach(async () => {
+afterEach(async (ctx) => {
+  reportFixtures(ctx.task.result?.state === 'fail');
   await stopAll();
 });
 

@@ -9,9 +9,10 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { MilterClient } from '../src/testing/client';
 import { startProcess, stopAll, tmpDir, tmpSocketSpec, waitForSocket } from './helpers';
-import { BASE_FIXTURE, events, startBase, waitFor } from './fixtures/base/harness';
+import { BASE_FIXTURE, events, reportFixtures, startBase, waitFor } from './fixtures/base/harness';
 
-afterEach(async () => {
+afterEach(async (ctx) => {
+  reportFixtures(ctx.task.result?.state === 'fail');
   await stopAll();
 });
 
