@@ -67,6 +67,43 @@ export const DEFAULT_DEADLINE = 8_000;
 export const DEFAULT_EOM_DEADLINE = 240_000;
 export const DEFAULT_PROGRESS = 4_000;
 
+/**
+ * Per-message limits the dispatcher enforces before a header or body
+ * callback runs. Past a limit the handler is not called for the rest of the
+ * message; the step is answered with `status` and an SMTP reply
+ * (REJECT: `552 5.3.4`, TEMPFAIL: `452 4.3.4`), so a hostile or broken
+ * client cannot make a milter that keeps headers or body chunks grow
+ * without bound. For a no-reply step the answer goes to the next step the
+ * MTA waits for.
+ */
+export interface MessageLimits {
+  /** Most headers per message (default 10 000). */
+  maxHeaders?: number;
+  /** Most bytes of header names and values per message (default 8 MiB). */
+  maxHeaderBytes?: number;
+  /** Most body bytes per message delivered to the body callback (default: no limit). */
+  maxBodyBytes?: number;
+  /** REJECT (default) or TEMPFAIL. */
+  status?: number;
+}
+
+/** The defaults of {@link MessageLimits}. */
+export const DEFAULT_LIMITS = { maxHeaders: 10_000, maxHeaderBytes: 8 * 1024 * 1024, maxBodyBytes: Infinity, status: C.REJECT } as const;
+
+/** Check and complete a limits option; throws InvalidArgumentError naming the bad value. */
+export function resolveLimits(l: MessageLimits | undefined): Required<MessageLimits> {
+  if (l !== undefined && (l === null || typeof l !== 'object')) throw new InvalidArgumentError(`limits must be an object, got ${describeValue(l)}`);
+  const out = { ...DEFAULT_LIMITS, ...l } as Required<MessageLimits>;
+  for (const k of ['maxHeaders', 'maxHeaderBytes', 'maxBodyBytes'] as const) {
+    const v = out[k];
+    if (typeof v !== 'number' || !(v > 0) || (Number.isFinite(v) && !Number.isInteger(v))) {
+      throw new InvalidArgumentError(`limits.${k} must be a positive integer (or Infinity), got ${describeValue(v)}`);
+    }
+  }
+  if (out.status !== C.REJECT && out.status !== C.TEMPFAIL) throw new InvalidArgumentError(`limits.status must be REJECT or TEMPFAIL, got ${describeValue(out.status)}`);
+  return out;
+}
+
 /** Macros remembered for callbacks that run after their command was answered. */
 export const COMMON_MACROS = [
   'j', '_', 'i', 'v', '{daemon_name}', '{daemon_addr}', '{if_name}', '{if_addr}', '{client_addr}',
@@ -200,6 +237,12 @@ export abstract class SessionCore implements MilterContext {
   closed = false;
   failed = false;
   queue: Pending[] | undefined;
+  /** This message's header count, header bytes and body bytes, for the limits. */
+  msgHeaders = 0;
+  msgHeaderBytes = 0;
+  msgBodyBytes = 0;
+  /** Set when this message went past a limit: the reply to give. */
+  overLimit: [status: number, rcode: string, xcode: string, text: string] | undefined;
   /** Engine data that came with the event being run (e.g. the macros of that moment). */
   eventData: unknown;
   private priv: unknown;
@@ -326,6 +369,8 @@ export interface DispatchHooks {
   report(err: Error, s: SessionCore, type: number, answered?: number): void;
   /** The close event is being run: forget the session. */
   closed?(s: SessionCore): void;
+  /** A message went past a limit (`what`: maxHeaders, maxHeaderBytes or maxBodyBytes). */
+  limitExceeded?(s: SessionCore, what: keyof MessageLimits, limit: number): void;
 }
 
 /**
@@ -338,11 +383,49 @@ export interface DispatchHooks {
  * answer; 0: it does not (no-reply step, abort, close).
  */
 export class Dispatcher {
+  readonly limits: Required<MessageLimits>;
+
   constructor(
     readonly cb: Callbacks,
     readonly decodeOf: Partial<Record<DecodableCallback, Decoding>>,
     readonly hooks: DispatchHooks,
-  ) {}
+    limits?: MessageLimits,
+  ) {
+    this.limits = resolveLimits(limits);
+  }
+
+  /** Count a header or body chunk; true when this message is (now) past a limit. */
+  private overLimit(s: SessionCore, type: number, a0: any, a1: any): boolean {
+    if (s.overLimit) return true;
+    const l = this.limits;
+    let what: 'maxHeaders' | 'maxHeaderBytes' | 'maxBodyBytes' | undefined;
+    if (type === Ev.HEADER) {
+      s.msgHeaders += 1;
+      s.msgHeaderBytes += (a0?.length ?? 0) + (a1?.length ?? 0);
+      if (s.msgHeaders > l.maxHeaders) what = 'maxHeaders';
+      else if (s.msgHeaderBytes > l.maxHeaderBytes) what = 'maxHeaderBytes';
+    } else {
+      s.msgBodyBytes += a0?.length ?? 0;
+      if (s.msgBodyBytes > l.maxBodyBytes) what = 'maxBodyBytes';
+    }
+    if (!what) return false;
+    const limit = l[what];
+    const text = what === 'maxHeaders' ? `Too many header fields (the mail filter's limit is ${limit})`
+      : what === 'maxHeaderBytes' ? `Message header too large (the mail filter's limit is ${limit} bytes)`
+      : `Message too large (the mail filter's limit is ${limit} bytes)`;
+    s.overLimit = l.status === C.TEMPFAIL ? [C.TEMPFAIL, '452', '4.3.4', text] : [C.REJECT, '552', '5.3.4', text];
+    this.hooks.limitExceeded?.(s, what, limit);
+    return true;
+  }
+
+  private answerOverLimit(s: SessionCore, type: number, seq: number): void {
+    const [status, rcode, xcode, text] = s.overLimit!;
+    s.seq = seq;
+    s.type = type;
+    s.fallbackReply(seq, rcode, xcode, text);
+    s.seq = 0;
+    s.answer(seq, status);
+  }
 
   /** Hand one event to its session: run it now, or queue it behind a pending async handler. */
   deliver(s: SessionCore, type: number, seq: number, a0?: any, a1?: any, a2?: any, a3?: any, data?: unknown): void {
@@ -408,6 +491,29 @@ export class Dispatcher {
     if (type === Ev.CLOSE) {
       this.hooks.closed?.(s);
       if (!this.cb.close) return;
+    }
+    // Limits: count each message's headers and body; past a limit the
+    // handler does not see the rest of the message. The counts start again
+    // at MAIL, abort and end of message (when the milter handles those).
+    if (type === Ev.HEADER || type === Ev.BODY) {
+      if (this.overLimit(s, type, a0, a1)) {
+        if (seq > 0) this.answerOverLimit(s, type, seq);
+        return;
+      }
+    } else if (type === Ev.ENVFROM || type === Ev.ABORT || type === Ev.EOM) {
+      const over = s.overLimit;
+      s.msgHeaders = s.msgHeaderBytes = s.msgBodyBytes = 0;
+      s.overLimit = undefined;
+      if (over && seq > 0 && type === Ev.EOM) {
+        // A no-reply header or body step went past the limit: answer here.
+        s.overLimit = over;
+        this.answerOverLimit(s, type, seq);
+        s.overLimit = undefined;
+        return;
+      }
+    } else if (seq > 0 && s.overLimit && (type === Ev.EOH || type === Ev.DATA || type === Ev.UNKNOWN)) {
+      this.answerOverLimit(s, type, seq);
+      return;
     }
     if (seq > 0 && s.failed) {
       // An earlier no-reply step failed: nothing is accepted silently.
