@@ -38,7 +38,6 @@ import {
   COMMON_MACROS,
   DEFAULT_PROGRESS,
   Dispatcher,
-  resolveLimits,
   EVENT_NAMES,
   NOT_PARKED_MESSAGE,
   SessionCore,
@@ -47,7 +46,6 @@ import {
   deadlineArray,
   symlistStrings,
   type Deadlines,
-  type MessageLimits,
 } from './engine/dispatch';
 import {
   ActionFailedError,
@@ -68,7 +66,7 @@ export type { Callbacks, MilterContext, MilterDescription, NegotiateOffer, Negot
 /* ------------------------------------------------------------------------ */
 /* Configuration                                                            */
 
-export type { Deadlines, MessageLimits };
+export type { Deadlines };
 
 /** Options of {@link register} beyond the callbacks. */
 export interface RegisterOptions {
@@ -92,18 +90,6 @@ export interface RegisterOptions {
   deadline?: number | Deadlines;
   /** Milliseconds between progress messages while eom is pending (default 4000; 0: never). */
   progressInterval?: number;
-  /**
-   * Per-message limits on headers and body: past one, the callback is not
-   * called for the rest of the message and the MTA gets REJECT `552 5.3.4`
-   * (or TEMPFAIL `452 4.3.4` with `status: TEMPFAIL`). Defaults: 10 000
-   * headers, 8 MiB of headers, no body limit. See docs/reliability.md.
-   *
-   * @example
-   * ```ts
-   * milter.register('m', callbacks, { limits: { maxHeaders: 500, maxBodyBytes: 50 * 2 ** 20 } });
-   * ```
-   */
-  limits?: MessageLimits;
 }
 
 
@@ -123,10 +109,8 @@ export interface HandlerErrorInfo {
 /**
  * Errors and notices from the engine. `handlerError` (err, info): a handler
  * threw, rejected or returned something that is not a status; the exception
- * policy answered for it. `stopped` (): libmilter has returned.
- * `limitExceeded` ({connection, limit, value}): a message went past one of
- * the `limits` of {@link register} and was answered by their policy. When
- * nobody listens to `handlerError`, the error goes to the logger.
+ * policy answered for it. `stopped` (): libmilter has returned. When nobody
+ * listens to `handlerError`, the error goes to the logger.
  */
 export const events = new EventEmitter();
 
@@ -200,7 +184,6 @@ export function register(a: string | MilterDescription, b?: Callbacks | Register
   checkCallbacks(callbacks, options.noreply);
   checkIntOption('actions', options.actions);
   checkIntOption('steps', options.steps);
-  resolveLimits(options.limits);
   registered = { name, callbacks, options, flags: registered?.flags };
 }
 
@@ -257,6 +240,16 @@ export function opensocket(rmsocket = false): void {
   if (!connSpec) throw new MilterStateError('opensocket() needs setconn() first');
   commit();
   addon().opensocket(rmsocket);
+  socketOpen = true;
+  tuneSocket();
+}
+
+let socketOpen = false;
+
+/** Nagle off for TCP listeners: see native/listener.cc NoDelay. */
+function tuneSocket(): void {
+  const spec = parseSocketSpec(connSpec!);
+  if (spec.kind === 'inet' || spec.kind === 'inet6') addon().nodelay(spec.port);
 }
 
 /**
@@ -329,13 +322,11 @@ function commit(): void {
   const actions = registered.flags ?? options.actions;
   const progress = options.progressInterval ?? DEFAULT_PROGRESS;
   if (!(progress >= 0)) throw new InvalidArgumentError(`progressInterval must be >= 0 ms, got ${progress}`);
-  const limits = resolveLimits(options.limits);
   dispatcher = new Dispatcher(callbacks, { ...options.decode }, {
     exceptionStatus: () => exceptionStatus,
     report,
     closed: (s) => sessions.delete(s.id),
-    limitExceeded: (s, what, limit) => events.emit('limitExceeded', { connection: s.id, limit: what, value: limit }),
-  }, limits);
+  });
   addon().register({
     name,
     actions: actions ?? -1,
@@ -364,6 +355,13 @@ export function main(): Promise<void> {
   if (!connSpec) throw new MilterStateError('main() needs setconn() first');
   commit();
   const n = addon();
+  if (!socketOpen) {
+    // Open it here rather than on the listener thread, so that a socket
+    // error throws from main() and the socket can be tuned.
+    n.opensocket(false);
+    socketOpen = true;
+    tuneSocket();
+  }
   mainPromise = new Promise<void>((resolve, reject) => {
     resolveMain = resolve;
     rejectMain = reject;

@@ -95,6 +95,7 @@ export interface NativeBinding {
   main(): void;
   stop(): void;
   setDraining(on: boolean): void;
+  nodelay(port: number): number;
   getdiag(): NativeDiag;
   constants: Record<string, number>;
   hasListener: boolean;
@@ -117,6 +118,7 @@ export interface NativeBinding {
 }
 
 let binding: NativeBinding | undefined;
+let bindingPath: string | undefined;
 
 function packageRoot(): string {
   let dir = __dirname;
@@ -129,27 +131,66 @@ function packageRoot(): string {
   }
 }
 
-/** Load the addon once; a clear NativeLoadError says what to do when that fails. */
-export function loadNative(): NativeBinding {
-  if (binding) return binding;
+/**
+ * The prebuilds/ directory name for this process: `linux-x64` (glibc),
+ * `linux-x64-musl`, `darwin-arm64`... Same rule as scripts/prebuild.js.
+ */
+export function prebuildPlatform(): string {
+  let libc = '';
+  if (process.platform === 'linux') {
+    const header = (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header;
+    if (!header?.glibcVersionRuntime) libc = '-musl';
+  }
+  return `${process.platform}-${process.arch}${libc}`;
+}
+
+/**
+ * Where the addon may be, in the order tried: `NODEMILTER_ADDON`, a local
+ * build (build/Release, build/Debug: a source build wins over the prebuild),
+ * then the prebuilt binary shipped for this platform.
+ */
+export function nativeCandidates(): string[] {
   const root = packageRoot();
-  const candidates = [
+  return [
     process.env.NODEMILTER_ADDON,
     path.join(root, 'build', 'Release', 'nodemilter.node'),
     path.join(root, 'build', 'Debug', 'nodemilter.node'),
+    path.join(root, 'prebuilds', prebuildPlatform(), 'nodemilter.node'),
   ].filter((p): p is string => !!p);
-  const found = candidates.find((p) => fs.existsSync(p));
-  if (!found) {
+}
+
+/** The file the addon was loaded from (undefined before the first load). */
+export function nativePath(): string | undefined {
+  return bindingPath;
+}
+
+/** Load the addon once; a clear NativeLoadError says what to do when that fails. */
+export function loadNative(): NativeBinding {
+  if (binding) return binding;
+  const candidates = nativeCandidates();
+  if (!candidates.some((p) => fs.existsSync(p))) {
     throw new NativeLoadError(
-      `nodemilter's native addon is not built (looked in ${candidates.join(', ')}). ` +
-        'Install libmilter-dev (Debian/Ubuntu) and run `npm run build:native`.',
+      `nodemilter's native addon was not found (looked in ${candidates.join(', ')}). ` +
+        `There is no prebuilt binary for ${prebuildPlatform()}: build it from source with libmilter's headers ` +
+        '(Debian/Ubuntu: apt-get install libmilter-dev g++ make python3; Fedora: dnf install sendmail-milter-devel gcc-c++ make) ' +
+        'and `npm rebuild nodemilter` (or `npm run build:native` in a checkout).',
     );
   }
-  try {
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    binding = require(found) as NativeBinding;
-  } catch (err) {
-    throw new NativeLoadError(`could not load ${found}: ${(err as Error).message}`);
+  // A stale or broken local build (say, linked to a libmilter.so that is gone)
+  // must not hide a working prebuild: try every file that exists, in order;
+  // an explicit NODEMILTER_ADDON is never second-guessed.
+  const failures: string[] = [];
+  for (const p of candidates) {
+    if (!fs.existsSync(p)) continue;
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      binding = require(p) as NativeBinding;
+      bindingPath = p;
+      return binding;
+    } catch (err) {
+      failures.push(`${p}: ${(err as Error).message}`);
+      if (p === process.env.NODEMILTER_ADDON) break;
+    }
   }
-  return binding;
+  throw new NativeLoadError(`could not load nodemilter's native addon: ${failures.join('; ')}`);
 }
