@@ -38,6 +38,7 @@ import {
   COMMON_MACROS,
   DEFAULT_PROGRESS,
   Dispatcher,
+  resolveLimits,
   EVENT_NAMES,
   NOT_PARKED_MESSAGE,
   SessionCore,
@@ -46,6 +47,7 @@ import {
   deadlineArray,
   symlistStrings,
   type Deadlines,
+  type MessageLimits,
 } from './engine/dispatch';
 import {
   ActionFailedError,
@@ -66,7 +68,7 @@ export type { Callbacks, MilterContext, MilterDescription, NegotiateOffer, Negot
 /* ------------------------------------------------------------------------ */
 /* Configuration                                                            */
 
-export type { Deadlines };
+export type { Deadlines, MessageLimits };
 
 /** Options of {@link register} beyond the callbacks. */
 export interface RegisterOptions {
@@ -90,6 +92,18 @@ export interface RegisterOptions {
   deadline?: number | Deadlines;
   /** Milliseconds between progress messages while eom is pending (default 4000; 0: never). */
   progressInterval?: number;
+  /**
+   * Per-message limits on headers and body: past one, the callback is not
+   * called for the rest of the message and the MTA gets REJECT `552 5.3.4`
+   * (or TEMPFAIL `452 4.3.4` with `status: TEMPFAIL`). Defaults: 10 000
+   * headers, 8 MiB of headers, no body limit. See docs/reliability.md.
+   *
+   * @example
+   * ```ts
+   * milter.register('m', callbacks, { limits: { maxHeaders: 500, maxBodyBytes: 50 * 2 ** 20 } });
+   * ```
+   */
+  limits?: MessageLimits;
 }
 
 
@@ -109,8 +123,10 @@ export interface HandlerErrorInfo {
 /**
  * Errors and notices from the engine. `handlerError` (err, info): a handler
  * threw, rejected or returned something that is not a status; the exception
- * policy answered for it. `stopped` (): libmilter has returned. When nobody
- * listens to `handlerError`, the error goes to the logger.
+ * policy answered for it. `stopped` (): libmilter has returned.
+ * `limitExceeded` ({connection, limit, value}): a message went past one of
+ * the `limits` of {@link register} and was answered by their policy. When
+ * nobody listens to `handlerError`, the error goes to the logger.
  */
 export const events = new EventEmitter();
 
@@ -184,6 +200,7 @@ export function register(a: string | MilterDescription, b?: Callbacks | Register
   checkCallbacks(callbacks, options.noreply);
   checkIntOption('actions', options.actions);
   checkIntOption('steps', options.steps);
+  resolveLimits(options.limits);
   registered = { name, callbacks, options, flags: registered?.flags };
 }
 
@@ -322,11 +339,13 @@ function commit(): void {
   const actions = registered.flags ?? options.actions;
   const progress = options.progressInterval ?? DEFAULT_PROGRESS;
   if (!(progress >= 0)) throw new InvalidArgumentError(`progressInterval must be >= 0 ms, got ${progress}`);
+  const limits = resolveLimits(options.limits);
   dispatcher = new Dispatcher(callbacks, { ...options.decode }, {
     exceptionStatus: () => exceptionStatus,
     report,
     closed: (s) => sessions.delete(s.id),
-  });
+    limitExceeded: (s, what, limit) => events.emit('limitExceeded', { connection: s.id, limit: what, value: limit }),
+  }, limits);
   addon().register({
     name,
     actions: actions ?? -1,
