@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import {
-  ADDHDRS, CHGBODY, CHGHDRS, CONTINUE, DisabledActionError, TEMPFAIL, ACCEPT, methodTags, protocolSteps, M_CONNECT, M_EOM, M_ENVFROM, M_ENVRCPT, P_NOBODY, P_NOCONNECT, P_NODATA, P_NOEOH, P_NOHDRS, P_NOHELO,
+  ADDHDRS, CHGBODY, CHGHDRS, CONTINUE, TEMPFAIL, ACCEPT, methodTags, protocolSteps, M_CONNECT, M_EOM, M_ENVFROM, M_ENVRCPT, P_NOBODY, P_NOCONNECT, P_NODATA, P_NOEOH, P_NOHDRS, P_NOHELO,
   P_NOMAIL, P_NORCPT, P_NOUNKNOWN, P_NR_CONN, P_NR_EOH, P_NR_HDR, P_NR_HELO, P_NR_MAIL, P_NR_RCPT, P_SKIP, SETSYMLIST, SMFIF_ALL,
   SMFIP_NO_ALL, SMFIP_NR_ALL,
 } from '../src/index';
@@ -204,7 +204,6 @@ describe('actions and their errors', () => {
     expect(chg.flag).toBe(CHGHDRS);
     expect(chg.message).toMatch(/chgheader\(\) needs the CHGHDRS action flag.*the MTA did not offer it/);
     expect(results[2].error.message).toMatch(/addrcpt\(\) needs the ADDRCPT action flag/);
-    expect(new DisabledActionError('x', 1)).toBeInstanceOf(Error); // the class the fixture printed is the exported one
   });
 
   it('an uncaught DisabledActionError falls to the exception policy: the MTA gets TEMPFAIL 451, not silence', async () => {
