@@ -100,6 +100,7 @@ typedef struct conn {
   char *rbuf;
   size_t rlen;
   int id;
+  int retry;           /* connect() must be tried again (unix backlog full) */
 } conn_t;
 
 static const char *sockspec;
@@ -111,6 +112,7 @@ static scripts_t sc;
 static script_t optneg;
 static char *body;
 
+static long retries = 0;
 static long started = 0, done_msgs = 0, counted = 0, errors = 0, headers_seen = 0, connections = 0, bad = 0;
 static long long replbody_total = 0;
 static double t0, t_count0, t_end = 0;
@@ -309,7 +311,16 @@ static void open_conn(conn_t *c) {
     snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) fail("socket");
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS && errno != EAGAIN) fail("connect");
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+      if (errno == EAGAIN) { /* the listen backlog is full: try again shortly */
+        close(fd);
+        c->fd = -1;
+        c->retry = 1;
+        retries++;
+        return;
+      }
+      if (errno != EINPROGRESS) fail("connect");
+    }
   } else if (!strncmp(sockspec, "inet:", 5)) {
     int port = atoi(sockspec + 5);
     const char *at = strchr(sockspec, '@');
@@ -325,6 +336,7 @@ static void open_conn(conn_t *c) {
     exit(2);
   }
   c->fd = fd;
+  c->retry = 0;
   c->cur = &optneg;
   c->seg = 0;
   c->woff = 0;
@@ -619,8 +631,18 @@ int main(int argc, char **argv) {
   double hard_end = duration > 0 ? t0 + warmup + duration + timeout_s : 0;
   double last_progress = t0;
   long last_done = 0;
-  while (open_conns > 0) {
-    int n = epoll_wait(epfd, evs, 256, 200);
+  for (;;) {
+    int pending = 0;
+    for (int i = 0; i < conc; i++)
+      if (conns[i].retry) {
+        if (stopping) conns[i].retry = 0;
+        else {
+          open_conn(&conns[i]);
+          pending += conns[i].retry;
+        }
+      }
+    if (open_conns == 0 && !pending) break;
+    int n = epoll_wait(epfd, evs, 256, pending ? 1 : 200);
     if (n < 0) {
       if (errno == EINTR) continue;
       fail("epoll_wait");
@@ -649,6 +671,8 @@ int main(int argc, char **argv) {
         run_segments(c);
       }
     }
+    /* connections that failed never reach the barrier: release once every live one waits */
+    if (barrier && !barrier_released && at_barrier > 0 && at_barrier >= open_conns && !pending) barrier_released = 1;
     if (barrier && barrier_released) {
       release_barrier(conns);
       barrier = 0; /* one barrier: the scale test sends one message per connection */
@@ -685,8 +709,8 @@ int main(int argc, char **argv) {
   double pmax = nlat ? lat[nlat - 1] : 0;
   printf("{\"messages\":%ld,\"counted\":%ld,\"seconds\":%.4f,\"rate\":%.1f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"max_us\":%.0f,"
          "\"errors\":%ld,\"bad\":%ld,\"headers\":%ld,\"replbody_bytes\":%lld,\"connections\":%ld,\"proto\":%u,"
-         "\"loadgen_cpu_s\":%.3f,\"first_error\":\"%s\"}\n",
+         "\"loadgen_cpu_s\":%.3f,\"connect_retries\":%ld,\"first_error\":\"%s\"}\n",
          done_msgs, counted, secs, secs > 0 ? counted / secs : 0, p50, p99, pmax, errors, bad, headers_seen, replbody_total,
-         connections, sc.proto, cpu, first_error);
+         connections, sc.proto, cpu, retries, first_error);
   return errors || bad ? 1 : 0;
 }

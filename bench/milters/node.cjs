@@ -94,7 +94,7 @@ if (engine === 'libmilter') {
 } else {
   // The milter protocol in TypeScript (nodemilter/engine), same Base classes.
   const { serve } = require(path.join(dist, 'src/engine/index.js'));
-  serve(describe(SHAPES[shape], { name: 'bench-node-ts' }), { socket }).catch((err) => {
+  serve(describe(SHAPES[shape], { name: 'bench-node-ts' }), { socket, backlog: 1024 }).catch((err) => {
     console.error(err);
     process.exit(1);
   });
