@@ -224,7 +224,7 @@ export class Base<M extends object = Record<string, any>> {
   /* ------------------------------------------------------------ state */
 
   /**
-   * Per-message state: a fresh object from {@link Base.newMessage} at each
+   * Per-message state: a fresh object from {@link newMessage} at each
    * envfrom (or at first use in a message, if envfrom is not negotiated),
    * dropped after eom() and abort(). Use it for anything that must not leak
    * from one message into the next on the same connection.
@@ -234,7 +234,7 @@ export class Base<M extends object = Record<string, any>> {
   }
 
   /**
-   * Make the per-message state object. Override it to give {@link Base.message}
+   * Make the per-message state object. Override it to give {@link message}
    * its shape. Called at most once per message; it is a factory, not a reset
    * hook.
    */
@@ -304,7 +304,7 @@ export class Base<M extends object = Record<string, any>> {
     return CONTINUE;
   }
 
-  /** MAIL FROM: the sender with angle brackets, then ESMTP parameters (see {@link param2dict}). Starts a message. */
+  /** MAIL FROM: the sender with angle brackets, then ESMTP parameters (see {@link nodemilter!param2dict}). Starts a message. */
   envfrom(from: Bytes, ...params: Bytes[]): StatusLike {
     return CONTINUE;
   }

@@ -4,7 +4,7 @@
  * like pymilter's `Milter.cache.AddrCache`, on the same stores as the
  * greylist: memory, SQLite (one host) or Redis (a fleet).
  *
- * @module
+ * @module nodemilter/cache
  */
 import { InvalidArgumentError } from './errors';
 import { checkName, checkSeconds, MemoryStore } from './greylist/store';

@@ -4,7 +4,7 @@
  * serve it with `runmilter`. The one-to-one libmilter API lives in
  * `nodemilter/milter`; test tools in `nodemilter/testing`.
  *
- * @module
+ * @module nodemilter
  */
 export * from './constants';
 export * from './errors';

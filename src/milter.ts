@@ -26,7 +26,7 @@
  * await milter.main(); // resolves once stop() has finished
  * ```
  *
- * @module
+ * @module nodemilter/milter
  */
 import { EventEmitter } from 'node:events';
 import * as net from 'node:net';

@@ -99,20 +99,31 @@ export interface NegotiateResult {
 
 /** The callbacks a milter may give. Each gets the context first, then pymilter's arguments. */
 export interface Callbacks {
+  /** Option negotiation, once per connection before connect: answer with the actions and steps to use. */
   negotiate?(ctx: MilterContext, offer: NegotiateOffer): NegotiateResult | Status | number | Promise<NegotiateResult | Status | number>;
+  /** A client connected: its host name (or `[address]`), address family and address. */
   connect?(ctx: MilterContext, hostname: string, family: Family, hostaddr: HostAddr): StatusLike;
+  /** The client said HELO or EHLO. */
   helo?(ctx: MilterContext, heloname: string): StatusLike;
   /** `args[0]` is the sender as the MTA gave it (with angle brackets), the rest ESMTP parameters. */
   envfrom?(ctx: MilterContext, ...args: any[]): StatusLike;
   /** `args[0]` is the recipient (with angle brackets), the rest ESMTP parameters. */
   envrcpt?(ctx: MilterContext, ...args: any[]): StatusLike;
+  /** The client said DATA. */
   data?(ctx: MilterContext): StatusLike;
+  /** One header field: its name and value (a string, or a Buffer with `decode: 'bytes'`). */
   header?(ctx: MilterContext, name: string, value: any): StatusLike;
+  /** End of headers. */
   eoh?(ctx: MilterContext): StatusLike;
+  /** A piece of the body (CRLF line ends, up to 64 KiB). */
   body?(ctx: MilterContext, chunk: Buffer): StatusLike;
+  /** End of message: the only place for modifications. */
   eom?(ctx: MilterContext): StatusLike;
+  /** The current message was aborted; the connection may go on. The result is ignored. */
   abort?(ctx: MilterContext): void | Promise<void> | StatusLike;
+  /** The connection closed. The result is ignored. */
   close?(ctx: MilterContext): void | Promise<void> | StatusLike;
+  /** An SMTP command the MTA does not know. */
   unknown?(ctx: MilterContext, cmd: any): StatusLike;
 }
 
@@ -171,7 +182,10 @@ export interface MilterDescription {
  * ```
  */
 export interface Logger {
+  /** What the milter does: listening, stopping, draining. */
   info(message: string, ...args: unknown[]): void;
+  /** Something odd that did not stop anything. */
   warn(message: string, ...args: unknown[]): void;
+  /** A failure: a handler threw, a stop failed. */
   error(message: string, ...args: unknown[]): void;
 }

@@ -1,7 +1,7 @@
 /**
  * Small helpers for milter authors.
  *
- * @module
+ * @module nodemilter/utils
  */
 import ipaddr from 'ipaddr.js';
 import libmime from 'libmime';

@@ -19,7 +19,7 @@
  * process.once('SIGTERM', () => void server.close({ drain: 30_000 }));
  * ```
  *
- * @module
+ * @module nodemilter/engine
  */
 export { serve, MilterServer } from './server';
 export type { ServeOptions, CloseOptions, EngineDiag, EngineHandlerErrorInfo } from './server';

@@ -14,7 +14,7 @@
  * }
  * ```
  *
- * @module
+ * @module nodemilter/greylist
  */
 export { Greylist, normalizeAddress } from './greylist';
 export type { GreylistOptions, GreylistVerdict } from './greylist';

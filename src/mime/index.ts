@@ -15,7 +15,7 @@
  * applyToContext(ctx, msg);             // in eom: header changes + replacebody
  * ```
  *
- * @module
+ * @module nodemilter/mime
  */
 import type { Readable } from 'node:stream';
 import { MimeError } from '../errors';

@@ -3,7 +3,7 @@
  * maps ({@link AccessMap}), dynamic-IP heuristics ({@link isDynip}) and
  * delivery status notifications ({@link createDsn}).
  *
- * @module
+ * @module nodemilter/policy
  */
 export { AccessMap, parseAccessValue, addressKeys, domainKeys, ipKeys } from './access';
 export type { AccessAction, AccessDecision, AccessParseOptions } from './access';

@@ -1,7 +1,7 @@
 /**
  * Testing tools: an MTA-side milter protocol client to drive any milter.
  *
- * @module
+ * @module nodemilter/testing
  */
 export * from './client';
 export * from './testctx';
