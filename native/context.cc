@@ -76,6 +76,7 @@ Napi::Value GetSymval(const Napi::CallbackInfo& info) {
   std::string name = info[2].As<Napi::String>().Utf8Value();
   std::lock_guard<std::mutex> lk(c->mu);
   if (!c->ctx || !c->waiting || c->answered || c->seq != seq) return env.Undefined();
+  if (!MacrosSafe(c->ctx)) return env.Null();  // a malformed macro list: read nothing
   const char* v = smfi_getsymval(c->ctx, C(name));
   if (!v) return env.Null();
   return Napi::String::New(env, v);

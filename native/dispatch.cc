@@ -107,7 +107,72 @@ void Attach(Conn* c, Event* ev) {
   }
 }
 
+// smfi_getsymval walks a stage's macro list two entries at a time. A MACRO
+// command with an odd number of strings (a broken or hostile MTA) makes it
+// step over the list's terminating NULL and read past the allocation, which
+// can crash the process. libmilter offers no way to see the lists, so find
+// them: the context's private-data pointer (ours, set with smfi_setpriv)
+// follows the three per-stage macro arrays and the reply pointer in
+// sendmail 8.14+'s struct smfi_str (ctx_mac_ptr[N], ctx_mac_buf[N],
+// ctx_mac_list[N], ctx_reply, ctx_privdata). Its offset is found once by
+// scanning for our pointer; N follows from it and must be 4..8, else the
+// check is off and macros are not read from libmilter at all.
+std::atomic<int> g_macptr_off{-2};  // -2: not calibrated; -1: unknown layout
+std::atomic<int> g_macptr_n{0};
+
+void Calibrate(SMFICTX* ctx, const void* priv) {
+  const char* base = reinterpret_cast<const char*>(ctx);
+  int found = -1;
+  for (int off = 0; off <= 512; off += static_cast<int>(sizeof(void*))) {
+    const void* v;
+    memcpy(&v, base + off, sizeof(v));
+    if (v == priv) {
+      found = off;
+      break;
+    }
+  }
+  // ctx_mac_ptr starts after the fixed fields (80 bytes on LP64).
+  const int fixed = 80;
+  const int span = found - fixed - static_cast<int>(sizeof(void*));
+  const int per = 3 * static_cast<int>(sizeof(void*));
+  if (found > 0 && span > 0 && span % per == 0 && span / per >= 4 && span / per <= 8) {
+    g_macptr_n.store(span / per);
+    g_macptr_off.store(fixed);
+  } else {
+    g_macptr_off.store(-1);
+  }
+}
+
+}  // namespace
+
+int MacroLayout() { return g_macptr_off.load() < 0 ? g_macptr_off.load() : g_macptr_n.load(); }
+
+bool MacrosSafe(SMFICTX* ctx) {
+  if (ctx == nullptr) return false;
+  int off = g_macptr_off.load();
+  if (off == -2) {
+    const void* priv = smfi_getpriv(ctx);
+    if (priv == nullptr) return false;
+    Calibrate(ctx, priv);
+    off = g_macptr_off.load();
+  }
+  if (off < 0) return false;
+  const char* base = reinterpret_cast<const char*>(ctx) + off;
+  for (int i = 0; i < g_macptr_n.load(); i++) {
+    char** list;
+    memcpy(&list, base + i * sizeof(char**), sizeof(list));
+    if (list == nullptr) continue;
+    size_t n = 0;
+    while (list[n] != nullptr && n < 100000) n++;
+    if (n % 2 != 0) return false;
+  }
+  return true;
+}
+
+namespace {
+
 void CaptureMacros(SMFICTX* ctx, Event* ev) {
+  if (!MacrosSafe(ctx)) return;
   for (const std::string& name : g_watch) {
     const char* v = smfi_getsymval(ctx, const_cast<char*>(name.c_str()));
     if (v) {

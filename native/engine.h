@@ -152,6 +152,10 @@ Addon& State();
 // dispatch.cc
 extern struct smfiDesc kDesc;
 void Enqueue(Event* ev);
+// Whether smfi_getsymval can be called safely on this context now.
+bool MacrosSafe(SMFICTX* ctx);
+// Stages found in libmilter's context for MacrosSafe; -2 not yet known, -1 unknown layout.
+int MacroLayout();
 void WakeAllParked(int status);
 void InitDispatch(Napi::Env env, Napi::Object exports);
 

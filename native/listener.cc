@@ -15,7 +15,7 @@
 #include <signal.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <sys/resource.h>
+#include <dirent.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -214,27 +214,38 @@ Napi::Value Stop(const Napi::CallbackInfo& info) {
 // the MTA's delayed ACK, about 40 ms a message. libmilter does not expose
 // its socket, so find it: the listening stream socket bound to `port`.
 // Returns how many sockets were changed.
+bool TuneIfListener(int fd, int port) {
+  int listening = 0, type = 0;
+  socklen_t len = sizeof(int);
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) return false;
+  len = sizeof(int);
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) return false;
+  sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &sl) != 0) return false;
+  int p = -1;
+  if (ss.ss_family == AF_INET) p = ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  else if (ss.ss_family == AF_INET6) p = ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+  if (p != port) return false;
+  int one = 1;
+  return setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0;
+}
+
 Napi::Value NoDelay(const Napi::CallbackInfo& info) {
   const int port = info[0].As<Napi::Number>().Int32Value();
-  struct rlimit rl;
-  int maxfd = 4096;
-  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < 65536) maxfd = static_cast<int>(rl.rlim_cur);
   int changed = 0;
-  for (int fd = 0; fd < maxfd; fd++) {
-    int listening = 0, type = 0;
-    socklen_t len = sizeof(int);
-    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
-    len = sizeof(int);
-    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) continue;
-    sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    if (getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &sl) != 0) continue;
-    int p = -1;
-    if (ss.ss_family == AF_INET) p = ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
-    else if (ss.ss_family == AF_INET6) p = ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
-    if (p != port) continue;
-    int one = 1;
-    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0) changed++;
+  // Only the descriptors that are open: /proc/self/fd lists them.
+  if (DIR* d = opendir("/proc/self/fd")) {
+    const int self = dirfd(d);
+    while (dirent* e = readdir(d)) {
+      if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+      const int fd = atoi(e->d_name);
+      if (fd != self && TuneIfListener(fd, port)) changed++;
+    }
+    closedir(d);
+  } else {
+    for (int fd = 0; fd < 1024; fd++)
+      if (TuneIfListener(fd, port)) changed++;
   }
   return Napi::Number::New(info.Env(), changed);
 }
@@ -262,6 +273,7 @@ Napi::Value GetDiag(const Napi::CallbackInfo& info) {
   o.Set("serving", created - deleted - (refused - static_cast<double>(a.drain_refused_closed.load())));
   o.Set("running", a.running.load());
   o.Set("usedSmfiMain", a.used_smfi_main);
+  o.Set("macroLayout", MacroLayout());
   return o;
 }
 

@@ -303,6 +303,13 @@ export interface Diag {
   drainRefused: number;
   /** Sessions in JavaScript's hands (with state kept in this module). */
   jsSessions: number;
+  /**
+   * Macro stages found in libmilter's context by the guard that keeps a
+   * malformed macro list from crashing smfi_getsymval (7 with sendmail
+   * 8.17); -1 when the layout was not recognised (macros are then not read
+   * from libmilter), -2 before the first session.
+   */
+  macroLayout: number;
   /** Whether libmilter is serving. */
   running: boolean;
 }
@@ -320,6 +327,7 @@ export function getdiag(): Diag {
     drainRefused: d.drainRefused,
     jsSessions: sessions.size,
     running: d.running,
+    macroLayout: d.macroLayout,
   };
 }
 

@@ -70,6 +70,8 @@ export interface NativeDiag {
   serving: number;
   running: boolean;
   usedSmfiMain: boolean;
+  /** Macro stages found in libmilter's context (guard against malformed macro lists); -1 unknown, -2 not yet. */
+  macroLayout: number;
 }
 
 export type EventHandler = (

@@ -303,6 +303,34 @@ describe('async handlers, ordering and concurrency', () => {
   });
 });
 
+describe('hostile input', () => {
+  it('survives a macro list with an odd number of entries (libmilter would read past it)', async () => {
+    const p = await startMilter({ noreply: ['connect'], callbacks: ['connect', 'helo', 'close'], macros: ['j', 'zz'] });
+    const c = await MilterClient.connect(p.spec);
+    // Name, value, name: the last name has no value.
+    c.sendRaw('D', Buffer.from('Cj\0mx.example\0k\0', 'latin1'));
+    await c.connect('h.example', 'inet', '192.0.2.1', 25);
+    expect((await c.helo('h.example')).status).toBe('continue');
+    await c.close();
+    // A well-formed list on the next session is read again.
+    const c2 = await MilterClient.connect(p.spec);
+    c2.sendRaw('D', Buffer.from('Cj\0mx2.example\0', 'latin1'));
+    await c2.connect('h2.example', 'inet', '192.0.2.2', 25);
+    expect((await c2.helo('h2.example')).status).toBe('continue');
+    await c2.close();
+    await waitCount(p, 'close', 2);
+    const connects = events(p).filter((e) => e.ev === 'connect');
+    expect(connects, JSON.stringify(events(p))).toHaveLength(2);
+    expect(connects[0].macros).toEqual({});
+    expect(connects[1].macros).toEqual({ j: 'mx2.example' });
+    process.kill(p.pid, 'SIGTERM');
+    const stopped = await waitEvent(p, 'stopped');
+    // The guard found libmilter's seven macro stages in its context.
+    expect((stopped.diag as { macroLayout: number }).macroLayout).toBe(7);
+    expect((await p.exited).code).toBe(0);
+  });
+});
+
 describe('errors in handlers', () => {
   for (const [kind, key] of [
     ['throws', 'throwIn'],
