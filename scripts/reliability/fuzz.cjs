@@ -313,6 +313,8 @@ async function main() {
     rssBaseMiB: mib(base),
     rssMaxMiB: mib(max),
     rssEndMiB: mib(samples[samples.length - 1]?.[1] ?? 0),
+    // One sample per tenth of the run, to see whether RSS levels off.
+    rssTrendMiB: Array.from({ length: 10 }, (_, k) => samples.find(([t]) => t >= (k + 1) * seconds * 100)?.[1]).filter(Boolean).map(mib),
     handlerErrors: [...new Set(out.split('\n').filter((l) => l.includes('"ev":"handlerError"')).map((l) => { const e = JSON.parse(l); return `${e.callback}: ${e.message}`; }))].slice(0, 10),
     diag: final?.diag,
     counts: final?.counts,

@@ -132,6 +132,7 @@ const callbacks = {
     if (closedRing.size > RING) closedRing.delete(closedRing.values().next().value);
     live.delete(ctx.id);
     say({ ev: 'close', conn: ctx.id });
+    maybeFail('close');
   },
 };
 
