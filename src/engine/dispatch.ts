@@ -429,7 +429,14 @@ export class Dispatcher {
 
   /** Hand one event to its session: run it now, or queue it behind a pending async handler. */
   deliver(s: SessionCore, type: number, seq: number, a0?: any, a1?: any, a2?: any, a3?: any, data?: unknown): void {
-    if (type === Ev.CLOSE) s.closed = true;
+    if (type === Ev.CLOSE) {
+      s.closed = true;
+      // The engine forgets the session now, even if a handler that never
+      // settles keeps its close queued: otherwise one hung handler would
+      // keep its session in memory until exit. The close callback still
+      // runs in order, after the pending handler.
+      if (s.busy) this.hooks.closed?.(s);
+    }
     if (s.busy) {
       (s.queue ??= []).push([type, seq, a0, a1, a2, a3, data]);
       return;
