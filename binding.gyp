@@ -11,8 +11,12 @@
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
-      "libraries": ["-lmilter", "-lpthread", "-ldl"],
       "conditions": [
+        ["'<!(node -p \"process.env.NODEMILTER_STATIC || 0\")'=='1'", {
+          "libraries": ["-l:libmilter.a", "-lpthread", "-ldl"]
+        }, {
+          "libraries": ["-lmilter", "-lpthread", "-ldl"]
+        }],
         ["'<!(node -p \"process.env.NODEMILTER_SANITIZE || 0\")'=='1'", {
           "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"],
           "ldflags": ["-fsanitize=address,undefined"]
