@@ -558,30 +558,45 @@ Tsfn g_tsfn;
 void CallJs(Napi::Env env, Napi::Function fn, std::nullptr_t*, void*) {
   Addon& a = State();
   std::vector<Event*> batch;
-  {
-    std::lock_guard<std::mutex> lk(a.qmu);
-    batch.swap(a.queue);
-    a.wake_pending = false;
-  }
   if (env == nullptr) {
-    for (Event* ev : batch) delete ev;
+    std::lock_guard<std::mutex> lk(a.qmu);
+    for (Event* ev : a.queue) delete ev;
+    a.queue.clear();
+    a.wake_pending = false;
     return;
   }
-  bool stopped = false;
-  for (Event* ev : batch) {
-    if (ev->type == EV_STOPPED) stopped = true;
-    DeliverOne(env, fn, ev);
-    delete ev;
-  }
-  if (stopped) {
-    std::lock_guard<std::mutex> lk(a.qmu);
-    if (a.tsfn_live) {
-      a.tsfn_live = false;
-      g_tsfn.Release();
+  // wake_pending stays set while this loop drains the queue, so workers that
+  // enqueue meanwhile do not wake the event loop again: their events are
+  // picked up by the next round. A few rounds at most, so that promise
+  // callbacks and timers get their turn.
+  for (int round = 0;; round++) {
+    {
+      std::lock_guard<std::mutex> lk(a.qmu);
+      if (a.queue.empty() || round == 4) {
+        if (!a.queue.empty() && a.tsfn_live) g_tsfn.NonBlockingCall(nullptr);  // more to do: come back
+        else a.wake_pending = false;
+        return;
+      }
+      batch.swap(a.queue);
+    }
+    bool stopped = false;
+    for (Event* ev : batch) {
+      if (ev->type == EV_STOPPED) stopped = true;
+      DeliverOne(env, fn, ev);
+      delete ev;
+    }
+    batch.clear();
+    if (stopped) {
+      std::lock_guard<std::mutex> lk(a.qmu);
+      if (a.tsfn_live) {
+        a.tsfn_live = false;
+        g_tsfn.Release();
+      }
+      a.wake_pending = false;
+      return;
     }
   }
 }
-
 
 }  // namespace
 
