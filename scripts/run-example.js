@@ -14,5 +14,6 @@ if (!name || !available.includes(name)) {
   );
   process.exit(2);
 }
+// Run it as the main module (require.main === module inside it), as `node FILE SOCKET` would.
 process.argv = [process.argv[0], path.join(dir, `${name}.js`), ...(socket ? [socket] : [])];
-require(path.join(dir, `${name}.js`));
+require('module').runMain();
