@@ -62,9 +62,13 @@ describe('the MTA disconnects', () => {
     const dropsInMessage = kinds.slice(0, 2).reduce((n, _k, j) => n + Math.ceil((total - j) / 3), 0);
     expect(s.counts.aborts).toBeGreaterThanOrEqual(dropsInMessage);
     expect(s.counts.aborts).toBeLessThanOrEqual(total);
-    expect(s.counts.handlerErrors).toBe(0);
-    // Generous bound: 1500 sessions of state would be far more than this if kept.
-    expect(s.rss - warm.rss).toBeLessThan(24 * 2 ** 20);
+    // An eom whose connection is already gone may fail its addheader
+    // (MI_FAILURE: libmilter could not write); nothing else may fail.
+    expect(s.counts.handlerErrors).toBeLessThanOrEqual(Math.ceil(total / 3));
+    expect(lines(m).filter((l) => l.ev === 'handlerError' && l.callback !== 'eom')).toEqual([]);
+    // Generous bound: 1500 sessions of state would be far more than this if
+    // kept. Not under ASan, whose quarantine holds freed memory on purpose.
+    if (!process.env.NODEMILTER_CHILD_PRELOAD) expect(s.rss - warm.rss).toBeLessThan(24 * 2 ** 20);
     expect(s.heapUsed - warm.heapUsed).toBeLessThan(8 * 2 ** 20);
     expect(m.hasExited).toBe(false);
   }, 120_000);
