@@ -24,10 +24,13 @@ export interface RunmilterOptions {
   /** Listen backlog (smfi_setbacklog). */
   backlog?: number;
   /**
-   * The umask while the unix socket is created, e.g. `0o007` for a socket
-   * the MTA's group may use. Default: the process umask.
+   * The umask while the unix socket is created. Default `0o007`: the socket
+   * is usable by its owner and group only (put the MTA's user in the
+   * milter's group, e.g. `postfix`), whatever the process umask is.
    */
   umask?: number;
+  /** Per-message limits on headers and body, as in `milter.register` (defaults there). */
+  limits?: milter.RegisterOptions['limits'];
   /** Milliseconds to let open sessions finish after SIGTERM/SIGINT before stopping (default 30000). */
   drain?: number;
   /** Signals that stop the milter gracefully (default SIGTERM and SIGINT). `[]`: install no handler. */
@@ -91,12 +94,12 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   };
   milter.events.on('handlerError', onHandlerError);
   if (options.exceptionPolicy !== undefined) milter.set_exception_policy(options.exceptionPolicy);
-  milter.register(description, { deadline: options.deadline, progressInterval: options.progressInterval });
+  milter.register(description, { deadline: options.deadline, progressInterval: options.progressInterval, limits: options.limits });
   milter.setconn(socket);
   if (options.timeout !== undefined) milter.settimeout(options.timeout);
   if (options.backlog !== undefined) milter.setbacklog(options.backlog);
 
-  const oldMask = options.umask !== undefined ? process.umask(options.umask) : undefined;
+  const oldMask = spec.kind === 'unix' ? process.umask(options.umask ?? 0o007) : undefined;
   try {
     // Removes a stale unix socket, and only if it is a socket.
     milter.opensocket(true);
@@ -112,8 +115,10 @@ export async function runmilter(name: string, socket: string, options: Runmilter
       return;
     }
     stopping = true;
+    // Refuse new sessions first, then say so: whoever reads the log line may connect at once.
+    const stopped = milter.stop({ drain });
     log.info(`${name}: ${sig}: draining open sessions for up to ${drain} ms, then stopping`);
-    milter.stop({ drain }).catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
+    stopped.catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
   };
   for (const s of signals) process.on(s, onSignal);
 

@@ -107,6 +107,11 @@ describe('the unix socket', () => {
     expect(events(q).find((e) => e.ev === 'ready')!.umask).toBe(mine);
   });
 
+  it('is owner- and group-only by default, whatever the process umask', async () => {
+    const p = await startBase({ milter: 'EomOnly', run: {} });
+    expect(fs.statSync(socketPath(p.spec)).mode & 0o777).toBe(0o770);
+  });
+
   it('a stale socket left by a dead process is replaced', async () => {
     const spec = tmpSocketSpec();
     const file = socketPath(spec);

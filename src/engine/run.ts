@@ -40,8 +40,10 @@ export async function runOnNodeEngine(
       return;
     }
     stopping = true;
+    // Refuse new sessions first, then say so: whoever reads the log line may connect at once.
+    const closed = server.close({ drain: options.drain });
     log.info(`${name}: ${sig}: draining open sessions for up to ${options.drain} ms, then stopping`);
-    server.close({ drain: options.drain }).catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
+    closed.catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
   };
   for (const s of signals) process.on(s, onSignal);
   log.info(`${name}: listening on ${socket} (node engine)`);
