@@ -57,6 +57,7 @@ import {
   MilterError,
   MilterStateError,
 } from './errors';
+import type { MilterMetrics } from './metrics';
 import { ActionCode, ConnHandle, Ev, NativeBinding, loadNative } from './native';
 import { parseSocketSpec } from './socketspec';
 import type { Bytes, CallbackName, Callbacks, Logger, MilterDescription } from './types';
@@ -167,6 +168,28 @@ function notStarted(what: string): void {
 /** Where {@link events} sends errors nobody listens for; console by default. */
 export function setLogger(l: MilterLogger): void {
   logger = l;
+}
+
+let metrics: MilterMetrics | undefined;
+
+/**
+ * Count and time this milter's callbacks in `m` (see `nodemilter/metrics`),
+ * and let it read {@link getdiag}'s engine counters. Call before
+ * {@link main} (or runmilter); `undefined` turns it off.
+ *
+ * @example
+ * ```ts
+ * const metrics = new MilterMetrics();
+ * milter.setMetrics(metrics);
+ * await runmilter('mymilter', 'inet:8894@127.0.0.1', { factory: MyMilter });
+ * ```
+ */
+export function setMetrics(m: MilterMetrics | undefined): void {
+  notStarted('setMetrics()');
+  if (committed) throw new MilterStateError('setMetrics() after opensocket(): the callbacks are already with libmilter');
+  metrics?.setEngine(undefined);
+  metrics = m;
+  m?.setEngine(() => getdiag());
 }
 
 /**
@@ -348,7 +371,7 @@ function commit(): void {
   const progress = options.progressInterval ?? DEFAULT_PROGRESS;
   if (!(progress >= 0)) throw new InvalidArgumentError(`progressInterval must be >= 0 ms, got ${progress}`);
   const limits = resolveLimits(options.limits);
-  dispatcher = new Dispatcher(callbacks, { ...options.decode }, {
+  dispatcher = new Dispatcher(metrics ? metrics.instrument(callbacks) : callbacks, { ...options.decode }, {
     exceptionStatus: () => exceptionStatus,
     report,
     closed: (s) => sessions.delete(s.id),

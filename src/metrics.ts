@@ -1,0 +1,293 @@
+/**
+ * Counters an operator expects from a mail filter, kept in the process and
+ * readable from the application: sessions, messages, the statuses handlers
+ * returned (per callback, and the verdicts that decided a message),
+ * handler failures, a latency histogram per callback, and the engine's own
+ * counters (deadline expiries, late answers, drain refusals). Rendered as
+ * Prometheus text by {@link MilterMetrics.prometheus}; no dependency on a
+ * metrics library.
+ *
+ * Engine-neutral: it measures the callbacks it wraps ({@link
+ * MilterMetrics.instrument}) and reads the engine's counters through a
+ * function it is given. `nodemilter/milter` wires both with
+ * `milter.setMetrics(metrics)`; for the TypeScript engine, instrument the
+ * description's callbacks and pass `() => server.diag()`.
+ *
+ * @example
+ * ```ts
+ * import * as milter from 'nodemilter/milter';
+ * import { MilterMetrics } from 'nodemilter/metrics';
+ * import { runmilter } from 'nodemilter';
+ *
+ * const metrics = new MilterMetrics();
+ * milter.setMetrics(metrics);           // before runmilter()/main()
+ * runmilter('mymilter', 'inet:8894@127.0.0.1', { factory: MyMilter });
+ * http.createServer((req, res) => res.end(metrics.prometheus())).listen(9464, '127.0.0.1');
+ * ```
+ *
+ * @module
+ */
+import * as C from './constants';
+import { InvalidArgumentError } from './errors';
+import type { CallbackName, Callbacks, MilterContext } from './types';
+
+/** Status names as they appear in labels. */
+const STATUS_NAMES: Record<number, string> = {
+  [C.CONTINUE]: 'continue',
+  [C.REJECT]: 'reject',
+  [C.DISCARD]: 'discard',
+  [C.ACCEPT]: 'accept',
+  [C.TEMPFAIL]: 'tempfail',
+  [C.NOREPLY]: 'noreply',
+  [C.SKIP]: 'skip',
+  [C.ALL_OPTS]: 'all_opts',
+};
+
+/** Callbacks that belong to a message (the first of them after connect/helo, or after a message ended, starts one). */
+const MESSAGE_STEPS = new Set<CallbackName>(['envfrom', 'envrcpt', 'data', 'header', 'eoh', 'body', 'eom']);
+
+/** Default histogram buckets, in seconds. */
+export const DEFAULT_BUCKETS: readonly number[] = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10];
+
+/** The counters an engine keeps itself (`milter.getdiag()` and the TypeScript engine's `diag()` both fit). */
+export interface EngineCounters {
+  /** Sessions the engine created. */
+  created: number;
+  /** Sessions open now. */
+  active: number;
+  /** Callbacks answered by the fallback because JavaScript was too slow. */
+  deadlineExpired: number;
+  /** Answers that arrived after their deadline. */
+  lateAnswers: number;
+  /** Sessions refused while draining. */
+  drainRefused: number;
+  /** Progress messages sent during eom. */
+  progressSent: number;
+}
+
+/** A latency histogram: cumulative counts per upper bound, as Prometheus wants them. */
+export interface Histogram {
+  /** Upper bounds in seconds, ascending. */
+  buckets: readonly number[];
+  /** counts[i]: observations <= buckets[i] (cumulative). */
+  counts: number[];
+  /** All observations. */
+  count: number;
+  /** Sum of observations in seconds. */
+  sum: number;
+}
+
+/** Everything {@link MilterMetrics} knows, as plain data. */
+export interface MetricsSnapshot {
+  /** Sessions seen by the instrumented callbacks (first callback of a session). */
+  sessions: number;
+  /** Messages started (the first message callback of each transaction). */
+  messages: number;
+  /** Statuses returned, per callback and status name. */
+  results: Record<string, Record<string, number>>;
+  /** Verdicts per status: eom's result, or a non-continue status at an earlier step. */
+  verdicts: Record<string, number>;
+  /** Handlers that threw or rejected, per callback. */
+  errors: Record<string, number>;
+  /** Handler latency per callback. */
+  latency: Record<string, Histogram>;
+  /** The engine's counters, if an engine was attached. */
+  engine?: EngineCounters;
+}
+
+interface SessionState {
+  inMessage: boolean;
+}
+
+/**
+ * A set of counters for one milter process. Feed it by wrapping the
+ * callbacks ({@link instrument}; `milter.setMetrics()` does it for the
+ * libmilter engine) and read it with {@link snapshot} or {@link prometheus}.
+ */
+export class MilterMetrics {
+  private sessionCount = 0;
+  private messageCount = 0;
+  private readonly results = new Map<string, Map<string, number>>();
+  private readonly verdictCounts = new Map<string, number>();
+  private readonly errorCounts = new Map<string, number>();
+  private readonly histograms = new Map<string, Histogram>();
+  private readonly seen = new WeakMap<object, SessionState>();
+  private engineSource: (() => EngineCounters) | undefined;
+  /** Histogram bucket bounds in seconds. */
+  readonly buckets: readonly number[];
+
+  /** @param options.buckets histogram upper bounds in seconds (ascending); default {@link DEFAULT_BUCKETS}. */
+  constructor(options: { buckets?: readonly number[] } = {}) {
+    const b = options.buckets ?? DEFAULT_BUCKETS;
+    if (!Array.isArray(b) || b.length === 0 || b.some((x, i) => !(typeof x === 'number' && x > 0 && Number.isFinite(x)) || (i > 0 && x <= b[i - 1]))) {
+      throw new InvalidArgumentError(`buckets must be ascending positive finite seconds, got ${JSON.stringify(b)}`);
+    }
+    this.buckets = [...b];
+  }
+
+  /** Read the engine's counters from this function at every snapshot (`() => milter.getdiag()`). */
+  setEngine(source: (() => EngineCounters) | undefined): void {
+    this.engineSource = source;
+  }
+
+  /**
+   * Wrap callbacks so that each call is counted and timed (from the call to
+   * the settled promise). Only the callbacks present are wrapped: what the
+   * MTA is asked to send stays the same. The wrapper is transparent: same
+   * arguments, same result, same exceptions.
+   */
+  instrument(callbacks: Callbacks): Callbacks {
+    const out: Record<string, unknown> = {};
+    for (const [name, fn] of Object.entries(callbacks)) {
+      if (typeof fn !== 'function') {
+        out[name] = fn;
+        continue;
+      }
+      const cb = name as CallbackName;
+      out[name] = (ctx: MilterContext, ...args: unknown[]): unknown => {
+        this.enter(ctx, cb);
+        const start = process.hrtime.bigint();
+        let result: unknown;
+        try {
+          result = (fn as (...a: unknown[]) => unknown)(ctx, ...args);
+        } catch (err) {
+          this.leave(ctx, cb, start, undefined, true);
+          throw err;
+        }
+        if (result !== null && typeof result === 'object' && typeof (result as PromiseLike<unknown>).then === 'function') {
+          return Promise.resolve(result).then(
+            (v) => {
+              this.leave(ctx, cb, start, v, false);
+              return v;
+            },
+            (err: unknown) => {
+              this.leave(ctx, cb, start, undefined, true);
+              throw err;
+            },
+          );
+        }
+        this.leave(ctx, cb, start, result, false);
+        return result;
+      };
+    }
+    return out as Callbacks;
+  }
+
+  private enter(ctx: MilterContext, cb: CallbackName): void {
+    let st = this.seen.get(ctx);
+    if (!st) {
+      st = { inMessage: false };
+      this.seen.set(ctx, st);
+      this.sessionCount++;
+    }
+    if (MESSAGE_STEPS.has(cb) && !st.inMessage) {
+      st.inMessage = true;
+      this.messageCount++;
+    }
+  }
+
+  private leave(ctx: MilterContext, cb: CallbackName, start: bigint, result: unknown, failed: boolean): void {
+    this.observe(cb, Number(process.hrtime.bigint() - start) / 1e9);
+    const st = this.seen.get(ctx);
+    if (failed) {
+      bump(this.errorCounts, cb);
+      if (st && (cb === 'eom' || MESSAGE_STEPS.has(cb))) st.inMessage = false;
+      return;
+    }
+    if (cb === 'close' || cb === 'abort') {
+      if (st) st.inMessage = false;
+      return;
+    }
+    const status = typeof result === 'number' ? (STATUS_NAMES[result] ?? `status_${result}`) : result === undefined ? 'none' : 'other';
+    let byStatus = this.results.get(cb);
+    if (!byStatus) this.results.set(cb, (byStatus = new Map()));
+    bump(byStatus, status);
+    const decisive = cb === 'eom' || (cb !== 'negotiate' && status !== 'continue' && status !== 'noreply' && status !== 'skip' && status !== 'none');
+    if (decisive) {
+      bump(this.verdictCounts, status);
+      if (st) st.inMessage = false;
+    }
+  }
+
+  private observe(cb: string, seconds: number): void {
+    let h = this.histograms.get(cb);
+    if (!h) this.histograms.set(cb, (h = { buckets: this.buckets, counts: this.buckets.map(() => 0), count: 0, sum: 0 }));
+    for (let i = 0; i < h.buckets.length; i++) if (seconds <= h.buckets[i]) h.counts[i]++;
+    h.count++;
+    h.sum += seconds;
+  }
+
+  /** The counters now, as plain data (copies). */
+  snapshot(): MetricsSnapshot {
+    const obj = (m: Map<string, number>) => Object.fromEntries(m);
+    const snap: MetricsSnapshot = {
+      sessions: this.sessionCount,
+      messages: this.messageCount,
+      results: Object.fromEntries([...this.results].map(([k, v]) => [k, obj(v)])),
+      verdicts: obj(this.verdictCounts),
+      errors: obj(this.errorCounts),
+      latency: Object.fromEntries([...this.histograms].map(([k, h]) => [k, { ...h, counts: [...h.counts] }])),
+    };
+    if (this.engineSource) {
+      const e = this.engineSource();
+      snap.engine = {
+        created: e.created,
+        active: e.active,
+        deadlineExpired: e.deadlineExpired,
+        lateAnswers: e.lateAnswers,
+        drainRefused: e.drainRefused,
+        progressSent: e.progressSent,
+      };
+    }
+    return snap;
+  }
+
+  /**
+   * The counters in Prometheus' text exposition format (version 0.0.4),
+   * every name prefixed with `prefix` (default `nodemilter`).
+   */
+  prometheus(prefix = 'nodemilter'): string {
+    if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix)) throw new InvalidArgumentError(`metric prefix must match [a-zA-Z_:][a-zA-Z0-9_:]*, got ${JSON.stringify(prefix)}`);
+    const s = this.snapshot();
+    const lines: string[] = [];
+    const family = (name: string, type: string, help: string) => lines.push(`# HELP ${prefix}_${name} ${help}`, `# TYPE ${prefix}_${name} ${type}`);
+    const num = (v: number) => (Number.isInteger(v) ? String(v) : v.toPrecision(9).replace(/\.?0+$/, ''));
+    family('sessions_total', 'counter', 'Milter sessions seen by the callbacks.');
+    lines.push(`${prefix}_sessions_total ${s.sessions}`);
+    family('messages_total', 'counter', 'Messages (SMTP transactions) seen by the callbacks.');
+    lines.push(`${prefix}_messages_total ${s.messages}`);
+    family('callback_results_total', 'counter', 'Statuses returned by the handlers, per callback.');
+    for (const [cb, by] of Object.entries(s.results)) for (const [st, n] of Object.entries(by)) lines.push(`${prefix}_callback_results_total{callback="${cb}",status="${st}"} ${n}`);
+    family('verdicts_total', 'counter', "Message verdicts: eom's status, or a non-continue status at an earlier step.");
+    for (const [st, n] of Object.entries(s.verdicts)) lines.push(`${prefix}_verdicts_total{status="${st}"} ${n}`);
+    family('handler_errors_total', 'counter', 'Handlers that threw or rejected, per callback.');
+    for (const [cb, n] of Object.entries(s.errors)) lines.push(`${prefix}_handler_errors_total{callback="${cb}"} ${n}`);
+    family('callback_duration_seconds', 'histogram', 'Time from calling a handler to its settled result.');
+    for (const [cb, h] of Object.entries(s.latency)) {
+      h.buckets.forEach((b, i) => lines.push(`${prefix}_callback_duration_seconds_bucket{callback="${cb}",le="${num(b)}"} ${h.counts[i]}`));
+      lines.push(`${prefix}_callback_duration_seconds_bucket{callback="${cb}",le="+Inf"} ${h.count}`);
+      lines.push(`${prefix}_callback_duration_seconds_sum{callback="${cb}"} ${num(h.sum)}`);
+      lines.push(`${prefix}_callback_duration_seconds_count{callback="${cb}"} ${h.count}`);
+    }
+    if (s.engine) {
+      const e = s.engine;
+      const engine: [string, string, string, number][] = [
+        ['engine_sessions_total', 'counter', 'Sessions the engine created.', e.created],
+        ['engine_sessions_active', 'gauge', 'Sessions open now.', e.active],
+        ['deadline_expired_total', 'counter', 'Callbacks answered by the fallback (451 4.3.0) because the handler missed its deadline.', e.deadlineExpired],
+        ['late_answers_total', 'counter', 'Handler answers that arrived after their deadline.', e.lateAnswers],
+        ['drain_refused_total', 'counter', 'Sessions refused while draining.', e.drainRefused],
+        ['progress_sent_total', 'counter', 'Progress messages sent while eom was pending.', e.progressSent],
+      ];
+      for (const [name, type, help, v] of engine) {
+        family(name, type, help);
+        lines.push(`${prefix}_${name} ${v}`);
+      }
+    }
+    return lines.join('\n') + '\n';
+  }
+}
+
+function bump(m: Map<string, number>, key: string): void {
+  m.set(key, (m.get(key) ?? 0) + 1);
+}
