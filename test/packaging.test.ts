@@ -14,9 +14,10 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
-import { freePort } from './helpers';
+import { freeInetSpec, freePort, startProcess, stopAll } from './helpers';
+import { MilterClient } from '../src/testing';
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, '..');
@@ -150,37 +151,37 @@ function needed(file: string): string[] {
   return [...dyn.matchAll(/\(NEEDED\)\s+Shared library: \[([^\]]+)\]/g)].map((m) => m[1]);
 }
 
-beforeAll(async () => {
-  if (!fs.existsSync(path.join(ROOT, 'dist', 'examples', 'hello.js'))) throw new Error('dist/ is not built: run `npm run build:ts` first (npm test does)');
-  work = fs.mkdtempSync(path.join(os.tmpdir(), 'nm-pack-'));
-  bareBin = path.join(work, 'bin');
-  fs.mkdirSync(bareBin);
-  fs.symlinkSync(process.execPath, path.join(bareBin, 'node'));
-  fs.symlinkSync('/bin/sh', path.join(bareBin, 'sh')); // npm runs scripts with sh; a shell is not a toolchain
-  for (const major of NEWER) downloads.set(major, nodeBinary(major));
-  for (const p of downloads.values()) p.catch(() => undefined);
-  const { stdout } = await run(process.execPath, [npmCli(), 'pack', '--ignore-scripts', '--json', '--pack-destination', work], { cwd: ROOT, timeout: 60_000 });
-  tarball = path.join(work, (JSON.parse(stdout) as { filename: string }[])[0].filename);
-  app = path.join(work, 'app');
-  await installInto(app);
-  // The fallback build runs meanwhile: a second install whose package has no
-  // prebuild for this platform, rebuilt through npm (the install script).
-  fallback = (async () => {
-    const dir = path.join(work, 'app-source');
-    await installInto(dir);
-    fs.rmSync(path.join(dir, 'node_modules', 'nodemilter', 'prebuilds'), { recursive: true });
-    const r = await run(process.execPath, [npmCli(), 'rebuild', 'nodemilter', '--foreground-scripts'], { cwd: dir, timeout: 240_000 });
-    return { app: dir, output: r.stdout + r.stderr };
-  })();
-  fallback.catch(() => undefined);
-}, 120_000);
-
-afterAll(async () => {
-  await fallback?.catch(() => undefined);
-  if (work) fs.rmSync(work, { recursive: true, force: true });
-});
-
 describe('the packed package', () => {
+  beforeAll(async () => {
+    if (!fs.existsSync(path.join(ROOT, 'dist', 'examples', 'hello.js'))) throw new Error('dist/ is not built: run `npm run build:ts` first (npm test does)');
+    work = fs.mkdtempSync(path.join(os.tmpdir(), 'nm-pack-'));
+    bareBin = path.join(work, 'bin');
+    fs.mkdirSync(bareBin);
+    fs.symlinkSync(process.execPath, path.join(bareBin, 'node'));
+    fs.symlinkSync('/bin/sh', path.join(bareBin, 'sh')); // npm runs scripts with sh; a shell is not a toolchain
+    for (const major of NEWER) downloads.set(major, nodeBinary(major));
+    for (const p of downloads.values()) p.catch(() => undefined);
+    const { stdout } = await run(process.execPath, [npmCli(), 'pack', '--ignore-scripts', '--json', '--pack-destination', work], { cwd: ROOT, timeout: 60_000 });
+    tarball = path.join(work, (JSON.parse(stdout) as { filename: string }[])[0].filename);
+    app = path.join(work, 'app');
+    await installInto(app);
+    // The fallback build runs meanwhile: a second install whose package has no
+    // prebuild for this platform, rebuilt through npm (the install script).
+    fallback = (async () => {
+      const dir = path.join(work, 'app-source');
+      await installInto(dir);
+      fs.rmSync(path.join(dir, 'node_modules', 'nodemilter', 'prebuilds'), { recursive: true });
+      const r = await run(process.execPath, [npmCli(), 'rebuild', 'nodemilter', '--foreground-scripts'], { cwd: dir, timeout: 240_000 });
+      return { app: dir, output: r.stdout + r.stderr };
+    })();
+    fallback.catch(() => undefined);
+  }, 120_000);
+
+  afterAll(async () => {
+    await fallback?.catch(() => undefined);
+    if (work) fs.rmSync(work, { recursive: true, force: true });
+  });
+
   it('carries the prebuilt addon, built from the current native/ sources, with libmilter linked in', () => {
     const files = execFileSync('tar', ['tzf', tarball], { encoding: 'utf8' }).split('\n');
     const dir = `prebuilds/${prebuild.platformDir()}`;
@@ -241,3 +242,92 @@ describe('the packed package', () => {
     expect(r.helloHeaders).toEqual([['X-Hello', 'checked by nodemilter for Q1']]);
   }, 250_000);
 });
+
+describe('deploy/: the systemd units', () => {
+  const DEPLOY = path.join(ROOT, 'deploy');
+  afterEach(() => stopAll());
+
+  /** systemd-analyze verify with deploy/ (and its drop-in directory) on the unit path. */
+  function verify(dir: string, units: string[]): { status: number | null; output: string } {
+    const r = spawnSync('systemd-analyze', ['verify', '--man=no', ...units], {
+      cwd: dir,
+      env: { ...process.env, SYSTEMD_UNIT_PATH: `${dir}:` },
+      encoding: 'utf8',
+    });
+    return { status: r.status, output: (r.stdout + r.stderr).trim() };
+  }
+
+  it('systemd-analyze verify accepts the service, the socket and the socket-activation drop-in without a warning', () => {
+    const r = verify(DEPLOY, ['nodemilter-sample.socket', 'nodemilter-sample.service']);
+    expect(r).toEqual({ status: 0, output: '' });
+    // ...and the check can fail: an unknown key in the drop-in is reported
+    // (a warning), a relative ExecStart is fatal.
+    const broken = fs.mkdtempSync(path.join(os.tmpdir(), 'nm-units-'));
+    try {
+      fs.cpSync(DEPLOY, broken, { recursive: true });
+      fs.appendFileSync(path.join(broken, 'nodemilter-sample.service.d', 'socket-activation.conf'), 'KillSignl=SIGTERM\n');
+      expect(verify(broken, ['nodemilter-sample.service']).output).toContain("Unknown key 'KillSignl'");
+      const unit = path.join(broken, 'nodemilter-sample.service');
+      fs.writeFileSync(unit, fs.readFileSync(unit, 'utf8').replace('ExecStart=/usr/bin/node', 'ExecStart=usr/bin/node'));
+      const b = verify(broken, ['nodemilter-sample.service']);
+      expect(b.status).not.toBe(0);
+      expect(b.output).toContain('Neither a valid executable name nor an absolute path: usr/bin/node');
+    } finally {
+      fs.rmSync(broken, { recursive: true, force: true });
+    }
+  });
+
+  it('the stop timeout outlasts runmilter\'s drain; the socket is 0660 for the MTA\'s group; fd:3 under activation', () => {
+    const service = fs.readFileSync(path.join(DEPLOY, 'nodemilter-sample.service'), 'utf8');
+    const socket = fs.readFileSync(path.join(DEPLOY, 'nodemilter-sample.socket'), 'utf8');
+    const dropin = fs.readFileSync(path.join(DEPLOY, 'nodemilter-sample.service.d', 'socket-activation.conf'), 'utf8');
+    const key = (text: string, k: string) => new RegExp(`^${k}=(.*)$`, 'm').exec(text)?.[1];
+    expect(key(service, 'KillSignal')).toBe('SIGTERM');
+    expect(Number(key(service, 'TimeoutStopSec')!.replace(/s$/, ''))).toBeGreaterThan(30 + 5); // drain 30 s + libmilter's stop
+    expect(key(service, 'UMask')).toBe('0007');
+    expect(key(service, 'User')).toBe('nodemilter');
+    expect(key(service, 'Restart')).toBe('on-failure');
+    expect(key(socket, 'SocketMode')).toBe('0660');
+    expect(key(dropin, 'Environment')).toBe('MILTER_SOCKET=fd:3');
+    expect(key(service, 'ExecStart')).toMatch(/dist\/examples\/sample\.js \$\{MILTER_SOCKET\}$/);
+  });
+
+  it('socket activation: the sample milter serves a listening socket passed as fd:3 (systemd-socket-activate) and drains on SIGTERM', async () => {
+    const spec = await freeInetSpec();
+    const port = /^inet:(\d+)@/.exec(spec)![1];
+    // systemd-socket-activate listens, and starts the milter with the socket
+    // as fd 3 (LISTEN_FDS=1) once the first connection is waiting, as a
+    // .socket unit does.
+    const proc = await startProcess('systemd-socket-activate', {
+      args: ['-l', `127.0.0.1:${port}`, process.execPath, path.join(ROOT, 'dist', 'examples', 'sample.js'), 'fd:3'],
+      killGrace: 15_000, // SIGKILL only if the drain and libmilter's stop hang
+    });
+    await waitListening(Number(port));
+    const c = await MilterClient.connect(spec, { timeout: 15_000 });
+    const r = await c.sendMessage({ from: '<a@example.org>', rcpt: ['<MAILER-DAEMON@example.org>'], message: 'Subject: hi\r\n\r\nhello\r\n', quit: true });
+    expect(r.envrcpt[0].status).toBe('reject');
+    await proc.waitForOutput(/sample: listening on fd:3/, { timeout: 10_000 });
+    const exit = await proc.stop('SIGTERM');
+    expect(exit.code).toBe(0);
+    expect(exit.stdout + exit.stderr).toMatch(/SIGTERM: draining open sessions/);
+  }, 40_000);
+});
+
+/** Wait until something accepts connections on the port (systemd-socket-activate's own socket). */
+async function waitListening(port: number): Promise<void> {
+  const net = await import('node:net');
+  const until = Date.now() + 10_000;
+  for (;;) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.on('connect', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.on('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > until) throw new Error(`nothing listens on ${port}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
