@@ -99,31 +99,46 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   if (options.timeout !== undefined) milter.settimeout(options.timeout);
   if (options.backlog !== undefined) milter.setbacklog(options.backlog);
 
-  const oldMask = spec.kind === 'unix' ? process.umask(options.umask ?? 0o007) : undefined;
-  try {
-    // Removes a stale unix socket, and only if it is a socket.
-    milter.opensocket(true);
-  } finally {
-    if (oldMask !== undefined) process.umask(oldMask);
-  }
-
+  // Signal handlers go in before the socket opens: a client (or a test) may
+  // signal the moment it can connect. A signal before main() is kept and
+  // acted on as soon as the milter runs.
   const signals = options.signals ?? ['SIGTERM', 'SIGINT'];
   let stopping = false;
+  let serving = false;
+  let early: NodeJS.Signals | undefined;
+  const beginStop = (sig: NodeJS.Signals) => {
+    // Refuse new sessions first, then say so: whoever reads the log line may connect at once.
+    const stopped = milter.stop({ drain });
+    log.info(`${name}: ${sig}: draining open sessions for up to ${drain} ms, then stopping`);
+    stopped.catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
+  };
   const onSignal = (sig: NodeJS.Signals) => {
     if (stopping) {
       log.warn(`${name}: ${sig} again, still draining`);
       return;
     }
     stopping = true;
-    // Refuse new sessions first, then say so: whoever reads the log line may connect at once.
-    const stopped = milter.stop({ drain });
-    log.info(`${name}: ${sig}: draining open sessions for up to ${drain} ms, then stopping`);
-    stopped.catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
+    if (serving) beginStop(sig);
+    else early = sig;
   };
   for (const s of signals) process.on(s, onSignal);
 
+  const oldMask = spec.kind === 'unix' ? process.umask(options.umask ?? 0o007) : undefined;
+  try {
+    // Removes a stale unix socket, and only if it is a socket.
+    milter.opensocket(true);
+  } catch (err) {
+    for (const s of signals) process.removeListener(s, onSignal);
+    milter.events.removeListener('handlerError', onHandlerError);
+    throw err;
+  } finally {
+    if (oldMask !== undefined) process.umask(oldMask);
+  }
+
   const running = milter.main();
+  serving = true;
   log.info(`${name}: listening on ${socket}`);
+  if (early) beginStop(early);
   options.onListening?.();
   try {
     await running;

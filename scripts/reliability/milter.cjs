@@ -150,8 +150,6 @@ if (cfg.policy) milter.set_exception_policy(milter[cfg.policy]);
 const opts = { deadline: cfg.deadline, progressInterval: cfg.progressInterval, noreply: cfg.noreply };
 if (cfg.limits) opts.limits = cfg.limits;
 milter.register('reliability', callbacks, opts);
-milter.setconn(cfg.socket);
-milter.opensocket(true);
 
 function stats() {
   const m = process.memoryUsage();
@@ -162,13 +160,17 @@ process.on('SIGUSR2', () => {
   out(stats());
 });
 process.on('SIGTERM', () => {
-  out({ ev: 'sigterm', drain: cfg.drain ?? 0 });
   const t0 = Date.now();
+  // Draining starts inside stop(); report it only then, since tests connect on seeing it.
   milter.stop({ drain: cfg.drain ?? 0 }).then(() => {
     out({ ...stats(), ev: 'stopped', ms: Date.now() - t0 });
   });
+  out({ ev: 'sigterm', drain: cfg.drain ?? 0 });
 });
 
+// Signal handlers are in place before the socket accepts connections.
+milter.setconn(cfg.socket);
+milter.opensocket(true);
 milter.main().then(
   () => out({ ev: 'main-resolved' }),
   (err) => {
