@@ -510,7 +510,7 @@ function report(error: Error, s: SessionCore, type: number, answered?: number): 
       logger.error('nodemilter: handlerError listener threw', e);
     }
   }
-  logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}:`, error);
+  logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}: ${error.message}`, error);
 }
 
 /** A libmilter session: the actions go to the native addon, checked against the parked callback. */

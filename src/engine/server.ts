@@ -342,7 +342,7 @@ export class MilterServer extends EventEmitter {
         this.logger.error('nodemilter: handlerError listener threw', e);
       }
     }
-    this.logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}:`, error);
+    this.logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}: ${error.message}`, error);
   }
 }
 
