@@ -25,7 +25,7 @@
  * http.createServer((req, res) => res.end(metrics.prometheus())).listen(9464, '127.0.0.1');
  * ```
  *
- * @module
+ * @module nodemilter/metrics
  */
 import * as C from './constants';
 import { InvalidArgumentError } from './errors';
