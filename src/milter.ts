@@ -60,11 +60,11 @@ import {
 import type { MilterMetrics } from './metrics';
 import { ActionCode, ConnHandle, Ev, NativeBinding, loadNative } from './native';
 import { parseSocketSpec } from './socketspec';
-import type { Bytes, CallbackName, Callbacks, Logger, MilterDescription } from './types';
+import type { Bytes, CallbackName, Callbacks, EngineCounters, Logger, MilterDescription } from './types';
 import type { Reply } from './validate';
 
 export * from './constants';
-export type { Callbacks, MilterContext, MilterDescription, NegotiateOffer, NegotiateResult, Family, HostAddr } from './types';
+export type { EngineCounters, Callbacks, MilterContext, MilterDescription, NegotiateOffer, NegotiateResult, Family, HostAddr } from './types';
 
 /* ------------------------------------------------------------------------ */
 /* Configuration                                                            */
@@ -309,21 +309,7 @@ export function getversion(): [number, number, number] {
 }
 
 /** Counters: sessions created and deleted, deadlines expired, and more. */
-export interface Diag {
-  /** Sessions (contexts) libmilter has created. */
-  created: number;
-  /** Sessions libmilter has closed. */
-  deleted: number;
-  /** created - deleted. */
-  active: number;
-  /** Callbacks answered by the fallback because JavaScript was too slow. */
-  deadlineExpired: number;
-  /** Progress messages sent during eom. */
-  progressSent: number;
-  /** Answers that arrived after their deadline and were ignored. */
-  lateAnswers: number;
-  /** Sessions refused with TEMPFAIL while draining. */
-  drainRefused: number;
+export interface Diag extends EngineCounters {
   /** Sessions in JavaScript's hands (with state kept in this module). */
   jsSessions: number;
   /**
@@ -333,8 +319,6 @@ export interface Diag {
    * from libmilter), -2 before the first session.
    */
   macroLayout: number;
-  /** Whether libmilter is serving. */
-  running: boolean;
 }
 
 /** The engine's counters (pymilter's getdiag gives the context counts). */

@@ -189,3 +189,23 @@ export interface Logger {
   /** A failure: a handler threw, a stop failed. */
   error(message: string, ...args: unknown[]): void;
 }
+
+/** Counters every engine keeps (libmilter's `milter.getdiag()`, the TypeScript engine's `server.getdiag()`). */
+export interface EngineCounters {
+  /** Milter sessions started (a QUIT_NC starts another one on the same connection). */
+  created: number;
+  /** Sessions ended. */
+  deleted: number;
+  /** Sessions open now (created - deleted). */
+  active: number;
+  /** Callbacks answered by the fallback because JavaScript was too slow. */
+  deadlineExpired: number;
+  /** Progress messages sent during eom. */
+  progressSent: number;
+  /** Answers that arrived after their deadline and were ignored. */
+  lateAnswers: number;
+  /** Sessions refused with TEMPFAIL while draining. */
+  drainRefused: number;
+  /** Whether the engine is serving. */
+  running: boolean;
+}

@@ -15,7 +15,7 @@ import * as net from 'node:net';
 import * as C from '../constants';
 import { InvalidArgumentError, MilterError, MilterStateError, ActionNotAllowedError, ContextClosedError } from '../errors';
 import { parseSocketSpec } from '../socketspec';
-import type { Bytes, Logger, MilterDescription } from '../types';
+import type { Bytes, EngineCounters, Logger, MilterDescription } from '../types';
 import type { Reply } from '../validate';
 import {
   CALLBACK_EVENT,
@@ -134,25 +134,9 @@ export interface EngineHandlerErrorInfo {
 }
 
 /** Counters of a {@link MilterServer}. */
-export interface EngineDiag {
+export interface EngineDiag extends EngineCounters {
   /** MTA connections accepted. */
   connections: number;
-  /** Milter sessions started (a QUIT_NC starts another one on the same connection). */
-  created: number;
-  /** Sessions ended. */
-  deleted: number;
-  /** Sessions open now. */
-  active: number;
-  /** Callbacks answered by the fallback because JavaScript was too slow. */
-  deadlineExpired: number;
-  /** Progress messages sent during eom. */
-  progressSent: number;
-  /** Answers that arrived after their deadline and were ignored. */
-  lateAnswers: number;
-  /** Sessions refused with TEMPFAIL while draining. */
-  drainRefused: number;
-  /** Whether the server is listening. */
-  running: boolean;
 }
 
 /** Options of {@link MilterServer.close}. */
