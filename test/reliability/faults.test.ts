@@ -203,7 +203,8 @@ describe('a synchronous handler blocks the event loop for 2 s', () => {
 
 describe('SIGTERM under load', () => {
   it('with drain: sessions in flight finish with their header, new ones get 421, the process exits 0', async () => {
-    const m = await startMilter({ eomSleep: 1500, drain: 15_000 });
+    // eom takes 4 s so the late connection lands inside the drain window even on a loaded machine.
+    const m = await startMilter({ eomSleep: 4000, drain: 15_000 });
     const N = 20;
     // Settled into values at once, so a failure is reported by the assertions below.
     const inflight = Array.from({ length: N }, () => send(m.spec).catch((e: Error) => e));
