@@ -7,7 +7,8 @@
  */
 import { ADDHDRS, Base, CONTINUE, runmilter } from '../src';
 
-class Hello extends Base {
+/** Adds `X-Hello` naming the queue id (macro `i`) to every message. */
+export class Hello extends Base {
   static override flags = ADDHDRS;
 
   override eom() {
@@ -16,8 +17,14 @@ class Hello extends Base {
   }
 }
 
-const socket = process.argv[2] ?? 'inet:8894@127.0.0.1';
-runmilter('hello', socket, { factory: Hello }).catch((err: Error) => {
-  console.error(`hello: ${err.message}`);
-  process.exit(1);
-});
+/** Serve {@link Hello} on `socket` until SIGTERM/SIGINT. */
+export function main(socket = 'inet:8894@127.0.0.1'): Promise<void> {
+  return runmilter('hello', socket, { factory: Hello });
+}
+
+if (require.main === module) {
+  main(process.argv[2]).catch((err: Error) => {
+    console.error(`hello: ${err.message}`);
+    process.exit(1);
+  });
+}
