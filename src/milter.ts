@@ -42,6 +42,7 @@ import {
   EVENT_NAMES,
   NOT_PARKED_MESSAGE,
   SessionCore,
+  reportHandlerError,
   checkCallbacks,
   checkIntOption,
   deadlineArray,
@@ -111,15 +112,7 @@ export interface RegisterOptions {
 /** A logger: console fits, and so does pino. */
 export type MilterLogger = Logger;
 
-/** What {@link events} reports when a handler fails. */
-export interface HandlerErrorInfo {
-  /** The callback that failed. */
-  callback: CallbackName;
-  /** The session. */
-  connection: number;
-  /** The status answered instead (undefined for steps nobody waits for). */
-  answered?: number;
-}
+export type { HandlerErrorInfo } from './engine/dispatch';
 
 /**
  * Errors and notices from the engine. `handlerError` (err, info): a handler
@@ -485,16 +478,7 @@ const sessions = new Map<number, Session>();
 let dispatcher: Dispatcher | undefined;
 
 function report(error: Error, s: SessionCore, type: number, answered?: number): void {
-  const info: HandlerErrorInfo = { callback: EVENT_NAMES[type], connection: s.id, answered };
-  if (events.listenerCount('handlerError') > 0) {
-    try {
-      events.emit('handlerError', error, info);
-      return;
-    } catch (e) {
-      logger.error('nodemilter: handlerError listener threw', e);
-    }
-  }
-  logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}: ${error.message}`, error);
+  reportHandlerError(events, logger, error, s, type, answered);
 }
 
 /** A libmilter session: the actions go to the native addon, checked against the parked callback. */

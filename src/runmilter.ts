@@ -12,7 +12,7 @@ import { describe as describeMilter, type MilterFactory } from './base';
 import { InvalidArgumentError, InvalidSocketError } from './errors';
 import * as milter from './milter';
 import { runOnNodeEngine } from './engine/run';
-import { parseSocketSpec } from './socketspec';
+import { parseSocketSpec, removeUnixSocket } from './socketspec';
 import type { Logger } from './types';
 
 /** Options of {@link runmilter}. */
@@ -145,7 +145,10 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   } finally {
     for (const s of signals) process.removeListener(s, onSignal);
     milter.events.removeListener('handlerError', onHandlerError);
-    if (spec.kind === 'unix') removeSocket(spec.path, log);
+    if (spec.kind === 'unix') {
+      const err = removeUnixSocket(spec.path);
+      if (err) log.warn(`could not remove socket ${spec.path}: ${err.message}`);
+    }
     log.info(`${name}: stopped`);
   }
 }
@@ -167,12 +170,4 @@ function refuseNonSocket(path: string, socket: string): void {
   throw new InvalidSocketError(
     `cannot listen on ${socket}: ${path} exists and is ${what}; expected a unix socket or nothing there (it was left untouched)`,
   );
-}
-
-function removeSocket(path: string, log: Logger): void {
-  try {
-    if (fs.lstatSync(path).isSocket()) fs.unlinkSync(path);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') log.warn(`could not remove socket ${path}: ${(err as Error).message}`);
-  }
 }

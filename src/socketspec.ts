@@ -14,6 +14,8 @@
  *
  * @module
  */
+import * as fs from 'node:fs';
+
 import { InvalidSocketError } from './errors';
 
 /** A unix-domain socket. */
@@ -115,5 +117,19 @@ export function formatSocketSpec(s: SocketSpec): string {
       return `fd:${s.fd}`;
     default:
       return s.host === undefined ? `${s.kind}:${s.port}` : `${s.kind}:${s.port}@${s.host}`;
+  }
+}
+
+/**
+ * Remove the unix socket at `path` if it is a socket; anything else at the
+ * path is left alone, and an absent path is fine. Returns the error that
+ * prevented the removal, if any (for the caller to log).
+ */
+export function removeUnixSocket(path: string): Error | undefined {
+  try {
+    if (fs.lstatSync(path).isSocket()) fs.unlinkSync(path);
+    return undefined;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ENOENT' ? undefined : (err as Error);
   }
 }

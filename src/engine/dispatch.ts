@@ -13,6 +13,7 @@
  * @module
  */
 import { isUtf8 } from 'node:buffer';
+import type { EventEmitter } from 'node:events';
 
 import * as C from '../constants';
 import {
@@ -32,6 +33,7 @@ import type {
   Decoding,
   Family,
   HostAddr,
+  Logger,
   MilterContext,
   NegotiateResult,
 } from '../types';
@@ -221,6 +223,33 @@ const FLAG_NAMES: Record<number, string> = {
 /** The message of the error thrown for an action whose callback was already answered. */
 export const NOT_PARKED_MESSAGE =
   'the MTA is not waiting for this callback any more (it returned, its deadline passed, or it is a no-reply step); call actions before the handler\'s result settles';
+
+/** What an engine emits with `handlerError` when a handler fails. */
+export interface HandlerErrorInfo {
+  /** The callback that failed. */
+  callback: CallbackName;
+  /** The session. */
+  connection: number;
+  /** The status answered instead (undefined for steps nobody waits for). */
+  answered?: number;
+}
+
+/**
+ * Report a failed handler: emit `handlerError` (err, info) on `emitter`, or,
+ * when nobody listens (or the listener throws), log it. Both engines use it.
+ */
+export function reportHandlerError(emitter: EventEmitter, logger: Logger, error: Error, s: SessionCore, type: number, answered?: number): void {
+  const info: HandlerErrorInfo = { callback: EVENT_NAMES[type], connection: s.id, answered };
+  if (emitter.listenerCount('handlerError') > 0) {
+    try {
+      emitter.emit('handlerError', error, info);
+      return;
+    } catch (e) {
+      logger.error('nodemilter: handlerError listener threw', e);
+    }
+  }
+  logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}: ${error.message}`, error);
+}
 
 /**
  * The per-session context handed to every callback, engine-neutral: the

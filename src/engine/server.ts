@@ -9,12 +9,11 @@
  * @module
  */
 import { EventEmitter } from 'node:events';
-import * as fs from 'node:fs';
 import * as net from 'node:net';
 
 import * as C from '../constants';
 import { InvalidArgumentError, MilterError, MilterStateError, ActionNotAllowedError, ContextClosedError } from '../errors';
-import { parseSocketSpec } from '../socketspec';
+import { parseSocketSpec, removeUnixSocket } from '../socketspec';
 import type { Bytes, EngineCounters, Logger, MilterDescription } from '../types';
 import type { Reply } from '../validate';
 import {
@@ -30,8 +29,10 @@ import {
   checkCallbacks,
   checkIntOption,
   deadlineArray,
+  reportHandlerError,
   symlistStrings,
   type Deadlines,
+  type HandlerErrorInfo,
 } from './dispatch';
 import { Cmd, FrameReader, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Rep, cstr, frame, rawText, splitStrings, u32 } from './protocol';
 
@@ -124,14 +125,7 @@ export interface ServeOptions {
 }
 
 /** What a {@link MilterServer} emits with `handlerError`. */
-export interface EngineHandlerErrorInfo {
-  /** The callback that failed. */
-  callback: string;
-  /** The session. */
-  connection: number;
-  /** The status answered instead (undefined for steps nobody waits for). */
-  answered?: number;
-}
+export type EngineHandlerErrorInfo = HandlerErrorInfo;
 
 /** Counters of a {@link MilterServer}. */
 export interface EngineDiag extends EngineCounters {
@@ -209,7 +203,7 @@ export class MilterServer extends EventEmitter {
     };
     this.dispatcher = new Dispatcher(cb, { ...description.decode }, {
       exceptionStatus: () => this.exceptionStatus,
-      report: (err, s, type, answered) => this.report(err, s, type, answered),
+      report: (err, s, type, answered) => reportHandlerError(this, this.logger, err, s, type, answered),
     });
     this.server = net.createServer({ allowHalfOpen: false, noDelay: true } as net.ServerOpts, (sock) => this.accept(sock));
   }
@@ -229,7 +223,7 @@ export class MilterServer extends EventEmitter {
         resolve();
       };
       if (spec.kind === 'unix') {
-        if (this.options.rmsocket !== false) removeStaleSocket(spec.path);
+        if (this.options.rmsocket !== false) removeUnixSocket(spec.path);
         const old = this.options.umask !== undefined ? process.umask(this.options.umask) : undefined;
         try {
           this.server.listen({ path: spec.path, backlog }, done);
@@ -303,7 +297,7 @@ export class MilterServer extends EventEmitter {
       await closed;
       this.listening = false;
       const spec = parseSocketSpec(this.options.socket);
-      if (spec.kind === 'unix') removeStaleSocket(spec.path);
+      if (spec.kind === 'unix') removeUnixSocket(spec.path);
       this.emit('close');
     })();
     return this.closing;
@@ -316,18 +310,6 @@ export class MilterServer extends EventEmitter {
     sock.once('close', () => this.conns.delete(c));
   }
 
-  private report(error: Error, s: SessionCore, type: number, answered?: number): void {
-    const info: EngineHandlerErrorInfo = { callback: EVENT_NAMES[type], connection: s.id, answered };
-    if (this.listenerCount('handlerError') > 0) {
-      try {
-        this.emit('handlerError', error, info);
-        return;
-      } catch (e) {
-        this.logger.error('nodemilter: handlerError listener threw', e);
-      }
-    }
-    this.logger.error(`nodemilter: ${info.callback} handler failed on connection ${s.id}: ${error.message}`, error);
-  }
 }
 
 /** @internal */
@@ -341,14 +323,6 @@ export interface EngineConfig {
   deadlines: number[];
   progressMs: number;
   timeoutMs: number;
-}
-
-function removeStaleSocket(path: string): void {
-  try {
-    if (fs.lstatSync(path).isSocket()) fs.unlinkSync(path);
-  } catch {
-    /* absent: nothing to do */
-  }
 }
 
 /** The step the MTA waits for while JavaScript works on it. */
