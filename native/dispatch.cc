@@ -672,7 +672,6 @@ Napi::Value CreateChannel(const Napi::CallbackInfo& info) {
   }
   g_tsfn = Tsfn::New(env, info[0].As<Napi::Function>(), "nodemilter", 0, 1);
   a.tsfn_live = true;
-  a.tsfn_refed = true;
   return env.Undefined();
 }
 
@@ -683,7 +682,6 @@ Napi::Value RefChannel(const Napi::CallbackInfo& info) {
   if (a.tsfn_live) {
     if (ref) g_tsfn.Ref(info.Env());
     else g_tsfn.Unref(info.Env());
-    a.tsfn_refed = ref;
   }
   return info.Env().Undefined();
 }

@@ -132,7 +132,6 @@ struct Addon {
   std::vector<Event*> queue;
   bool wake_pending = false;
   bool tsfn_live = false;
-  bool tsfn_refed = true;
 
   // Sessions.
   std::mutex cmu;
