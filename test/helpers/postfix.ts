@@ -91,7 +91,7 @@ export interface DeliveredMessage {
   mailArgs: string;
   /** RCPT TO arguments (X-Rcpt-Args), one per recipient. */
   rcptArgs: string[];
-  /** The message as Postfix sent it (smtp-sink's own X-* and Received lines removed). */
+  /** The message as the MTA relayed it (smtp-sink's own X-* and Received lines removed), CRLF line ends. */
   message: string;
 }
 
@@ -326,10 +326,14 @@ export async function startPostfix(opts: PostfixOptions): Promise<PostfixInstanc
   return instance;
 }
 
-/** Parse smtp-sink's dumps: its X-Client-*, X-Helo-Args, X-Mail-Args, X-Rcpt-Args lines and its own Received header come first. */
-function readSink(sinkDir: string): DeliveredMessage[] {
+/**
+ * Parse smtp-sink's dumps, in file-name order: its X-Client-*, X-Helo-Args,
+ * X-Mail-Args, X-Rcpt-Args lines and its own Received header come first.
+ * Used for Postfix and for sendmail, which both relay to smtp-sink.
+ */
+export function readSink(sinkDir: string): DeliveredMessage[] {
   const out: DeliveredMessage[] = [];
-  for (const name of fs.readdirSync(sinkDir)) {
+  for (const name of fs.readdirSync(sinkDir).sort()) {
     const file = path.join(sinkDir, name);
     const text = fs.readFileSync(file, 'latin1').replace(/\r?\n/g, '\r\n');
     const lines = text.split('\r\n');

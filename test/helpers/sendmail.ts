@@ -29,7 +29,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { promisify } from 'util';
 
-import { SMTP_SINK_BIN, smtpSend, type SmtpTranscript } from './postfix';
+import { SMTP_SINK_BIN, readSink, smtpSend, type DeliveredMessage, type SmtpTranscript } from './postfix';
 import { freePort, startProcess, waitForSocket, type RunningProcess } from './process';
 
 const run = promisify(execFile);
@@ -84,13 +84,7 @@ export interface SendmailOptions {
 }
 
 /** A message smtp-sink received from sendmail. */
-export interface SinkMessage {
-  file: string;
-  mailArgs: string;
-  rcptArgs: string[];
-  /** The message as sendmail relayed it (smtp-sink's X-* lines and its own Received header removed), CRLF line ends. */
-  message: string;
-}
+export type SinkMessage = DeliveredMessage;
 
 /** A message in sendmail's quarantine (an `hf` queue file). */
 export interface QuarantinedMessage {
@@ -148,32 +142,6 @@ export function sendmailMc(o: { dir: string; smtpPort: number; sinkPort: number;
     `MAILER(${q('smtp')})dnl`,
     '',
   ].join('\n');
-}
-
-/** Parse smtp-sink's dumps (its X-* lines and its own Received header come first). */
-function readSink(sinkDir: string): SinkMessage[] {
-  const out: SinkMessage[] = [];
-  for (const name of fs.readdirSync(sinkDir).sort()) {
-    const file = path.join(sinkDir, name);
-    const lines = fs.readFileSync(file, 'latin1').replace(/\r?\n/g, '\r\n').split('\r\n');
-    let i = 0;
-    let mailArgs = '';
-    const rcptArgs: string[] = [];
-    for (; i < lines.length; i++) {
-      const l = lines[i];
-      if (l.startsWith('X-Mail-Args: ')) mailArgs = l.slice(13);
-      else if (l.startsWith('X-Rcpt-Args: ')) rcptArgs.push(l.slice(13));
-      else if (!/^X-(Client-Addr|Client-Proto|Helo-Args):/.test(l)) break;
-    }
-    if (/^Received: /.test(lines[i] ?? '') && /by smtp-sink/.test(lines.slice(i, i + 3).join('\n'))) {
-      i++;
-      while (/^[ \t]/.test(lines[i] ?? '')) i++;
-    }
-    let text = lines.slice(i).join('\r\n');
-    if (text.endsWith('\r\n\r\n')) text = text.slice(0, -2);
-    out.push({ file, mailArgs, rcptArgs, message: text });
-  }
-  return out;
 }
 
 const live = new Set<SendmailInstance>();
