@@ -22,6 +22,6 @@ export {
 export type { Reply } from './validate';
 export { param2dict } from './utils';
 export { runmilter } from './runmilter';
-export type { RunmilterOptions } from './runmilter';
+export type { RunmilterOptions, EngineName } from './runmilter';
 export { parse_addr, parse_header, iniplist, IpList, formatAuthResults, parseAuthResults } from './utils';
 export type { AuthenticationResults, AuthResResult, AuthResProperty } from './utils';

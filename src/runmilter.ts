@@ -6,14 +6,33 @@
  *
  * @module
  */
-import * as fs from 'node:fs';
-
 import { describe as describeMilter, type MilterFactory } from './base';
-import { InvalidArgumentError, InvalidSocketError } from './errors';
+import { InvalidArgumentError, NativeLoadError } from './errors';
+import { loadNative } from './native';
 import * as milter from './milter';
 import { runOnNodeEngine } from './engine/run';
-import { parseSocketSpec, removeUnixSocket } from './socketspec';
+import { parseSocketSpec, refuseNonSocket, removeUnixSocket } from './socketspec';
 import type { Logger } from './types';
+
+/** The engines {@link runmilter} can serve on. */
+export type EngineName = 'libmilter' | 'node' | 'auto';
+
+const ENGINES: readonly EngineName[] = ['libmilter', 'node', 'auto'];
+
+/**
+ * The engine `options.engine` (or `NODEMILTER_ENGINE`) asks for, checked.
+ * @internal
+ */
+export function chooseEngine(option: unknown): EngineName {
+  const env = process.env.NODEMILTER_ENGINE || undefined;
+  const engine = option ?? env;
+  if (engine === undefined) return 'libmilter';
+  if (!ENGINES.includes(engine as EngineName)) {
+    const from = option !== undefined ? 'engine' : 'NODEMILTER_ENGINE';
+    throw new InvalidArgumentError(`${from} must be 'libmilter', 'node' or 'auto', got ${JSON.stringify(engine)}`);
+  }
+  return engine as EngineName;
+}
 
 /** Options of {@link runmilter}. */
 export interface RunmilterOptions {
@@ -46,11 +65,15 @@ export interface RunmilterOptions {
   /** Called once the socket is open and the milter serves. */
   onListening?: () => void;
   /**
-   * Which engine serves: `'libmilter'` (default, the native addon) or
+   * Which engine serves: `'libmilter'` (the native addon on libmilter),
    * `'node'` (the milter protocol in TypeScript, `nodemilter/engine`; no
-   * libmilter needed). See docs/engine.md.
+   * addon or libmilter needed), or `'auto'` (libmilter when the addon
+   * loads; otherwise say so once and serve on `'node'`). Default: the
+   * `NODEMILTER_ENGINE` environment variable if set, else `'libmilter'`,
+   * which rejects with a {@link NativeLoadError} naming the other engines
+   * when the addon cannot load. See docs/engine.md.
    */
-  engine?: 'libmilter' | 'node';
+  engine?: EngineName;
 }
 
 /**
@@ -83,10 +106,24 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   const spec = parseSocketSpec(socket);
   if (spec.kind === 'unix') refuseNonSocket(spec.path, socket);
   const description = describeMilter(options.factory, { name });
-  if (options.engine !== undefined && options.engine !== 'libmilter') {
-    if (options.engine !== 'node') throw new InvalidArgumentError(`engine must be 'libmilter' or 'node', got ${JSON.stringify(options.engine)}`);
-    return runOnNodeEngine(name, socket, description, { ...options, drain, logger: log });
+  let engine = chooseEngine(options.engine);
+  if (engine !== 'node') {
+    try {
+      loadNative();
+      engine = 'libmilter';
+    } catch (err) {
+      if (!(err instanceof NativeLoadError)) throw err;
+      if (engine === 'libmilter') {
+        throw new NativeLoadError(
+          `${err.message.replace(/\.$/, '')}. The TypeScript engine serves the same milter without the addon: ` +
+            "runmilter(..., { engine: 'node' }) or NODEMILTER_ENGINE=node (or engine 'auto' to fall back by itself); see docs/engine.md.",
+        );
+      }
+      log.warn(`${name}: the native addon did not load (${err.message}); serving on the TypeScript engine instead (engine 'auto')`);
+      engine = 'node';
+    }
   }
+  if (engine === 'node') return runOnNodeEngine(name, socket, description, { ...options, drain, logger: log });
 
   milter.setLogger(log);
   const onHandlerError = (err: Error, info: milter.HandlerErrorInfo) => {
@@ -151,23 +188,4 @@ export async function runmilter(name: string, socket: string, options: Runmilter
     }
     log.info(`${name}: stopped`);
   }
-}
-
-/**
- * libmilter replaces a stale unix socket but fails on anything else at the
- * path with a bare "could not open the milter socket": say what is there,
- * and leave it alone.
- */
-function refuseNonSocket(path: string, socket: string): void {
-  let st: fs.Stats;
-  try {
-    st = fs.lstatSync(path);
-  } catch {
-    return; // nothing there (or not reachable: libmilter reports that)
-  }
-  if (st.isSocket()) return;
-  const what = st.isFile() ? 'a regular file' : st.isDirectory() ? 'a directory' : st.isSymbolicLink() ? 'a symbolic link' : 'not a socket';
-  throw new InvalidSocketError(
-    `cannot listen on ${socket}: ${path} exists and is ${what}; expected a unix socket or nothing there (it was left untouched)`,
-  );
 }

@@ -121,6 +121,29 @@ export function formatSocketSpec(s: SocketSpec): string {
 }
 
 /**
+ * Refuse to listen on a unix path that exists and is not a socket.
+ * libmilter (and Node's listen) replace a stale socket but fail on anything
+ * else at the path with a bare "could not open the milter socket" or
+ * EADDRINUSE: this says what is there, and leaves it alone. An absent path
+ * is fine.
+ *
+ * @throws InvalidSocketError naming the path and what it is.
+ */
+export function refuseNonSocket(path: string, socket: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(path);
+  } catch {
+    return; // nothing there (or not reachable: listening reports that)
+  }
+  if (st.isSocket()) return;
+  const what = st.isFile() ? 'a regular file' : st.isDirectory() ? 'a directory' : st.isSymbolicLink() ? 'a symbolic link' : 'not a socket';
+  throw new InvalidSocketError(
+    `cannot listen on ${socket}: ${path} exists and is ${what}; expected a unix socket or nothing there (it was left untouched)`,
+  );
+}
+
+/**
  * Remove the unix socket at `path` if it is a socket; anything else at the
  * path is left alone, and an absent path is fine. Returns the error that
  * prevented the removal, if any (for the caller to log).

@@ -13,7 +13,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { Base } from '../src/base';
 import * as C from '../src/constants';
 import { serve, type MilterServer } from '../src/engine';
-import { InvalidArgumentError } from '../src/errors';
+import { InvalidArgumentError, InvalidSocketError } from '../src/errors';
 import { runmilter } from '../src/runmilter';
 import { MilterClient } from '../src/testing/client';
 import type { Callbacks, MilterContext } from '../src/types';
@@ -97,6 +97,35 @@ describe('sockets', () => {
     await expect(serve({ name: 'x', callbacks: { nope: () => 0 } as Callbacks }, { socket: 'inet:1@127.0.0.1' })).rejects.toThrow(/unknown callback "nope"/);
     await expect(serve({ name: 'x', callbacks: {} }, { socket: 'inet:1@127.0.0.1', exceptionPolicy: 99 })).rejects.toThrow(/exception policy/);
     await expect(serve({ name: 'x', callbacks: {} }, { socket: 'inet:port@host' })).rejects.toThrow(/"port" is not a number/);
+  });
+
+  it('refuses a unix path that is not a socket with InvalidSocketError, and leaves the file alone', async () => {
+    const file = tmpSocketSpec().slice(5);
+    fs.writeFileSync(file, 'keep me\n');
+    const err = await serve({ name: 'x', callbacks: {} }, { socket: `unix:${file}` }).then(
+      () => undefined,
+      (e: Error) => e,
+    );
+    expect(err).toBeInstanceOf(InvalidSocketError);
+    expect(err!.message).toBe(`cannot listen on unix:${file}: ${file} exists and is a regular file; expected a unix socket or nothing there (it was left untouched)`);
+    expect(fs.readFileSync(file, 'utf8')).toBe('keep me\n');
+  });
+
+  it('accepts 1000 simultaneous connects with the default backlog', async () => {
+    const spec = tmpSocketSpec();
+    await start({ helo: () => C.REJECT }, { socket: spec });
+    const socks = await Promise.all(
+      Array.from({ length: 1000 }, () =>
+        new Promise<net.Socket | Error>((resolve) => {
+          const s = net.connect(spec.slice(5));
+          s.once('connect', () => resolve(s));
+          s.once('error', (e) => resolve(e));
+        }),
+      ),
+    );
+    const failed = socks.filter((s) => s instanceof Error);
+    for (const s of socks) if (!(s instanceof Error)) s.destroy();
+    expect(failed.map((e) => (e as Error).message).slice(0, 3)).toEqual([]);
   });
 });
 

@@ -172,3 +172,61 @@ describe('the unix socket', () => {
     expect(events(p).some((e) => e.ev === 'stopped')).toBe(true);
   });
 });
+
+describe('choosing the engine', () => {
+  // An addon file that exists but is not a shared object: what a broken
+  // install looks like to the loader.
+  function brokenAddon(): string {
+    const f = path.join(tmpDir('nmr-'), 'nodemilter.node');
+    fs.writeFileSync(f, 'not an ELF file\n');
+    return f;
+  }
+
+  it("engine 'auto' (NODEMILTER_ENGINE=auto) with an addon that cannot load: warns once and serves on the TypeScript engine", async () => {
+    const spec = tmpSocketSpec();
+    const p = await startProcess(process.execPath, {
+      args: [BASE_FIXTURE],
+      env: { BASE_CONFIG: JSON.stringify({ milter: 'EomOnly', socket: spec }), NODEMILTER_ENGINE: 'auto', NODEMILTER_ADDON: brokenAddon() },
+      socket: spec,
+      stopSignal: 'SIGKILL',
+    });
+    await waitFor(p, (e) => e.ev === 'ready');
+    const c = await MilterClient.connect(spec);
+    const r = await c.sendMessage({ ...MESSAGE, quit: true });
+    expect(r.decision).toBe('continue');
+    await waitFor(p, (e) => e.ev === 'eom');
+    const logs = events(p).filter((e) => e.ev === 'log');
+    const warnings = logs.filter((e) => e.level === 'warn');
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0].msg).toMatch(/native addon did not load .*serving on the TypeScript engine/);
+    expect(logs.some((e) => /listening on .*\(node engine\)/.test(e.msg))).toBe(true);
+  });
+
+  it('the default engine with an addon that cannot load: rejects with NativeLoadError offering the TypeScript engine, no socket', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startProcess(process.execPath, {
+      args: [BASE_FIXTURE],
+      env: { BASE_CONFIG: JSON.stringify({ milter: 'EomOnly', socket: spec }), NODEMILTER_ENGINE: undefined, NODEMILTER_ADDON: brokenAddon() },
+    });
+    expect((await p.exited).code).toBe(3);
+    const err = events(p).find((e) => e.ev === 'run-error')!.error;
+    expect(err.name).toBe('NativeLoadError');
+    expect(err.code).toBe('ERR_MILTER_NATIVE_LOAD');
+    expect(err.message).toContain('could not load');
+    expect(err.message).toContain("engine: 'node'");
+    expect(err.message).toContain('NODEMILTER_ENGINE=node');
+    expect(fs.existsSync(socketPath(spec))).toBe(false);
+  });
+
+  it('an unknown NODEMILTER_ENGINE is refused by name', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startProcess(process.execPath, {
+      args: [BASE_FIXTURE],
+      env: { BASE_CONFIG: JSON.stringify({ milter: 'EomOnly', socket: spec }), NODEMILTER_ENGINE: 'postfix' },
+    });
+    expect((await p.exited).code).toBe(3);
+    const err = events(p).find((e) => e.ev === 'run-error')!.error;
+    expect(err.name).toBe('InvalidArgumentError');
+    expect(err.message).toBe(`NODEMILTER_ENGINE must be 'libmilter', 'node' or 'auto', got "postfix"`);
+  });
+});

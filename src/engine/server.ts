@@ -13,7 +13,7 @@ import * as net from 'node:net';
 
 import * as C from '../constants';
 import { InvalidArgumentError, MilterError, MilterStateError, ActionNotAllowedError, ContextClosedError } from '../errors';
-import { parseSocketSpec, removeUnixSocket } from '../socketspec';
+import { parseSocketSpec, refuseNonSocket, removeUnixSocket } from '../socketspec';
 import type { Bytes, EngineCounters, Logger, MilterDescription } from '../types';
 import type { Reply } from '../validate';
 import {
@@ -102,6 +102,8 @@ type MacroTable = (readonly string[] | undefined)[];
 
 /* ---- Options and the server. */
 
+const DEFAULT_BACKLOG = 4096;
+
 /** Options of {@link serve}. */
 export interface ServeOptions {
   /** Where to listen: `unix:/path`, `local:/path`, `inet:PORT@HOST`, `inet6:PORT@HOST`, or `fd:N` (an open listening socket). */
@@ -114,7 +116,12 @@ export interface ServeOptions {
   exceptionPolicy?: number;
   /** Seconds a session may wait for the MTA's next command before it is closed (default 7210, as libmilter). */
   timeout?: number;
-  /** Listen backlog. */
+  /**
+   * Listen backlog. Default 4096, the `SOMAXCONN` libmilter uses on Linux
+   * (the kernel caps it at net.core.somaxconn): a burst of connections
+   * waits instead of being refused. Node's own default, 511, refused 201
+   * of 1000 simultaneous connects in the benchmark.
+   */
   backlog?: number;
   /** Remove a stale unix socket (only if it is a socket) before listening. Default true. */
   rmsocket?: boolean;
@@ -220,7 +227,7 @@ export class MilterServer extends EventEmitter {
   listen(): Promise<void> {
     if (this.listening || this.closing) return Promise.reject(new MilterStateError('listen(): the server was already started'));
     const spec = parseSocketSpec(this.options.socket);
-    const backlog = this.options.backlog;
+    const backlog = this.options.backlog ?? DEFAULT_BACKLOG;
     return new Promise<void>((resolve, reject) => {
       const onError = (err: Error) => reject(err);
       this.server.once('error', onError);
@@ -231,6 +238,13 @@ export class MilterServer extends EventEmitter {
         resolve();
       };
       if (spec.kind === 'unix') {
+        try {
+          refuseNonSocket(spec.path, this.options.socket);
+        } catch (err) {
+          this.server.removeListener('error', onError);
+          reject(err);
+          return;
+        }
         if (this.options.rmsocket !== false) removeUnixSocket(spec.path);
         const old = this.options.umask !== undefined ? process.umask(this.options.umask) : undefined;
         try {
