@@ -1,16 +1,25 @@
 #!/usr/bin/env node
 // Hostile input on the milter socket. Starts scripts/reliability/milter.cjs
-// (the libmilter engine, every callback registered) on a private unix socket
+// (every callback registered; on the libmilter engine, or with --engine node
+// on the TypeScript engine) on a private unix socket
 // and, for the given time, has several connections at once send it random
 // and mutated milter packets: lengths past the 64 KB limit (up to 4 GiB),
 // truncated packets, zero lengths, unknown commands, malformed macros,
 // commands out of order, missing or extra NULs, valid transactions with
 // bytes flipped, and plain garbage. Every few seconds a well-formed message
 // checks that the milter still serves. The milter's RSS is sampled from
-// /proc once a second.
+// /proc once a second, and once per tenth of the run the milter (started
+// with --expose-gc) is sent SIGUSR2: it runs a full GC and reports its RSS,
+// V8 heap used, external and ArrayBuffer memory, the sessions it holds and
+// the engine's counters (the summary's `mem` rows).
 //
 //   node scripts/reliability/fuzz.cjs [--minutes M | --seconds S] [--conns N]
-//        [--seed N] [--max-growth-mib N] [--json]
+//        [--engine libmilter|node] [--seed N] [--max-growth-mib N]
+//        [--snapshots DIR]
+//
+// --snapshots DIR: the milter also gets --heapsnapshot-signal=SIGUSR1 and
+// runs in DIR; a heap snapshot is written after the first tenth and at the
+// end (each after a GC), to diff in Chrome DevTools' Memory tab.
 //
 // Exits 0 when the milter never crashed, every liveness probe passed and
 // its RSS after the first tenth of the run grew by less than
@@ -36,8 +45,10 @@ const conns = Number(arg('conns', 8));
 let seed = Number(arg('seed', Date.now() % 2 ** 31));
 const firstSeed = seed;
 const maxGrowth = Number(arg('max-growth-mib', 64)) * 2 ** 20;
-if (!(seconds > 0) || !(conns > 0)) {
-  console.error('usage: fuzz.cjs [--minutes M | --seconds S] [--conns N] [--seed N] [--max-growth-mib N]');
+const engine = arg('engine', 'libmilter');
+const snapshots = arg('snapshots', undefined);
+if (!(seconds > 0) || !(conns > 0) || (engine !== 'libmilter' && engine !== 'node') || snapshots === true) {
+  console.error('usage: fuzz.cjs [--minutes M | --seconds S] [--conns N] [--engine libmilter|node] [--seed N] [--max-growth-mib N] [--snapshots DIR]');
   process.exit(64);
 }
 
@@ -248,17 +259,46 @@ function rssOf(pid) {
   }
 }
 
+let started = Date.now();
+
+// Ask the milter for a stats line (it runs gc() first) and wait for it.
+async function askStats(child, statsLines, timeoutMs = 10_000) {
+  const n = statsLines.length;
+  try {
+    child.kill('SIGUSR2');
+  } catch {
+    return undefined;
+  }
+  const t = Date.now();
+  while (statsLines.length === n && Date.now() - t < timeoutMs) await new Promise((r) => setTimeout(r, 20));
+  return statsLines[n];
+}
+
 async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nm-fuzz-'));
   const sockPath = path.join(dir, 'milter.sock');
   const spec = `unix:${sockPath}`;
-  const child = spawn(process.execPath, [path.join(__dirname, 'milter.cjs')], {
-    env: { ...process.env, RELIABILITY_CONFIG: JSON.stringify({ socket: spec, quiet: true, deadline: { default: 3000 } }) },
+  const nodeArgs = ['--expose-gc'];
+  if (snapshots) {
+    fs.mkdirSync(snapshots, { recursive: true });
+    nodeArgs.push('--heapsnapshot-signal=SIGUSR1');
+  }
+  const child = spawn(process.execPath, [...nodeArgs, path.join(__dirname, 'milter.cjs')], {
+    env: { ...process.env, RELIABILITY_CONFIG: JSON.stringify({ socket: spec, quiet: true, deadline: { default: 3000 }, engine }) },
     stdio: ['ignore', 'pipe', 'pipe'],
+    cwd: snapshots ? path.resolve(snapshots) : undefined,
   });
   let out = '';
   let err = '';
-  child.stdout.setEncoding('utf8').on('data', (d) => (out += d));
+  // The milter's stats lines (one per SIGUSR2), parsed as they arrive.
+  const statsLines = [];
+  let partial = '';
+  child.stdout.setEncoding('utf8').on('data', (d) => {
+    out += d;
+    const lines = (partial + d).split('\n');
+    partial = lines.pop();
+    for (const l of lines) if (l.includes('"ev":"stats"')) statsLines.push({ t: Date.now() - started, ...JSON.parse(l) });
+  });
   child.stderr.setEncoding('utf8').on('data', (d) => (err = (err + d).slice(-20000)));
   let exit;
   child.on('exit', (code, signal) => (exit = { code, signal }));
@@ -267,7 +307,7 @@ async function main() {
     if (exit || Date.now() - t0 > 10_000) throw new Error(`milter did not start: ${err}`);
     await new Promise((r) => setTimeout(r, 20));
   }
-  const started = Date.now();
+  started = Date.now();
   const until = started + seconds * 1000;
   const samples = [];
   const sampler = setInterval(() => {
@@ -275,22 +315,43 @@ async function main() {
     if (r) samples.push([Date.now() - started, r]);
   }, 1000);
   const probes = setInterval(() => { if (!exit) probe(spec); }, 3000);
+  // Once per tenth of the run: a GC'd memory sample (and, with --snapshots,
+  // a heap snapshot after the first tenth).
+  let tenth = 0;
+  const memTimer = setInterval(async () => {
+    if (exit || ++tenth > 9) return;
+    await askStats(child, statsLines);
+    if (snapshots && tenth === 1 && !exit) child.kill('SIGUSR1');
+  }, seconds * 100);
   await Promise.all(
     Array.from({ length: conns }, async () => {
       while (Date.now() < until && !exit) await runHostile(sockPath);
     }),
   );
   clearInterval(probes);
+  clearInterval(memTimer);
   await probe(spec);
   clearInterval(sampler);
-  // Final counters from the milter (its stats line), then stop it.
+  // Final counters from the milter (its stats line, after a GC), then stop it.
   let final;
   if (!exit) {
-    child.kill('SIGUSR2');
-    const t = Date.now();
-    while (!/"ev":"stats"/.test(out) && Date.now() - t < 5000) await new Promise((r) => setTimeout(r, 20));
-    const line = out.split('\n').find((l) => l.includes('"ev":"stats"'));
-    final = line ? JSON.parse(line) : undefined;
+    // Let the engine see the last hang-ups before it is asked.
+    await new Promise((r) => setTimeout(r, 200));
+    final = await askStats(child, statsLines);
+    if (snapshots && !exit) {
+      const before = new Set(fs.readdirSync(snapshots));
+      child.kill('SIGUSR1');
+      const t = Date.now();
+      // The snapshot is complete when the file stops growing.
+      let last = -1;
+      while (Date.now() - t < 60_000) {
+        await new Promise((r) => setTimeout(r, 500));
+        const f = fs.readdirSync(snapshots).find((n) => !before.has(n) && n.endsWith('.heapsnapshot'));
+        const size = f ? fs.statSync(path.join(snapshots, f)).size : -1;
+        if (size > 0 && size === last) break;
+        last = size;
+      }
+    }
   }
   const crashed = !!exit;
   child.kill('SIGKILL');
@@ -301,6 +362,7 @@ async function main() {
   const max = Math.max(0, ...samples.map(([, r]) => r));
   const mib = (n) => Math.round((n / 2 ** 20) * 10) / 10;
   const summary = {
+    engine,
     seconds,
     conns,
     seed: firstSeed,
@@ -315,6 +377,11 @@ async function main() {
     rssEndMiB: mib(samples[samples.length - 1]?.[1] ?? 0),
     // One sample per tenth of the run, to see whether RSS levels off.
     rssTrendMiB: Array.from({ length: 10 }, (_, k) => samples.find(([t]) => t >= (k + 1) * seconds * 100)?.[1]).filter(Boolean).map(mib),
+    // After a forced GC, once per tenth and at the end: RSS, V8 heap used,
+    // external and ArrayBuffer memory (MiB), the sessions milter.cjs holds
+    // (live), what the engine holds (open: libmilter's JS sessions, the node
+    // engine's open connections), and sessions created/deleted so far.
+    mem: statsLines.map((m) => ({ t: Math.round(m.t / 1000), rss: mib(m.rss), heap: mib(m.heapUsed), ext: mib(m.external), ab: mib(m.arrayBuffers), live: m.live, open: m.diag?.open, created: m.diag?.created, deleted: m.diag?.deleted })),
     handlerErrors: [...new Set(out.split('\n').filter((l) => l.includes('"ev":"handlerError"')).map((l) => { const e = JSON.parse(l); return `${e.callback}: ${e.message}`; }))].slice(0, 10),
     diag: final?.diag,
     counts: final?.counts,

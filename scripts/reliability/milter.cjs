@@ -1,13 +1,16 @@
 // The milter the reliability scenarios run (tests, fuzzer, valgrind, the
 // Postfix no-lost-mail run): the low-level `milter` module on libmilter, in a
-// process of its own. It stamps every message it passes with
+// process of its own, or with `engine: 'node'` the same callbacks as a
+// MilterDescription served by the TypeScript engine (`nodemilter/engine`). It stamps every message it passes with
 // `X-Reliability: passed <conn>` at eom and keeps counts a test can check:
 // abort and close per session (a second one is a bug and is printed as a
 // "dup" event), handler failures, and on SIGUSR2 one "stats" line with the
-// process's RSS, V8 heap and getdiag().
+// process's RSS, V8 heap and getdiag() (after a forced GC when started with
+// --expose-gc).
 //
 // Configured by RELIABILITY_CONFIG (JSON):
 //   socket          where to listen (required)
+//   engine          'libmilter' (default: the milter module) or 'node' (serve())
 //   quiet           print only ready/stats/dup/stopped lines (default false)
 //   hangIn          callback whose handler never settles
 //   throwIn         callback names whose handler throws ...
@@ -17,7 +20,8 @@
 //                   HELO name is "block"
 //   eomSleep        ms eom waits (async) before answering
 //   eomProgress     call ctx.progress() every this many ms while eom sleeps
-//   deadline, progressInterval, limits, noreply   register options
+//   deadline, progressInterval, limits, noreply   register options (limits:
+//                   libmilter only; the TypeScript engine applies the defaults)
 //   policy          exception policy status name
 //   drain           ms to drain on SIGTERM (default 0)
 //   oneMessage      sessions carry one message: a second abort is a dup
@@ -25,9 +29,17 @@
 //                   a buffering milter holds); default 0: nothing kept
 'use strict';
 const path = require('node:path');
-const milter = require(path.join(__dirname, '..', '..', 'dist', 'src', 'milter.js'));
+const dist = path.join(__dirname, '..', '..', 'dist', 'src');
 
 const cfg = JSON.parse(process.env.RELIABILITY_CONFIG || '{}');
+const engine = cfg.engine ?? 'libmilter';
+if (engine !== 'libmilter' && engine !== 'node') {
+  process.stderr.write(`RELIABILITY_CONFIG.engine must be 'libmilter' or 'node', got ${JSON.stringify(engine)}\n`);
+  process.exit(64);
+}
+// The node engine never loads the native addon: status codes come from the
+// engine-neutral constants (the same numbers the milter module exports).
+const milter = engine === 'libmilter' ? require(path.join(dist, 'milter.js')) : require(path.join(dist, 'constants.js'));
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const say = cfg.quiet ? () => undefined : out;
 
@@ -136,24 +148,36 @@ const callbacks = {
   },
 };
 
-milter.events.on('limitExceeded', (info) => {
+function onLimit(info) {
   counts.limitExceeded = (counts.limitExceeded ?? 0) + 1;
   say({ ev: 'limitExceeded', ...info });
-});
-milter.events.on('handlerError', (err, info) => {
+}
+function onHandlerError(err, info) {
   counts.handlerErrors++;
   // Even when quiet: the first 50, so a run shows what failed.
   (counts.handlerErrors <= 50 ? out : say)({ ev: 'handlerError', message: err.message, callback: info.callback, conn: info.connection });
-});
-if (cfg.policy) milter.set_exception_policy(milter[cfg.policy]);
+}
 
 const opts = { deadline: cfg.deadline, progressInterval: cfg.progressInterval, noreply: cfg.noreply };
 if (cfg.limits) opts.limits = cfg.limits;
-milter.register('reliability', callbacks, opts);
+
+// The engine's counters, with the same meaning on both: created/deleted/
+// active are engine sessions (one per MTA session that reached a callback),
+// `open` what the engine still holds (libmilter: JavaScript sessions; node:
+// open MTA connections in the server's set).
+let server;
+function diag() {
+  if (engine === 'libmilter') {
+    const d = milter.getdiag();
+    return { ...d, open: d.jsSessions };
+  }
+  if (!server) return undefined;
+  return { ...server.getdiag(), open: server.connectionCount };
+}
 
 function stats() {
   const m = process.memoryUsage();
-  return { ev: 'stats', rss: m.rss, heapUsed: m.heapUsed, external: m.external, live: live.size, counts: { ...counts }, diag: milter.getdiag() };
+  return { ev: 'stats', engine, gc: !!global.gc, rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, live: live.size, closedRing: closedRing.size, counts: { ...counts }, diag: diag() };
 }
 process.on('SIGUSR2', () => {
   if (global.gc) global.gc();
@@ -161,21 +185,49 @@ process.on('SIGUSR2', () => {
 });
 process.on('SIGTERM', () => {
   const t0 = Date.now();
-  // Draining starts inside stop(); report it only then, since tests connect on seeing it.
-  milter.stop({ drain: cfg.drain ?? 0 }).then(() => {
+  const drain = cfg.drain ?? 0;
+  // Draining starts inside stop()/close(); report it only then, since tests connect on seeing it.
+  const stopping = engine === 'libmilter' ? milter.stop({ drain }) : server ? server.close({ drain }) : Promise.resolve();
+  stopping.then(() => {
     out({ ...stats(), ev: 'stopped', ms: Date.now() - t0 });
   });
-  out({ ev: 'sigterm', drain: cfg.drain ?? 0 });
+  out({ ev: 'sigterm', drain });
 });
 
-// Signal handlers are in place before the socket accepts connections.
-milter.setconn(cfg.socket);
-milter.opensocket(true);
-milter.main().then(
-  () => out({ ev: 'main-resolved' }),
-  (err) => {
-    out({ ev: 'main-rejected', message: err.message });
-    process.exitCode = 2;
-  },
-);
-out({ ev: 'ready', pid: process.pid });
+if (engine === 'libmilter') {
+  milter.events.on('limitExceeded', onLimit);
+  milter.events.on('handlerError', onHandlerError);
+  if (cfg.policy) milter.set_exception_policy(milter[cfg.policy]);
+  milter.register('reliability', callbacks, opts);
+  // Signal handlers are in place before the socket accepts connections.
+  milter.setconn(cfg.socket);
+  milter.opensocket(true);
+  milter.main().then(
+    () => out({ ev: 'main-resolved' }),
+    (err) => {
+      out({ ev: 'main-rejected', message: err.message });
+      process.exitCode = 2;
+    },
+  );
+  out({ ev: 'ready', pid: process.pid });
+} else {
+  const { serve } = require(path.join(dist, 'engine', 'index.js'));
+  const description = { name: 'reliability', callbacks, noreply: cfg.noreply };
+  serve(description, {
+    socket: cfg.socket,
+    deadline: cfg.deadline,
+    progressInterval: cfg.progressInterval,
+    exceptionPolicy: cfg.policy ? milter[cfg.policy] : undefined,
+  }).then(
+    (s) => {
+      server = s;
+      s.on('handlerError', onHandlerError);
+      s.on('close', () => out({ ev: 'main-resolved' }));
+      out({ ev: 'ready', pid: process.pid, engine });
+    },
+    (err) => {
+      out({ ev: 'main-rejected', message: err.message });
+      process.exitCode = 2;
+    },
+  );
+}
