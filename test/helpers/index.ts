@@ -5,6 +5,7 @@ import * as path from 'path';
 export * from './process';
 export * from './build';
 export * from './events';
+export * from './engines';
 
 /** The repository's test/fixtures directory. */
 export const FIXTURES = path.resolve(__dirname, '..', 'fixtures');
