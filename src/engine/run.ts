@@ -25,7 +25,7 @@ export async function runOnNodeEngine(
     exceptionPolicy: options.exceptionPolicy,
     timeout: options.timeout,
     backlog: options.backlog,
-    umask: options.umask,
+    umask: options.umask ?? 0o007, // runmilter's default, as on libmilter
     logger: log,
   });
   server.on('handlerError', (err: Error, info: { callback: string; connection: number }) => {
