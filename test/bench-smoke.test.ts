@@ -2,7 +2,9 @@
 // load generator drives ~200 messages through the C and the nodemilter S3
 // milters, and every message comes back with its added header.
 import { afterAll, describe, expect, it } from 'vitest';
+import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
+import * as path from 'node:path';
 
 const bench = createRequire(__filename)('../bench/lib.cjs') as {
   startMilter(impl: string, shape: string, socket: string): Promise<{ stop(): Promise<void>; socket: string; alive(): boolean }>;
@@ -14,7 +16,7 @@ const bench = createRequire(__filename)('../bench/lib.cjs') as {
 afterAll(() => bench.killAll());
 
 describe('bench load generator', () => {
-  for (const impl of ['c', 'node']) {
+  for (const impl of ['c', 'node', 'ts']) {
     it(`sends 200 messages through the ${impl} S3 milter, each gets its header`, async () => {
       const m = await bench.startMilter(impl, 's3', bench.socketFor(`smoke-${impl}-${process.pid}`));
       try {
@@ -32,4 +34,23 @@ describe('bench load generator', () => {
       }
     });
   }
+});
+
+describe('bench:ceiling', () => {
+  it('runs C, ceiling.c, bare.cjs and the TypeScript engine without an error and prints one row per concurrency', async () => {
+    const script = path.join(__dirname, '..', 'bench', 'ceiling', 'run.cjs');
+    const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) =>
+      execFile(process.execPath, [script, '--rounds', '1', '--seconds', '0.3', '--conc', '1,4'], { timeout: 60_000 }, (err, stdout, stderr) =>
+        resolve({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+      ),
+    );
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+    const rows = stdout.split('\n').filter((l) => /^\| \d+ \|/.test(l));
+    expect(rows.map((r) => r.split('|')[1].trim())).toEqual(['1', '4']);
+    for (const r of rows) {
+      const rates = r.split('|').slice(2, 6).map((x) => Number(x.trim()));
+      for (const rate of rates) expect(rate).toBeGreaterThan(0);
+    }
+  }, 90_000);
 });

@@ -1,0 +1,81 @@
+// npm run bench:ceiling [-- --rounds N --seconds S --conc 1,8,64]
+// What bounds the S3 cells of the benchmark: runs, interleaved, C on
+// libmilter (the reference), ceiling.c (the least work an S3 milter can do:
+// one thread, epoll, no library), bare.cjs (the same in Node: net.Server and
+// framing only) and nodemilter's TypeScript engine, and prints msg/s with
+// each one's ratio to C. No engine in Node can beat bare.cjs, and no milter
+// at all can beat ceiling.c with this load generator on this machine.
+'use strict';
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+const L = require('../lib.cjs');
+
+function args() {
+  const o = { rounds: 3, seconds: 1.5, conc: [1, 8, 64] };
+  const a = process.argv.slice(2);
+  for (let i = 0; i < a.length; i++) {
+    if (a[i] === '--rounds') o.rounds = Number(a[++i]);
+    else if (a[i] === '--seconds') o.seconds = Number(a[++i]);
+    else if (a[i] === '--conc') o.conc = a[++i].split(',').map(Number);
+    else throw new Error(`unknown option ${a[i]}; see the comment at the top of bench/ceiling/run.cjs`);
+  }
+  return o;
+}
+
+async function startRaw(name, cmd, argv, socket) {
+  const p = socket.replace(/^unix:/, '');
+  const child = spawn(cmd, [...argv, p], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const fs = require('node:fs');
+  const until = Date.now() + 10_000;
+  while (!fs.existsSync(p)) {
+    if (Date.now() > until) throw new Error(`${name} did not listen`);
+    await L.sleep(20);
+  }
+  await L.sleep(100);
+  return { impl: name, socket, stop: async () => child.kill('SIGKILL') };
+}
+
+async function main() {
+  const o = args();
+  const ceiling = L.buildC('ceiling/ceiling.c');
+  const impls = ['c', 'ceiling', 'bare', 'ts'];
+  const rates = {}; // impl -> conc -> [rate]
+  for (let round = 0; round < o.rounds; round++) {
+    const milters = [
+      await L.startMilter('c', 's3', L.socketFor('ceil-c')),
+      await startRaw('ceiling', ceiling, [], L.socketFor('ceil-ceiling')),
+      await startRaw('bare', process.execPath, [path.join(__dirname, 'bare.cjs')], L.socketFor('ceil-bare')),
+      await L.startMilter('ts', 's3', L.socketFor('ceil-ts')),
+    ];
+    milters[0].impl = 'c';
+    milters[3].impl = 'ts';
+    for (const conc of o.conc) {
+      // Rotate the order per round so no implementation always runs first.
+      const order = milters.map((_, i) => milters[(i + round) % milters.length]);
+      for (const m of order) {
+        const r = await L.runLoadgen(m.socket, { conc, perConn: 100, seconds: o.seconds, warmup: 0.3 });
+        if (r.errors || r.bad) throw new Error(`${m.impl} c${conc}: ${r.errors} errors, ${r.bad} bad (${r.first_error})`);
+        ((rates[m.impl] ??= {})[conc] ??= []).push(r.rate);
+      }
+    }
+    for (const m of milters) await m.stop();
+  }
+  const mc = L.machine();
+  console.log(`Machine: ${mc.cpu}, ${mc.cores} cores; Node ${mc.node}; libmilter ${mc.libmilter}. ${o.rounds} interleaved rounds of ${o.seconds} s per cell, S3, 100 messages per connection, medians.`);
+  console.log('');
+  console.log(`| conc | ${impls.map((i) => `${i} msg/s`).join(' | ')} | ${impls.slice(1).map((i) => `${i}/C`).join(' | ')} |`);
+  console.log(`|---|${impls.map(() => '---').join('|')}|${impls.slice(1).map(() => '---').join('|')}|`);
+  for (const conc of o.conc) {
+    const med = (i) => L.median(rates[i][conc]);
+    const ratio = (i) => L.median(rates[i][conc].map((r, k) => r / rates.c[conc][k]));
+    console.log(`| ${conc} | ${impls.map((i) => Math.round(med(i))).join(' | ')} | ${impls.slice(1).map((i) => ratio(i).toFixed(2)).join(' | ')} |`);
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    console.error(err);
+    process.exit(1);
+  },
+);
