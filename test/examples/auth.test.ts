@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { dkimSign } from 'mailauth';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { freeInetSpec, stopAll } from '../helpers';
+import { ENGINES, freeInetSpec, stopAll } from '../helpers';
 import { FIXTURES, api, dist, memoryLogger, startExample, testing } from './common';
 
 const { AuthMilter, config, staticResolver } = dist('examples/auth');
@@ -152,12 +152,13 @@ describe('auth with TestCtx (fixture DNS)', () => {
   });
 });
 
-describe('auth over the wire (libmilter, MilterClient, fixture DNS)', () => {
+describe.each(ENGINES)('auth over the wire (%s engine, MilterClient, fixture DNS)', (engine) => {
   it('inserts the Authentication-Results header over the protocol', async () => {
     const spec = await freeInetSpec();
     await startExample('auth', spec, {
       script: path.join(FIXTURES, 'auth-offline.cjs'),
       env: { AUTH_TEST_ZONE: JSON.stringify(ZONE), AUTH_SERVID: 'mx.example.org' },
+      engine,
     });
     const c = await MilterClient.connect(spec);
     const r = await c.sendMessage({

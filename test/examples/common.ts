@@ -5,11 +5,12 @@
  * tests (it exports its class and starts nothing when required), and
  * `node dist/examples/NAME.js SOCKET` in a child process for the wire tests.
  * TestCtx and the constants come from dist too, so that the example's Base
- * and TestCtx's Base are the same class.
+ * and TestCtx's Base are the same class. The wire tests run once per engine
+ * (`describe.each(ENGINES)`, `startExample(..., { engine })`).
  */
 import * as path from 'node:path';
 
-import { startProcess, type RunningProcess } from '../helpers';
+import { checkEngine, engineEnv, startProcess, type Engine, type RunningProcess } from '../helpers';
 
 export const ROOT = path.resolve(__dirname, '..', '..');
 export const FIXTURES = path.join(ROOT, 'test', 'fixtures', 'examples');
@@ -28,18 +29,24 @@ export function memoryLogger(): { lines: string[]; info(m: string): void; warn(m
   return { lines, info: (m) => lines.push(m), warn: (m) => lines.push(`WARN ${m}`), error: (m) => lines.push(`ERROR ${m}`) };
 }
 
-/** Start `node dist/examples/NAME.js SOCKET` (or another script) and wait until it accepts connections. */
-export function startExample(
+/**
+ * Start `node dist/examples/NAME.js SOCKET` (or another script) and wait until
+ * it accepts connections. With `engine`, runmilter in it serves on that
+ * engine (NODEMILTER_ENGINE), and the process is checked to be on it.
+ */
+export async function startExample(
   name: string,
   socket: string,
-  opts: { env?: Record<string, string>; script?: string; stopSignal?: NodeJS.Signals } = {},
+  opts: { env?: Record<string, string>; script?: string; stopSignal?: NodeJS.Signals; engine?: Engine } = {},
 ): Promise<RunningProcess> {
   const script = opts.script ?? path.join(ROOT, 'dist', 'examples', `${name}.js`);
-  return startProcess(process.execPath, {
+  const p = await startProcess(process.execPath, {
     args: [script, socket],
-    env: opts.env,
+    env: { ...(opts.engine ? engineEnv(opts.engine) : {}), ...opts.env },
     socket,
     readyTimeout: 20_000,
     stopSignal: opts.stopSignal ?? 'SIGKILL',
   });
+  if (opts.engine) checkEngine(p.pid, opts.engine);
+  return p;
 }

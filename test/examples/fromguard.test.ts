@@ -1,7 +1,7 @@
 // examples/fromguard.ts: a From: in our domains needs SMTP AUTH or a trusted client.
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { freeInetSpec, stopAll } from '../helpers';
+import { ENGINES, freeInetSpec, stopAll } from '../helpers';
 import { api, dist, memoryLogger, startExample, testing } from './common';
 
 const { FromGuardMilter, config, fromAddresses } = dist('examples/fromguard');
@@ -86,10 +86,10 @@ describe('fromguard with TestCtx', () => {
   });
 });
 
-describe('fromguard over the wire (libmilter, MilterClient)', () => {
+describe.each(ENGINES)('fromguard over the wire (%s engine, MilterClient)', (engine) => {
   it('rewrites the From: of an unauthenticated outside client and leaves an authenticated one alone', async () => {
     const spec = await freeInetSpec();
-    await startExample('fromguard', spec, { env: { FROMGUARD_DOMAINS: 'example.org', FROMGUARD_ACTION: 'rewrite' } });
+    await startExample('fromguard', spec, { env: { FROMGUARD_DOMAINS: 'example.org', FROMGUARD_ACTION: 'rewrite' }, engine });
     const client = { hostname: 'mx.outside.example', address: '203.0.113.5', port: 4000 };
     const c = await MilterClient.connect(spec);
     const message = msg('ceo@example.org');
@@ -109,7 +109,7 @@ describe('fromguard over the wire (libmilter, MilterClient)', () => {
 
   it('refuses in reject mode with the reply on the header step', async () => {
     const spec = await freeInetSpec();
-    await startExample('fromguard', spec, { env: { FROMGUARD_DOMAINS: 'example.org' } });
+    await startExample('fromguard', spec, { env: { FROMGUARD_DOMAINS: 'example.org' }, engine });
     const c = await MilterClient.connect(spec);
     const r = await c.sendMessage({ client: { address: '203.0.113.5' }, from: '<x@outside.example>', rcpt: ['<bob@example.org>'], message: msg('ceo@example.org'), quit: true });
     expect(r.decision).toBe('reject');

@@ -1,7 +1,7 @@
 // examples/hello.ts: one header on every message.
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { stopAll, tmpSocketSpec } from '../helpers';
+import { ENGINES, stopAll, tmpSocketSpec } from '../helpers';
 import { api, dist, startExample, testing } from './common';
 
 const { Hello } = dist('examples/hello');
@@ -20,10 +20,12 @@ describe('hello', () => {
     expect(t.resultMessage().toString()).toBe('Subject: hi\r\nX-Hello: checked by nodemilter for Q123\r\n\r\nbody\r\n');
     await t.close();
   });
+});
 
-  it('over the wire: eom only, one header added', async () => {
+describe.each(ENGINES)('hello over the wire (%s engine)', (engine) => {
+  it('eom only, one header added', async () => {
     const spec = tmpSocketSpec();
-    await startExample('hello', spec);
+    await startExample('hello', spec, { engine });
     const c = await MilterClient.connect(spec);
     expect(c.negotiation.steps & (P_NOHDRS | P_NOBODY)).toBe(P_NOHDRS | P_NOBODY);
     const r = await c.sendMessage({ from: '<a@example.org>', rcpt: ['<b@example.net>'], headers: [['Subject', 'hi']], body: 'body\r\n', macros: { eom: { i: 'Q9' } } });

@@ -1,7 +1,7 @@
 // examples/nomix.ts: recipients inside and outside our domains do not mix.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
-import { freeInetSpec, startProcess, stopAll } from '../helpers';
+import { ENGINES, freeInetSpec, startProcess, stopAll } from '../helpers';
 import { ROOT, api, dist, memoryLogger, startExample, testing } from './common';
 
 const { NomixMilter, config, parseDomains, isInternal } = dist('examples/nomix');
@@ -59,10 +59,10 @@ describe('nomix with TestCtx', () => {
   });
 });
 
-describe('nomix over the wire (libmilter, MilterClient)', () => {
+describe.each(ENGINES)('nomix over the wire (%s engine, MilterClient)', (engine) => {
   it('refuses the mixed recipient at RCPT with 550 5.7.1 and delivers to the rest', async () => {
     const spec = await freeInetSpec();
-    await startExample('nomix', spec, { env: { NOMIX_DOMAINS: 'example.org' } });
+    await startExample('nomix', spec, { env: { NOMIX_DOMAINS: 'example.org' }, engine });
     const c = await MilterClient.connect(spec);
     const r = await c.sendMessage({ from: '<x@example.org>', rcpt: ['<a@example.org>', '<b@elsewhere.example>'], message: MESSAGE, quit: true });
     expect(r.envrcpt.map((s: { status: string }) => s.status)).toEqual(['continue', 'reject']);
@@ -70,7 +70,9 @@ describe('nomix over the wire (libmilter, MilterClient)', () => {
     expect(r.envrcpt[1].reply!.text).toBe('<b@elsewhere.example> is external but <a@example.org> is internal: send them separate messages');
     expect(r.decision).toBe('continue');
   });
+});
 
+describe('nomix as a program', () => {
   it('exits with a clear message when NOMIX_DOMAINS is missing', async () => {
     const p = await startProcess(process.execPath, { args: [`${ROOT}/dist/examples/nomix.js`, 'inet:1@127.0.0.1'], env: { NOMIX_DOMAINS: undefined } });
     const { code } = await p.exited;

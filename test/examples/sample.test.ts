@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
-import { stopAll, tmpSocketSpec } from '../helpers';
+import { ENGINES, stopAll, tmpSocketSpec } from '../helpers';
 import { FIXTURES, api, dist, memoryLogger, startExample, testing } from './common';
 
 const { SampleMilter } = dist('examples/sample');
@@ -92,10 +92,10 @@ describe('sample with TestCtx', () => {
   });
 });
 
-describe('sample over the wire (libmilter, MilterClient)', () => {
+describe.each(ENGINES)('sample over the wire (%s engine, MilterClient)', (engine) => {
   it('logs where it listens, defangs over the protocol, refuses by header rule, and stops on SIGTERM', async () => {
     const spec = tmpSocketSpec();
-    const proc = await startExample('sample', spec, { stopSignal: 'SIGTERM' });
+    const proc = await startExample('sample', spec, { stopSignal: 'SIGTERM', engine });
     await proc.waitForOutput(`sample: listening on ${spec}`);
 
     const c = await MilterClient.connect(spec);

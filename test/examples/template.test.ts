@@ -2,7 +2,7 @@
 // HELO, ESMTP parameters, a Bcc by addrcpt, async eom.
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
-import { freeInetSpec, stopAll } from '../helpers';
+import { ENGINES, freeInetSpec, stopAll } from '../helpers';
 import { api, dist, memoryLogger, startExample, testing } from './common';
 
 const { TemplateMilter, config } = dist('examples/template');
@@ -86,10 +86,10 @@ describe('template with TestCtx', () => {
   });
 });
 
-describe('template over the wire (libmilter, MilterClient)', () => {
+describe.each(ENGINES)('template over the wire (%s engine, MilterClient)', (engine) => {
   it('adds the Bcc and header, and refuses a bad HELO with the reply text', async () => {
     const spec = await freeInetSpec();
-    const proc = await startExample('template', spec, { env: { TEMPLATE_BCC: '<archive@example.org>', TEMPLATE_HOSTNAMES: 'mx.example.org' } });
+    const proc = await startExample('template', spec, { env: { TEMPLATE_BCC: '<archive@example.org>', TEMPLATE_HOSTNAMES: 'mx.example.org' }, engine });
     await proc.waitForOutput(`template: listening on ${spec}`);
 
     const c = await MilterClient.connect(spec);
