@@ -6,7 +6,8 @@
  *   2. MilterClient against the milter served by runmilter, plus applyActions,
  *   3. a real Postfix delivering to smtp-sink,
  * modulo the headers the MTA adds (Received...). A last case records a
- * known difference (insheader's index under Postfix).
+ * known difference (insheader's index under Postfix). 2 and 3 run once per
+ * engine: libmilter and the TypeScript engine.
  *
  * Needs Postfix like test/postfix.test.ts (NODEMILTER_SKIP_POSTFIX=1 skips
  * outside CI).
@@ -15,7 +16,7 @@ import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { P_HDR_LEADSPC } from '../src/constants';
 import { applyActions, MilterClient } from '../src/testing';
-import { FIXTURES, freeInetSpec, startProcess, type RunningProcess } from './helpers';
+import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, startProcess, type RunningProcess } from './helpers';
 import { mayskipPostfix, postfixUnavailable, startPostfix, type PostfixInstance } from './helpers/postfix';
 
 const E2E_MILTER = path.join(FIXTURES, 'e2e', 'milter.cjs');
@@ -108,14 +109,15 @@ async function viaPostfix(pf: PostfixInstance, subject: string): Promise<Outcome
   };
 }
 
-describe.skipIf(skip)('acceptance: TestCtx, MilterClient and Postfix agree', () => {
+describe.skipIf(skip).each(ENGINES)('acceptance: TestCtx, MilterClient and Postfix agree (%s engine)', (engine) => {
   let pf: PostfixInstance | undefined;
   let milter: RunningProcess | undefined;
   let spec = '';
 
   beforeAll(async () => {
     spec = await freeInetSpec();
-    milter = await startProcess(process.execPath, { args: [E2E_MILTER, spec], socket: spec, stopSignal: 'SIGKILL' });
+    milter = await startProcess(process.execPath, { args: [E2E_MILTER, spec], env: engineEnv(engine), socket: spec, stopSignal: 'SIGKILL' });
+    checkEngine(milter.pid, engine);
     if (!unavailable) pf = await startPostfix({ milter: spec });
   }, 30_000);
 

@@ -1,15 +1,16 @@
 /**
  * End to end with a real MTA: a private Postfix (test/helpers/postfix.ts)
  * with smtpd_milters pointing at the e2e milter (test/fixtures/e2e/milter.cjs,
- * a Base subclass served by runmilter in a child process), relaying to an
- * smtp-sink. Checks what Postfix delivers and what the SMTP client sees.
+ * a Base subclass served by runmilter in a child process, once on each
+ * engine), relaying to an smtp-sink. Checks what Postfix delivers and what
+ * the SMTP client sees.
  *
  * Without Postfix (or root) this file fails, unless NODEMILTER_SKIP_POSTFIX=1
  * is set outside CI.
  */
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { FIXTURES, freeInetSpec, startProcess, type RunningProcess } from './helpers';
+import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, startProcess, type RunningProcess } from './helpers';
 import { mayskipPostfix, postfixUnavailable, startPostfix, type PostfixInstance } from './helpers/postfix';
 
 const E2E_MILTER = path.join(FIXTURES, 'e2e', 'milter.cjs');
@@ -46,7 +47,7 @@ interface MilterEvent {
   [k: string]: any;
 }
 
-describe.skipIf(skip)('Postfix end to end', () => {
+describe.skipIf(skip).each(ENGINES)('Postfix end to end (%s engine)', (engine) => {
   let pf: PostfixInstance | undefined;
   let milter: RunningProcess | undefined;
 
@@ -69,7 +70,8 @@ describe.skipIf(skip)('Postfix end to end', () => {
   beforeAll(async () => {
     if (unavailable) return;
     const spec = await freeInetSpec();
-    milter = await startProcess(process.execPath, { args: [E2E_MILTER, spec], socket: spec, stopSignal: 'SIGKILL' });
+    milter = await startProcess(process.execPath, { args: [E2E_MILTER, spec], env: engineEnv(engine), socket: spec, stopSignal: 'SIGKILL' });
+    checkEngine(milter.pid, engine);
     pf = await startPostfix({ milter: spec });
   }, 30_000);
 
