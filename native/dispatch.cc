@@ -693,17 +693,22 @@ Napi::Value Reply(const Napi::CallbackInfo& info) {
   if (!c) return Napi::Boolean::New(env, false);
   const uint32_t seq = info[1].As<Napi::Number>().Uint32Value();
   const int status = info[2].As<Napi::Number>().Int32Value();
-  std::lock_guard<std::mutex> lk(c->mu);
-  if (!c->waiting || c->answered || c->seq != seq) {
-    State().late_answers.fetch_add(1);
-    return Napi::Boolean::New(env, false);
+  {
+    std::lock_guard<std::mutex> lk(c->mu);
+    if (!c->waiting || c->answered || c->seq != seq) {
+      State().late_answers.fetch_add(1);
+      return Napi::Boolean::New(env, false);
+    }
+    if (info.Length() >= 5) {
+      c->neg_actions = info[3].As<Napi::Number>().Uint32Value();
+      c->neg_steps = info[4].As<Napi::Number>().Uint32Value();
+    }
+    c->status = status;
+    c->answered = true;
   }
-  if (info.Length() >= 5) {
-    c->neg_actions = info[3].As<Napi::Number>().Uint32Value();
-    c->neg_steps = info[4].As<Napi::Number>().Uint32Value();
-  }
-  c->status = status;
-  c->answered = true;
+  // Wake the worker after unlocking: woken under the lock it would at once
+  // block again on c->mu (one more futex wait and wake, and a context
+  // switch, per answer). c stays alive: the External in info[0] holds a ref.
   c->cv.notify_one();
   return Napi::Boolean::New(env, true);
 }
