@@ -300,8 +300,12 @@ export class MilterServer extends EventEmitter {
   /**
    * Stop: stop accepting, let open sessions finish for up to `drain` ms
    * (new sessions on still-open connections get 421 4.3.2), then end every
-   * session (abort and close callbacks run) and remove a unix socket. The
-   * Promise settles when everything is closed; calling again returns it.
+   * session (abort and close callbacks run) and remove a unix socket. As on
+   * libmilter, a session whose MTA is waiting for a handler when the budget
+   * is over is not cut off: the handler's answer (or its deadline's) is
+   * written, then that session ends. The Promise settles when the listener
+   * is closed and every other session has ended, without waiting for those;
+   * calling again returns it.
    */
   close(options: CloseOptions = {}): Promise<void> {
     if (this.closing) return this.closing;
@@ -315,8 +319,12 @@ export class MilterServer extends EventEmitter {
         while ([...this.conns].some((c) => c.inMessage()) && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
       }
       const closed = new Promise<void>((r) => this.server.close(() => r()));
-      for (const c of [...this.conns]) c.end('server stopped');
-      await closed;
+      // As libmilter does when it stops: idle sessions end now; a session
+      // whose MTA waits for a handler still gets that handler's answer (or
+      // the deadline's), then ends. The stop does not wait for those.
+      let lingering = false;
+      for (const c of [...this.conns]) if (c.stop()) lingering = true;
+      if (!lingering) await closed;
       this.listening = false;
       const spec = parseSocketSpec(this.options.socket);
       if (spec.kind === 'unix') removeUnixSocket(spec.path);
@@ -377,6 +385,8 @@ class Connection {
   private waiting: Waiting | undefined;
   private pumping = false;
   private ended = false;
+  /** The server stopped while a handler ran: end once it is answered. */
+  private stopping = false;
   private seq = 0;
   private session: NodeSession | undefined;
   /** The session JavaScript has seen (close is delivered only to those). */
@@ -694,7 +704,24 @@ class Connection {
     clearTimeout(w.progress);
     this.waiting = undefined;
     w.done(status, actions, steps);
+    if (this.stopping) {
+      this.end('server stopped');
+      return;
+    }
     this.pump();
+  }
+
+  /**
+   * The server stops: end now, or, when the MTA waits for a handler, after
+   * its answer is written. Returns true in the second case.
+   */
+  stop(): boolean {
+    if (this.waiting && !this.ended) {
+      this.stopping = true;
+      return true;
+    }
+    this.end('server stopped');
+    return false;
   }
 
   /** The step JavaScript may act on now (seq), or undefined. */
