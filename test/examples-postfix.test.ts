@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { freeInetSpec, startProcess, stopAll } from './helpers';
+import { ENGINES, checkEngine, engineEnv, freeInetSpec, startProcess, stopAll } from './helpers';
 import { mayskipPostfix, postfixUnavailable, startPostfix, stopAllPostfix } from './helpers/postfix';
 
 const ROOT = path.resolve(__dirname, '..');
@@ -21,15 +21,17 @@ afterEach(async () => {
   await stopAll();
 });
 
-describe.skipIf(skip)('sample example behind Postfix', () => {
+describe.skipIf(skip).each(ENGINES)('sample example behind Postfix, %s engine', (engine) => {
   it('delivers the message defanged, and refuses a big5 Subject with 550 5.7.1', async () => {
     const spec = await freeInetSpec();
-    await startProcess(process.execPath, {
+    const milter = await startProcess(process.execPath, {
       args: [path.join(ROOT, 'dist', 'examples', 'sample.js'), spec],
+      env: engineEnv(engine),
       socket: spec,
       readyTimeout: 30_000,
       stopSignal: 'SIGKILL',
     });
+    checkEngine(milter.pid, engine);
     const pf = await startPostfix({ milter: spec });
 
     const t = await pf.send({ from: '<alice@client.example>', rcpts: ['<bob@sink.example>'], message: MESSAGE });
