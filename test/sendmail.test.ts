@@ -11,7 +11,7 @@
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { FIXTURES, freeInetSpec, startProcess, type RunningProcess } from './helpers';
+import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, startProcess, type RunningProcess } from './helpers';
 import { SENDMAIL_HOSTNAME, mayskipSendmail, sendmailUnavailable, startSendmail, type SendmailInstance } from './helpers/sendmail';
 
 const E2E_MILTER = path.join(FIXTURES, 'e2e', 'milter.cjs');
@@ -48,7 +48,7 @@ interface MilterEvent {
   [k: string]: any;
 }
 
-describe.skipIf(skip)('sendmail end to end', () => {
+describe.skipIf(skip).each(ENGINES)('sendmail end to end, %s engine', (engine) => {
   let sm: SendmailInstance | undefined;
   let milter: RunningProcess | undefined;
 
@@ -69,7 +69,8 @@ describe.skipIf(skip)('sendmail end to end', () => {
   beforeAll(async () => {
     if (unavailable) return;
     const spec = await freeInetSpec();
-    milter = await startProcess(process.execPath, { args: [E2E_MILTER, spec], socket: spec, stopSignal: 'SIGKILL' });
+    milter = await startProcess(process.execPath, { args: [E2E_MILTER, spec], env: engineEnv(engine), socket: spec, stopSignal: 'SIGKILL' });
+    checkEngine(milter.pid, engine);
     sm = await startSendmail({ milter: spec });
   }, 60_000);
 
