@@ -190,7 +190,9 @@ const hostile = {
 };
 const kinds = Object.keys(hostile);
 
-const stats = { connections: 0, packets: 0, bytes: 0, byKind: {}, probesOk: 0, probesFailed: 0, probeErrors: [] };
+// hungUpByMilter: per kind, the connections the milter closed before the
+// fuzzer hung up or gave up waiting.
+const stats = { connections: 0, packets: 0, bytes: 0, byKind: {}, hungUpByMilter: {}, probesOk: 0, probesFailed: 0, probeErrors: [] };
 
 function runHostile(spec) {
   const kind = pick(kinds);
@@ -200,17 +202,19 @@ function runHostile(spec) {
     const sock = net.connect(spec);
     stats.connections++;
     let done = false;
-    const end = () => {
+    let ours = false;
+    const end = (why) => {
       if (done) return;
       done = true;
+      if (why === 'milter' && !ours) stats.hungUpByMilter[kind] = (stats.hungUpByMilter[kind] ?? 0) + 1;
       clearTimeout(timer);
       sock.destroy();
       resolve();
     };
     const timer = setTimeout(end, 200 + int(2000));
     sock.on('data', () => undefined);
-    sock.on('error', end);
-    sock.on('close', end);
+    sock.on('error', () => end('milter'));
+    sock.on('close', () => end('milter'));
     sock.on('connect', async () => {
       for (const p of packets) {
         if (done) return;
@@ -220,7 +224,10 @@ function runHostile(spec) {
         if (rnd() < 0.3) await new Promise((r) => setTimeout(r, int(20)));
       }
       // Sometimes hang up at once, sometimes leave it open until the timer.
-      if (rnd() < 0.5) sock.end();
+      if (rnd() < 0.5) {
+        ours = true;
+        sock.end();
+      }
     });
   });
 }
@@ -378,10 +385,11 @@ async function main() {
     // One sample per tenth of the run, to see whether RSS levels off.
     rssTrendMiB: Array.from({ length: 10 }, (_, k) => samples.find(([t]) => t >= (k + 1) * seconds * 100)?.[1]).filter(Boolean).map(mib),
     // After a forced GC, once per tenth and at the end: RSS, V8 heap used,
-    // external and ArrayBuffer memory (MiB), the sessions milter.cjs holds
-    // (live), what the engine holds (open: libmilter's JS sessions, the node
-    // engine's open connections), and sessions created/deleted so far.
-    mem: statsLines.map((m) => ({ t: Math.round(m.t / 1000), rss: mib(m.rss), heap: mib(m.heapUsed), ext: mib(m.external), ab: mib(m.arrayBuffers), live: m.live, open: m.diag?.open, created: m.diag?.created, deleted: m.diag?.deleted })),
+    // (and the heap V8 has committed), external and ArrayBuffer memory (MiB),
+    // the sessions milter.cjs holds (live), what the engine holds in
+    // JavaScript (held: libmilter's JS session records, the node engine's
+    // Connection objects), and sessions created/deleted so far.
+    mem: statsLines.map((m) => ({ t: Math.round(m.t / 1000), rss: mib(m.rss), heap: mib(m.heapUsed), heapTotal: mib(m.heapTotal), ext: mib(m.external), ab: mib(m.arrayBuffers), live: m.live, held: m.diag?.held, created: m.diag?.created, deleted: m.diag?.deleted })),
     handlerErrors: [...new Set(out.split('\n').filter((l) => l.includes('"ev":"handlerError"')).map((l) => { const e = JSON.parse(l); return `${e.callback}: ${e.message}`; }))].slice(0, 10),
     diag: final?.diag,
     counts: final?.counts,

@@ -161,18 +161,21 @@ function onHandlerError(err, info) {
 const opts = { deadline: cfg.deadline, progressInterval: cfg.progressInterval, noreply: cfg.noreply };
 if (cfg.limits) opts.limits = cfg.limits;
 
-// The engine's counters, with the same meaning on both: created/deleted/
-// active are engine sessions (one per MTA session that reached a callback),
-// `open` what the engine still holds (libmilter: JavaScript sessions; node:
-// open MTA connections in the server's set).
+// The engine's counters. created/deleted/active: engine sessions begun and
+// ended (the libmilter engine: libmilter's contexts; the TypeScript engine:
+// one per MTA session that reached a handled callback). `held`: the
+// per-session objects the engine keeps in JavaScript (libmilter: its JS
+// session records, `jsSessions`; node: the Connection objects in the
+// server's set, one per open MTA connection). Once every MTA connection has
+// gone, created = deleted and held = 0 on both.
 let server;
 function diag() {
   if (engine === 'libmilter') {
     const d = milter.getdiag();
-    return { ...d, open: d.jsSessions };
+    return { ...d, held: d.jsSessions };
   }
   if (!server) return undefined;
-  return { ...server.getdiag(), open: server.connectionCount };
+  return { ...server.getdiag(), held: server.connectionCount };
 }
 
 function stats() {

@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 
 import { ROOT } from './lib';
 
-interface MemRow { t: number; rss: number; heap: number; ext: number; ab: number; live: number; open: number; created: number; deleted: number }
+interface MemRow { t: number; rss: number; heap: number; ext: number; ab: number; live: number; held: number; created: number; deleted: number }
 
 async function fuzz(engine: 'libmilter' | 'node') {
   const script = path.join(ROOT, 'scripts', 'reliability', 'fuzz.cjs');
@@ -41,7 +41,7 @@ async function fuzz(engine: 'libmilter' | 'node') {
   expect(s.diag.created).toBe(s.diag.deleted);
   // Nothing held once every connection has gone: no engine session or
   // connection, no session state in the milter.
-  expect(s.diag.open).toBe(0);
+  expect(s.diag.held).toBe(0);
   expect(mem[mem.length - 1].live).toBe(0);
   expect(s.counts.dupCloses).toBe(0);
   expect(s.rssMaxMiB - s.rssBaseMiB).toBeLessThan(48);
