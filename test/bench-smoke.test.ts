@@ -37,10 +37,10 @@ describe('bench load generator', () => {
 });
 
 describe('bench:ceiling', () => {
-  it('runs C, ceiling.c, bare.cjs and the TypeScript engine without an error and prints one row per concurrency', async () => {
+  it('runs C, ceiling.c, bare.cjs and the TypeScript engine without an error, one row per concurrency, then the hand-off costs', async () => {
     const script = path.join(__dirname, '..', 'bench', 'ceiling', 'run.cjs');
     const { code, stdout, stderr } = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) =>
-      execFile(process.execPath, [script, '--rounds', '1', '--seconds', '0.3', '--conc', '1,4'], { timeout: 60_000 }, (err, stdout, stderr) =>
+      execFile(process.execPath, [script, '--rounds', '1', '--seconds', '0.3', '--conc', '1,4', '--handoff', '500'], { timeout: 60_000 }, (err, stdout, stderr) =>
         resolve({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
       ),
     );
@@ -52,5 +52,8 @@ describe('bench:ceiling', () => {
       const rates = r.split('|').slice(2, 6).map((x) => Number(x.trim()));
       for (const rate of rates) expect(rate).toBeGreaterThan(0);
     }
+    const handoff = /condition variable ([\d.]+) us, eventfd \+ epoll ([\d.]+) us, unix socket pair ([\d.]+) us/.exec(stdout);
+    expect(handoff, stdout).not.toBeNull();
+    for (const us of handoff!.slice(1)) expect(Number(us)).toBeGreaterThan(0);
   }, 90_000);
 });

@@ -1,22 +1,25 @@
-// npm run bench:ceiling [-- --rounds N --seconds S --conc 1,8,64]
+// npm run bench:ceiling [-- --rounds N --seconds S --conc 1,8,64 --handoff ROUND_TRIPS]
 // What bounds the S3 cells of the benchmark: runs, interleaved, C on
 // libmilter (the reference), ceiling.c (the least work an S3 milter can do:
 // one thread, epoll, no library), bare.cjs (the same in Node: net.Server and
 // framing only) and nodemilter's TypeScript engine, and prints msg/s with
 // each one's ratio to C. No engine in Node can beat bare.cjs, and no milter
 // at all can beat ceiling.c with this load generator on this machine.
+// Then handoff.c: what one round trip between two threads costs here (the
+// libmilter engine pays one per replied callback: worker -> JS -> worker).
 'use strict';
 const path = require('node:path');
 const { spawn } = require('node:child_process');
 const L = require('../lib.cjs');
 
 function args() {
-  const o = { rounds: 3, seconds: 1.5, conc: [1, 8, 64] };
+  const o = { rounds: 3, seconds: 1.5, conc: [1, 8, 64], handoff: 20000 };
   const a = process.argv.slice(2);
   for (let i = 0; i < a.length; i++) {
     if (a[i] === '--rounds') o.rounds = Number(a[++i]);
     else if (a[i] === '--seconds') o.seconds = Number(a[++i]);
     else if (a[i] === '--conc') o.conc = a[++i].split(',').map(Number);
+    else if (a[i] === '--handoff') o.handoff = Number(a[++i]);
     else throw new Error(`unknown option ${a[i]}; see the comment at the top of bench/ceiling/run.cjs`);
   }
   return o;
@@ -70,6 +73,13 @@ async function main() {
     const ratio = (i) => L.median(rates[i][conc].map((r, k) => r / rates.c[conc][k]));
     console.log(`| ${conc} | ${impls.map((i) => Math.round(med(i))).join(' | ')} | ${impls.slice(1).map((i) => ratio(i).toFixed(2)).join(' | ')} |`);
   }
+  const handoff = L.buildC('ceiling/handoff.c', ['-pthread']);
+  const h = JSON.parse(require('node:child_process').execFileSync(handoff, [String(o.handoff)]).toString());
+  console.log('');
+  console.log(
+    `Thread hand-off, median round trip of ${h.roundTrips} (handoff.c): condition variable ${h.condvar_us} us, ` +
+      `eventfd + epoll ${h.eventfd_epoll_us} us, unix socket pair ${h.socketpair_us} us.`,
+  );
 }
 
 main().then(
