@@ -166,6 +166,11 @@ export function nativePath(): string | undefined {
   return bindingPath;
 }
 
+/** What a NativeLoadError offers instead of the addon. */
+const TS_ENGINE_OFFER =
+  "The TypeScript engine serves the same milter without the addon: runmilter(..., { engine: 'node' }) or NODEMILTER_ENGINE=node " +
+  "(engine 'auto' falls back to it by itself), or serve() from nodemilter/engine; see docs/engine.md.";
+
 /** Load the addon once; a clear NativeLoadError says what to do when that fails. */
 export function loadNative(): NativeBinding {
   if (binding) return binding;
@@ -175,7 +180,8 @@ export function loadNative(): NativeBinding {
       `nodemilter's native addon was not found (looked in ${candidates.join(', ')}). ` +
         `There is no prebuilt binary for ${prebuildPlatform()}: build it from source with libmilter's headers ` +
         '(Debian/Ubuntu: apt-get install libmilter-dev g++ make python3; Fedora: dnf install sendmail-milter-devel gcc-c++ make) ' +
-        'and `npm rebuild nodemilter` (or `npm run build:native` in a checkout).',
+        'and `npm rebuild nodemilter` (or `npm run build:native` in a checkout). ' +
+        TS_ENGINE_OFFER,
     );
   }
   // A stale or broken local build (say, linked to a libmilter.so that is gone)
@@ -194,5 +200,5 @@ export function loadNative(): NativeBinding {
       if (p === process.env.NODEMILTER_ADDON) break;
     }
   }
-  throw new NativeLoadError(`could not load nodemilter's native addon: ${failures.join('; ')}`);
+  throw new NativeLoadError(`could not load nodemilter's native addon: ${failures.join('; ')}. ${TS_ENGINE_OFFER}`);
 }

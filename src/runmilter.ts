@@ -113,13 +113,10 @@ export async function runmilter(name: string, socket: string, options: Runmilter
       engine = 'libmilter';
     } catch (err) {
       if (!(err instanceof NativeLoadError)) throw err;
-      if (engine === 'libmilter') {
-        throw new NativeLoadError(
-          `${err.message.replace(/\.$/, '')}. The TypeScript engine serves the same milter without the addon: ` +
-            "runmilter(..., { engine: 'node' }) or NODEMILTER_ENGINE=node (or engine 'auto' to fall back by itself); see docs/engine.md.",
-        );
-      }
-      log.warn(`${name}: the native addon did not load (${err.message}); serving on the TypeScript engine instead (engine 'auto')`);
+      if (engine === 'libmilter') throw err; // its message offers the TypeScript engine
+      const cut = err.message.indexOf(' The TypeScript engine serves');
+      const why = cut >= 0 ? err.message.slice(0, cut) : err.message;
+      log.warn(`${name}: the native addon did not load (${why}); serving on the TypeScript engine instead (engine 'auto')`);
       engine = 'node';
     }
   }
