@@ -227,6 +227,18 @@ const basic: Case[] = [
   { name: 'helo without NUL', script: [S.opt(), S.conn(), pkt('H', 'nonul'), S.mail(), S.quit()] },
   { name: 'a header without value', script: session(S.mail(), S.rcpt(), S.data(), pkt('L', z('X-No')), S.hdr(), S.quit()) },
   { name: 'the MTA hangs up mid-message', script: session(S.mail(), S.rcpt(), S.data()) },
+  // Malformed packets the reliability fuzzer found answered differently.
+  { name: 'a connect whose hostname has no NUL', script: [S.opt(), pkt('C', 'hostname-without-nul'), S.helo(), S.quit()] },
+  { name: 'a connect with an unknown family byte', script: [S.opt(), S.conn('h', '192.0.2.1', 25, 'Z'), S.helo(), S.quit()] },
+  { name: 'a MAIL without NUL', script: [S.opt(), S.conn(), S.helo(), pkt('M', '<a@example.org>'), S.rcpt(), S.quit()] },
+  { name: 'an empty macro packet', script: [S.opt(), S.conn(), pkt('D'), S.helo(), S.quit()] },
+  { name: 'a macro packet with a stage and nothing else', script: [S.opt(), S.conn(), pkt('D', 'H'), S.helo(), S.quit()] },
+  { name: 'a MAIL with no arguments at all', script: [S.opt(), S.conn(), S.helo(), pkt('M'), S.rcpt(), S.quit()] },
+  { name: 'a RCPT without NUL', script: [S.opt(), S.conn(), S.helo(), S.mail(), pkt('R', '<b@example.net>'), S.data(), S.quit()] },
+  { name: 'a connect-stage macro packet with no names, then a connect with only a hostname', script: [S.opt(), pkt('D', 'C'), pkt('C', z('x')), S.quit()] },
+  { name: 'a macro packet with 201 names and no values, then RCPT out of order', script: [S.opt(), S.conn(), pkt('D', 'R', ...Array.from({ length: 201 }, (_, k) => z(`{m${k}}`))), pkt('R', z('x')), S.mail(), S.quit()] },
+  { name: 'a macro packet whose stage byte is NUL', script: [S.opt(), S.conn(), pkt('D', Buffer.from([0]), z('{x}'), z('y')), S.helo(), S.quit()] },
+  { name: 'a MAIL whose second argument has no NUL', script: [S.opt(), S.conn(), S.helo(), pkt('M', z('<a@example.org>'), 'SIZE=1'), S.rcpt(), S.quit()] },
 ];
 
 differential('every callback and every eom action', {

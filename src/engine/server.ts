@@ -558,6 +558,11 @@ class Connection {
     }
     // A one-string command (HELO, UNKNOWN) whose string is not NUL-terminated is dropped unanswered.
     if ((cmd === Cmd.HELO || cmd === Cmd.UNKNOWN) && data.indexOf(0) < 0) return;
+    // An empty MAIL or RCPT: libmilter closes the connection, unanswered and without abort.
+    if ((cmd === Cmd.MAIL || cmd === Cmd.RCPT) && data.length === 0) {
+      this.end(`${cmd === Cmd.MAIL ? 'MAIL' : 'RCPT'} command without arguments`);
+      return;
+    }
     if (!this.transOk(this.state, spec.state)) {
       if (this.state >= ST.MAIL && this.state < ST.ENDM) this.abortEvent();
       this.state = ST.HELO;
@@ -577,9 +582,18 @@ class Connection {
         this.event(Ev.HELO, step, rawText(splitStrings(data)[0] ?? Buffer.alloc(0)));
         return;
       case Cmd.MAIL:
-      case Cmd.RCPT:
-        this.event(cmd === Cmd.MAIL ? Ev.ENVFROM : Ev.ENVRCPT, step, splitStrings(data).map(rawText));
+      case Cmd.RCPT: {
+        // Arguments without a NUL at all: libmilter closes the connection
+        // unanswered (the message counts as begun: abort runs). A last
+        // argument without its NUL is dropped, as libmilter does.
+        const last = data.lastIndexOf(0);
+        if (last < 0) {
+          this.end(`${cmd === Cmd.MAIL ? 'MAIL' : 'RCPT'} command without a NUL-terminated argument`);
+          return;
+        }
+        this.event(cmd === Cmd.MAIL ? Ev.ENVFROM : Ev.ENVRCPT, step, splitStrings(data.subarray(0, last + 1)).map(rawText));
         return;
+      }
       case Cmd.DATA:
         this.event(Ev.DATA, step);
         return;
@@ -630,7 +644,11 @@ class Connection {
   }
 
   private storeMacros(data: Buffer): void {
-    if (data.length < 1) return;
+    if (data.length < 1) {
+      // No stage byte: libmilter closes the connection.
+      this.end('macro command without a stage');
+      return;
+    }
     const slot = MACRO_SLOT[data[0]];
     if (slot === undefined) return; // an unknown stage is ignored
     this.macros[slot] = splitStrings(data.subarray(1)).map((b) => b.toString('utf8'));
@@ -812,6 +830,11 @@ class Connection {
     let family = 0;
     let address: string | Buffer = '';
     let port = 0;
+    if (fam !== 0x55 && fam !== 0x34 && fam !== 0x36 && fam !== 0x4c) {
+      // Not SMFIA_UNKNOWN, INET, INET6 or UNIX: libmilter closes the connection unanswered.
+      this.end(`connect command with unknown address family 0x${fam.toString(16)}`);
+      return;
+    }
     if (fam === 0x34 || fam === 0x36 || fam === 0x4c) {
       const rest = data.subarray(nul + 2);
       if (rest.length < 2) {
