@@ -20,8 +20,8 @@
 //                   HELO name is "block"
 //   eomSleep        ms eom waits (async) before answering
 //   eomProgress     call ctx.progress() every this many ms while eom sleeps
-//   deadline, progressInterval, limits, noreply   register options (limits:
-//                   libmilter only; the TypeScript engine applies the defaults)
+//   deadline, progressInterval, limits, noreply   register options (serve
+//                   options on the TypeScript engine)
 //   policy          exception policy status name
 //   drain           ms to drain on SIGTERM (default 0)
 //   oneMessage      sessions carry one message: a second abort is a dup
@@ -221,10 +221,12 @@ if (engine === 'libmilter') {
     deadline: cfg.deadline,
     progressInterval: cfg.progressInterval,
     exceptionPolicy: cfg.policy ? milter[cfg.policy] : undefined,
+    limits: cfg.limits,
   }).then(
     (s) => {
       server = s;
       s.on('handlerError', onHandlerError);
+      s.on('limitExceeded', onLimit);
       s.on('close', () => out({ ev: 'main-resolved' }));
       out({ ev: 'ready', pid: process.pid, engine });
     },

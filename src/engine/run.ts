@@ -26,6 +26,7 @@ export async function runOnNodeEngine(
     timeout: options.timeout,
     backlog: options.backlog,
     umask: options.umask ?? 0o007, // runmilter's default, as on libmilter
+    limits: options.limits,
     logger: log,
   });
   server.on('handlerError', (err: Error, info: { callback: string; connection: number }) => {

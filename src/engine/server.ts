@@ -33,6 +33,7 @@ import {
   symlistStrings,
   type Deadlines,
   type HandlerErrorInfo,
+  type MessageLimits,
 } from './dispatch';
 import { Cmd, FrameReader, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Rep, cstr, frame, rawText, splitStrings, u32 } from './protocol';
 
@@ -129,6 +130,13 @@ export interface ServeOptions {
   umask?: number;
   /** Where handler errors go when nobody listens to `handlerError` (default console). */
   logger?: Logger;
+  /**
+   * Per-message limits on headers and body, the same as `milter.register`'s
+   * on the libmilter engine (defaults there). Past a limit the handlers see
+   * no more of the message and the MTA gets the limit's status; the server
+   * emits `limitExceeded` ({connection, limit, value}).
+   */
+  limits?: MessageLimits;
 }
 
 /** What a {@link MilterServer} emits with `handlerError`. */
@@ -150,8 +158,9 @@ let nextSessionId = 1;
 
 /**
  * A milter served by the TypeScript engine. Several servers may run in one
- * process (unlike libmilter). Events: `handlerError` (err, info), `close`
- * (the server has stopped and every session has ended).
+ * process (unlike libmilter). Events: `handlerError` (err, info),
+ * `limitExceeded` ({connection, limit, value}: a message went past one of
+ * the `limits`), `close` (the server has stopped).
  */
 export class MilterServer extends EventEmitter {
   readonly name: string;
@@ -216,10 +225,16 @@ export class MilterServer extends EventEmitter {
       progressMs: Math.round(progress),
       timeoutMs: timeout * 1000,
     };
-    this.dispatcher = new Dispatcher(cb, { ...description.decode }, {
-      exceptionStatus: () => this.exceptionStatus,
-      report: (err, s, type, answered) => reportHandlerError(this, this.logger, err, s, type, answered),
-    });
+    this.dispatcher = new Dispatcher(
+      cb,
+      { ...description.decode },
+      {
+        exceptionStatus: () => this.exceptionStatus,
+        report: (err, s, type, answered) => reportHandlerError(this, this.logger, err, s, type, answered),
+        limitExceeded: (s, what, limit) => this.emit('limitExceeded', { connection: s.id, limit: what, value: limit }),
+      },
+      options.limits,
+    );
     this.server = net.createServer({ allowHalfOpen: false, noDelay: true } as net.ServerOpts, (sock) => this.accept(sock));
   }
 

@@ -28,8 +28,11 @@ describe('limits', () => {
     expect(() => milter.register('x', {}, { limits: { maxHeaderBytes: Number.NaN } })).toThrow(InvalidArgumentError);
   });
 
+});
+
+describe.each(['libmilter', 'node'] as const)('limits, %s engine', (engine) => {
   it('maxHeaders: the header past the limit is rejected 552 5.3.4 and never reaches the handler; the next message starts again', async () => {
-    const m = await startMilter({ limits: { maxHeaders: 5 } });
+    const m = await startMilter({ engine, limits: { maxHeaders: 5 } });
     const c = await MilterClient.connect(m.spec);
     const r = await c.sendMessage({ ...MESSAGE, headers: headers(10) });
     expect(r.decision).toBe('reject');
@@ -50,7 +53,7 @@ describe('limits', () => {
   }, 30_000);
 
   it('maxHeaderBytes and maxBodyBytes with TEMPFAIL: 452 4.3.4, the handler saw at most the limit', async () => {
-    const m = await startMilter({ limits: { maxHeaderBytes: 1000, maxBodyBytes: 100_000, status: C.TEMPFAIL } });
+    const m = await startMilter({ engine, limits: { maxHeaderBytes: 1000, maxBodyBytes: 100_000, status: C.TEMPFAIL } });
     const c1 = await MilterClient.connect(m.spec);
     const r1 = await c1.sendMessage({ ...MESSAGE, headers: [['Subject', 'x'.repeat(2000)]] });
     c1.destroy();
@@ -72,7 +75,7 @@ describe('limits', () => {
   }, 30_000);
 
   it('a no-reply header past the limit is answered at the next step the MTA waits for (end of headers)', async () => {
-    const m = await startMilter({ limits: { maxHeaders: 3 }, noreply: ['header'] });
+    const m = await startMilter({ engine, limits: { maxHeaders: 3 }, noreply: ['header'] });
     const c = await MilterClient.connect(m.spec);
     const r = await c.sendMessage({ ...MESSAGE, headers: headers(8) });
     c.destroy();
@@ -84,7 +87,7 @@ describe('limits', () => {
   }, 30_000);
 
   it('a flood of 50 000 headers is cut at the default limit, and the milter stays small', async () => {
-    const m = await startMilter({ quiet: true });
+    const m = await startMilter({ engine, quiet: true });
     const c = await MilterClient.connect(m.spec, { timeout: 60_000 });
     const r = await c.sendMessage({ ...MESSAGE, headers: headers(50_000, 'z'.repeat(100)) });
     c.destroy();
