@@ -21,7 +21,7 @@ export interface Stats {
   external: number;
   live: number;
   counts: Record<string, number>;
-  diag: { created: number; deleted: number; active: number; deadlineExpired: number; progressSent: number; lateAnswers: number; drainRefused: number; jsSessions: number; running: boolean };
+  diag: { created: number; deleted: number; active: number; deadlineExpired: number; progressSent: number; lateAnswers: number; drainRefused: number; jsSessions?: number; held: number; running: boolean };
 }
 
 export type Milter = RunningProcess & { spec: string };
