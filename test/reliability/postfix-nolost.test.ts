@@ -21,11 +21,11 @@ afterEach(async () => {
   await stopAll();
 });
 
-describe.skipIf(skip)('no lost mail behind Postfix', () => {
+describe.skipIf(skip).each(['libmilter', 'node'] as const)('no lost mail behind Postfix, %s engine', (engine) => {
   it('milter killed and restarted, then drained and restarted: every message delivered stamped or retried, none unstamped', async () => {
     if (unavailable) throw new Error(unavailable);
     const spec = await freeInetSpec();
-    const cfg = { socket: spec, quiet: true, eomSleep: 100, drain: 10_000 };
+    const cfg = { engine, socket: spec, quiet: true, eomSleep: 100, drain: 10_000 };
     let m: Milter = await startMilter(cfg);
     const pf = await startPostfix({
       milter: spec,
