@@ -8,7 +8,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { MilterClient } from '../src/testing/client';
 import type { EomAction, MessageSpec } from '../src/testing/client';
-import { freeInetSpec, startProcess, stopAll, tmpDir, type RunningProcess } from './helpers';
+import { checkEngine, engineEnv, freeInetSpec, startProcess, stopAll, tmpDir, type Engine, type RunningProcess } from './helpers';
 import { REDIS_AVAILABLE, startRedis } from './helpers/redis';
 
 const EXAMPLE = path.resolve(__dirname, '..', 'dist', 'examples', 'greylist.js');
@@ -18,15 +18,16 @@ afterEach(async () => {
   await stopAll();
 });
 
-async function startGreylistMilter(env: Record<string, string>): Promise<RunningProcess & { spec: string }> {
+async function startGreylistMilter(env: Record<string, string>, engine?: Engine): Promise<RunningProcess & { spec: string }> {
   const spec = await freeInetSpec();
   const p = await startProcess(process.execPath, {
     args: [EXAMPLE, spec],
-    env: { GREY_TIME: String(GREY_TIME), GREY_EXPIRE: '3600', GREY_RETAIN: '86400', ...env },
+    env: { GREY_TIME: String(GREY_TIME), GREY_EXPIRE: '3600', GREY_RETAIN: '86400', ...(engine ? engineEnv(engine) : {}), ...env },
     socket: spec,
     readyTimeout: 30_000, // generous: CI machines are busy
     stopSignal: 'SIGKILL',
   });
+  if (engine) checkEngine(p.pid, engine);
   return Object.assign(p, { spec });
 }
 
@@ -59,11 +60,13 @@ function greyHeader(actions: EomAction[]): string | undefined {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-describe.skipIf(!REDIS_AVAILABLE)('two greylist milters sharing Redis', () => {
+// MX A serves on libmilter, MX B on the TypeScript engine: one fleet, one
+// store, both engines.
+describe.skipIf(!REDIS_AVAILABLE)('two greylist milters sharing Redis, one per engine', () => {
   it('a retry on the other MX passes: each host sees the triplets the other recorded', async () => {
     const redis = await startRedis();
     const env = { GREYLIST_STORE: redis.url, GREYLIST_PREFIX: 'fleet:' };
-    const [a, b] = await Promise.all([startGreylistMilter(env), startGreylistMilter(env)]);
+    const [a, b] = await Promise.all([startGreylistMilter(env, 'libmilter'), startGreylistMilter(env, 'node')]);
 
     // First attempt on MX A: 451 4.7.1.
     const first = await send(a.spec, message('192.0.2.7', 'alice@example.org', 'bob@example.net'));
@@ -90,7 +93,7 @@ describe.skipIf(!REDIS_AVAILABLE)('two greylist milters sharing Redis', () => {
   it('counts concurrent retries of one triplet from many connections to both hosts exactly', async () => {
     const redis = await startRedis();
     const env = { GREYLIST_STORE: redis.url, GREYLIST_PREFIX: 'conc:' };
-    const [a, b] = await Promise.all([startGreylistMilter(env), startGreylistMilter(env)]);
+    const [a, b] = await Promise.all([startGreylistMilter(env, 'libmilter'), startGreylistMilter(env, 'node')]);
     const msg = message('198.51.100.20', 'news@example.org', 'bob@example.net');
     expect((await send(a.spec, msg)).envrcpt[0].status).toBe('tempfail');
     await sleep(GREY_TIME * 1000 + 300);

@@ -7,7 +7,7 @@
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { freeInetSpec, startProcess, stopAll, tmpDir } from './helpers';
+import { ENGINES, checkEngine, engineEnv, freeInetSpec, startProcess, stopAll, tmpDir } from './helpers';
 import { mayskipPostfix, postfixUnavailable, startPostfix, stopAllPostfix } from './helpers/postfix';
 
 const EXAMPLE = path.resolve(__dirname, '..', 'dist', 'examples', 'greylist.js');
@@ -18,16 +18,17 @@ afterEach(async () => {
   await stopAll();
 });
 
-describe.skipIf(skip)('greylist example behind Postfix', () => {
+describe.skipIf(skip).each(ENGINES)('greylist example behind Postfix, %s engine', (engine) => {
   it('answers the first RCPT with 451 4.7.1 and delivers the retry with an X-Greylist header', async () => {
     const spec = await freeInetSpec();
-    await startProcess(process.execPath, {
+    const milter = await startProcess(process.execPath, {
       args: [EXAMPLE, spec],
-      env: { GREYLIST_STORE: path.join(tmpDir('nm-greypf-'), 'grey.db'), GREY_TIME: '1.5', GREY_EXPIRE: '3600' },
+      env: { GREYLIST_STORE: path.join(tmpDir('nm-greypf-'), 'grey.db'), GREY_TIME: '1.5', GREY_EXPIRE: '3600', ...engineEnv(engine) },
       socket: spec,
       readyTimeout: 30_000,
       stopSignal: 'SIGKILL',
     });
+    checkEngine(milter.pid, engine);
     const pf = await startPostfix({ milter: spec });
     const mail = {
       from: '<alice@client.example>',
