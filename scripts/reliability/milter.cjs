@@ -43,7 +43,7 @@ const milter = engine === 'libmilter' ? require(path.join(dist, 'milter.js')) : 
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const say = cfg.quiet ? () => undefined : out;
 
-const counts = { connects: 0, eoms: 0, aborts: 0, closes: 0, dupAborts: 0, dupCloses: 0, handlerErrors: 0, hung: 0, blocked: 0, headers: 0, bodyBytes: 0 };
+const counts = { connects: 0, eomsStarted: 0, eoms: 0, aborts: 0, closes: 0, dupAborts: 0, dupCloses: 0, handlerErrors: 0, hung: 0, blocked: 0, headers: 0, bodyBytes: 0 };
 // Per live session: its abort count and flags. A closed session's id goes
 // into a bounded set, so a second close for it is seen and counted.
 const live = new Map();
@@ -112,6 +112,7 @@ const callbacks = {
   }),
   unknown: wrap('unknown'),
   eom: wrap('eom', async (ctx, s) => {
+    counts.eomsStarted++;
     if (cfg.eomSleep) {
       let timer;
       if (cfg.eomProgress) timer = setInterval(() => { try { ctx.progress(); } catch { /* answered */ } }, cfg.eomProgress);
