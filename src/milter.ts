@@ -34,18 +34,23 @@ import { isMainThread } from 'node:worker_threads';
 
 import * as C from './constants';
 import {
-  CALLBACK_EVENT,
   COMMON_MACROS,
-  DEFAULT_PROGRESS,
   Dispatcher,
   resolveLimits,
   EVENT_NAMES,
   NOT_PARKED_MESSAGE,
   SessionCore,
   reportHandlerError,
+  checkBacklog,
   checkCallbacks,
+  checkDrain,
+  checkExceptionPolicy,
   checkIntOption,
+  checkMilterName,
+  checkTimeout,
   deadlineArray,
+  eventMasks,
+  progressMs,
   symlistStrings,
   type Deadlines,
   type MessageLimits,
@@ -210,9 +215,7 @@ export function register(a: string | MilterDescription, b?: Callbacks | Register
     callbacks = a.callbacks;
     options = { actions: a.actions, steps: a.steps, noreply: a.noreply, symlists: a.symlists, decode: a.decode, ...(b as RegisterOptions) };
   }
-  if (typeof name !== 'string' || name.length === 0 || name.includes('\0')) {
-    throw new InvalidArgumentError(`milter name must be a non-empty string without NUL, got ${JSON.stringify(name)}`);
-  }
+  checkMilterName(name);
   checkCallbacks(callbacks, options.noreply);
   checkIntOption('actions', options.actions);
   checkIntOption('steps', options.steps);
@@ -244,14 +247,14 @@ export function setconn(spec: string): void {
 
 /** Seconds an idle session may wait for the MTA before libmilter closes it (default 7210). */
 export function settimeout(seconds: number): void {
-  if (!Number.isInteger(seconds) || seconds < 0) throw new InvalidArgumentError(`timeout must be whole seconds >= 0, got ${seconds}`);
+  checkTimeout(seconds);
   notStarted('settimeout()');
   addon().settimeout(seconds);
 }
 
 /** The listen backlog (smfi_setbacklog). */
 export function setbacklog(backlog: number): void {
-  if (!Number.isInteger(backlog) || backlog <= 0) throw new InvalidArgumentError(`backlog must be a positive integer, got ${backlog}`);
+  checkBacklog(backlog);
   notStarted('setbacklog()');
   addon().setbacklog(backlog);
 }
@@ -290,10 +293,7 @@ function tuneSocket(): void {
  * TEMPFAIL (default; 451 4.3.0), REJECT (554 5.3.0), CONTINUE or ACCEPT.
  */
 export function set_exception_policy(status: number): void {
-  if (![C.TEMPFAIL, C.REJECT, C.CONTINUE, C.ACCEPT].includes(status)) {
-    throw new InvalidArgumentError(`exception policy must be TEMPFAIL, REJECT, CONTINUE or ACCEPT, got ${String(status)}`);
-  }
-  exceptionStatus = status;
+  exceptionStatus = checkExceptionPolicy(status);
 }
 
 /** libmilter's version as [major, minor, patchlevel] (smfi_version). */
@@ -335,18 +335,12 @@ function commit(): void {
   if (committed) return;
   if (!registered || !registered.name) throw new MilterStateError('register() must be called first');
   const { name, callbacks, options } = registered;
-  let handled = 0;
-  let noreply = 0;
-  for (const n of EVENT_NAMES) if (typeof callbacks[n] === 'function') handled |= 1 << CALLBACK_EVENT[n];
-  // abort and close never make the MTA wait.
-  noreply |= (1 << Ev.ABORT) | (1 << Ev.CLOSE);
-  for (const n of options.noreply ?? []) noreply |= 1 << CALLBACK_EVENT[n];
+  const { handled, noreply } = eventMasks(callbacks, options.noreply);
   const symlists = symlistStrings(options.symlists);
   const watch = new Set(COMMON_MACROS);
   for (const list of symlists) for (const m of list.split(' ')) if (m) watch.add(m);
   const actions = registered.flags ?? options.actions;
-  const progress = options.progressInterval ?? DEFAULT_PROGRESS;
-  if (!(progress >= 0)) throw new InvalidArgumentError(`progressInterval must be >= 0 ms, got ${progress}`);
+  const progress = progressMs(options.progressInterval);
   const limits = resolveLimits(options.limits);
   dispatcher = new Dispatcher(metrics ? metrics.instrument(callbacks) : callbacks, { ...options.decode }, {
     exceptionStatus: () => exceptionStatus,
@@ -363,7 +357,7 @@ function commit(): void {
     dynamicNegotiate: typeof callbacks.negotiate === 'function',
     symlists,
     deadlines: deadlineArray(options.deadline),
-    progressMs: Math.round(progress),
+    progressMs: progress,
     fallbackStatus: C.TEMPFAIL,
     watch: [...watch],
   });
@@ -419,7 +413,7 @@ export function stop(options: StopOptions = {}): Promise<void> {
   if (!started) throw new MilterStateError('stop() before main(): the milter is not running');
   if (stopPromise) return stopPromise;
   const drain = options.drain ?? 0;
-  if (!(drain >= 0)) throw new InvalidArgumentError(`drain must be >= 0 ms, got ${drain}`);
+  checkDrain(drain);
   const n = addon();
   stopPromise = (async () => {
     if (drain > 0) {

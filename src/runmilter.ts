@@ -8,6 +8,7 @@
  */
 import { describe as describeMilter, type MilterFactory } from './base';
 import { InvalidArgumentError, NativeLoadError } from './errors';
+import { checkDrain } from './engine/dispatch';
 import { loadNative } from './native';
 import * as milter from './milter';
 import { runOnNodeEngine } from './engine/run';
@@ -102,7 +103,7 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   }
   const log: Logger = options.logger ?? console;
   const drain = options.drain ?? 30_000;
-  if (!(drain >= 0)) throw new InvalidArgumentError(`drain must be >= 0 ms, got ${drain}`);
+  checkDrain(drain);
   const spec = parseSocketSpec(socket);
   if (spec.kind === 'unix') refuseNonSocket(spec.path, socket);
   const description = describeMilter(options.factory, { name });

@@ -152,6 +152,60 @@ export function deadlineArray(opt: number | Deadlines | undefined): number[] {
   return out;
 }
 
+/**
+ * The events a milter handles (a callback is defined) and the events the
+ * MTA is not kept waiting for (its `noreply` callbacks, and abort and close,
+ * which never make the MTA wait), as bit masks by event number.
+ */
+export function eventMasks(callbacks: Callbacks, noreply: readonly CallbackName[] | undefined): { handled: number; noreply: number } {
+  let handled = 0;
+  let nr = (1 << Ev.ABORT) | (1 << Ev.CLOSE);
+  for (const n of EVENT_NAMES) if (typeof callbacks[n] === 'function') handled |= 1 << CALLBACK_EVENT[n];
+  for (const n of noreply ?? []) nr |= 1 << CALLBACK_EVENT[n];
+  return { handled, noreply: nr };
+}
+
+/** The progress interval in whole ms (default 4 s); throws for a negative one. */
+export function progressMs(interval: number | undefined): number {
+  const progress = interval ?? DEFAULT_PROGRESS;
+  if (!(progress >= 0)) throw new InvalidArgumentError(`progressInterval must be >= 0 ms, got ${progress}`);
+  return Math.round(progress);
+}
+
+/** A milter name, checked: a non-empty string without NUL. */
+export function checkMilterName(name: unknown): string {
+  if (typeof name !== 'string' || name.length === 0 || name.includes('\0')) {
+    throw new InvalidArgumentError(`milter name must be a non-empty string without NUL, got ${JSON.stringify(name)}`);
+  }
+  return name;
+}
+
+/** An idle-session timeout, checked: whole seconds >= 0. */
+export function checkTimeout(seconds: number): number {
+  if (!Number.isInteger(seconds) || seconds < 0) throw new InvalidArgumentError(`timeout must be whole seconds >= 0, got ${seconds}`);
+  return seconds;
+}
+
+/** A listen backlog, checked: a positive integer. */
+export function checkBacklog(backlog: number): number {
+  if (!Number.isInteger(backlog) || backlog <= 0) throw new InvalidArgumentError(`backlog must be a positive integer, got ${backlog}`);
+  return backlog;
+}
+
+/** A drain budget, checked: ms >= 0. */
+export function checkDrain(ms: number): number {
+  if (!(ms >= 0)) throw new InvalidArgumentError(`drain must be >= 0 ms, got ${ms}`);
+  return ms;
+}
+
+/** An exception policy, checked: TEMPFAIL, REJECT, CONTINUE or ACCEPT. */
+export function checkExceptionPolicy(status: number): number {
+  if (![C.TEMPFAIL, C.REJECT, C.CONTINUE, C.ACCEPT].includes(status)) {
+    throw new InvalidArgumentError(`exception policy must be TEMPFAIL, REJECT, CONTINUE or ACCEPT, got ${String(status)}`);
+  }
+  return status;
+}
+
 /** The symlists as one space-separated string per stage (0..6); throws for a bad macro name. */
 export function symlistStrings(symlists: Partial<Record<C.MacroStage, readonly string[]>> | undefined): string[] {
   const out: string[] = [];

@@ -17,8 +17,6 @@ import { parseSocketSpec, refuseNonSocket, removeUnixSocket } from '../socketspe
 import type { Bytes, EngineCounters, Logger, MilterDescription } from '../types';
 import type { Reply } from '../validate';
 import {
-  CALLBACK_EVENT,
-  DEFAULT_PROGRESS,
   Dispatcher,
   EVENT_NAMES,
   Ev,
@@ -26,9 +24,16 @@ import {
   NO_BIT,
   NR_BIT,
   SessionCore,
+  checkBacklog,
   checkCallbacks,
+  checkDrain,
+  checkExceptionPolicy,
   checkIntOption,
+  checkMilterName,
+  checkTimeout,
   deadlineArray,
+  eventMasks,
+  progressMs,
   reportHandlerError,
   symlistStrings,
   type Deadlines,
@@ -187,42 +192,28 @@ export class MilterServer extends EventEmitter {
   constructor(description: MilterDescription, readonly options: ServeOptions) {
     super();
     if (!description || typeof description !== 'object') throw new InvalidArgumentError('serve() takes a MilterDescription (what describe() or Base builds)');
-    if (typeof description.name !== 'string' || !description.name || description.name.includes('\0')) {
-      throw new InvalidArgumentError(`milter name must be a non-empty string without NUL, got ${JSON.stringify(description.name)}`);
-    }
+    checkMilterName(description.name);
     if (!options || typeof options.socket !== 'string') throw new InvalidArgumentError('serve() needs options.socket, e.g. "inet:8894@127.0.0.1"');
     parseSocketSpec(options.socket);
     const cb = description.callbacks;
     checkCallbacks(cb, description.noreply);
     checkIntOption('actions', description.actions);
     checkIntOption('steps', description.steps);
-    const policy = options.exceptionPolicy ?? C.TEMPFAIL;
-    if (![C.TEMPFAIL, C.REJECT, C.CONTINUE, C.ACCEPT].includes(policy)) {
-      throw new InvalidArgumentError(`exception policy must be TEMPFAIL, REJECT, CONTINUE or ACCEPT, got ${String(policy)}`);
-    }
-    const progress = options.progressInterval ?? DEFAULT_PROGRESS;
-    if (!(progress >= 0)) throw new InvalidArgumentError(`progressInterval must be >= 0 ms, got ${progress}`);
-    const timeout = options.timeout ?? 7210;
-    if (!Number.isInteger(timeout) || timeout < 0) throw new InvalidArgumentError(`timeout must be whole seconds >= 0, got ${timeout}`);
-    if (options.backlog !== undefined && (!Number.isInteger(options.backlog) || options.backlog <= 0)) {
-      throw new InvalidArgumentError(`backlog must be a positive integer, got ${options.backlog}`);
-    }
+    const policy = checkExceptionPolicy(options.exceptionPolicy ?? C.TEMPFAIL);
+    const progress = progressMs(options.progressInterval);
+    const timeout = checkTimeout(options.timeout ?? 7210);
+    if (options.backlog !== undefined) checkBacklog(options.backlog);
     this.name = description.name;
     this.logger = options.logger ?? console;
     this.exceptionStatus = policy;
-    let handled = 0;
-    let noreply = (1 << Ev.ABORT) | (1 << Ev.CLOSE);
-    for (const n of EVENT_NAMES) if (typeof cb[n] === 'function') handled |= 1 << CALLBACK_EVENT[n];
-    for (const n of description.noreply ?? []) noreply |= 1 << CALLBACK_EVENT[n];
     this.cfg = {
       actions: description.actions,
       steps: description.steps,
-      handled,
-      noreply,
+      ...eventMasks(cb, description.noreply),
       dynamicNegotiate: typeof cb.negotiate === 'function',
       symlists: symlistStrings(description.symlists),
       deadlines: deadlineArray(options.deadline),
-      progressMs: Math.round(progress),
+      progressMs: progress,
       timeoutMs: timeout * 1000,
     };
     this.dispatcher = new Dispatcher(
@@ -289,10 +280,7 @@ export class MilterServer extends EventEmitter {
 
   /** Set the exception policy (TEMPFAIL, REJECT, CONTINUE or ACCEPT). */
   setExceptionPolicy(status: number): void {
-    if (![C.TEMPFAIL, C.REJECT, C.CONTINUE, C.ACCEPT].includes(status)) {
-      throw new InvalidArgumentError(`exception policy must be TEMPFAIL, REJECT, CONTINUE or ACCEPT, got ${String(status)}`);
-    }
-    this.exceptionStatus = status;
+    this.exceptionStatus = checkExceptionPolicy(status);
   }
 
   /** Let the process exit while the server listens. */
@@ -325,7 +313,7 @@ export class MilterServer extends EventEmitter {
   close(options: CloseOptions = {}): Promise<void> {
     if (this.closing) return this.closing;
     const drain = options.drain ?? 0;
-    if (!(drain >= 0)) throw new InvalidArgumentError(`drain must be >= 0 ms, got ${drain}`);
+    checkDrain(drain);
     this.closing = (async () => {
       if (drain > 0 && this.listening) {
         // Keep accepting, so new sessions get 421 4.3.2 rather than a refused connection.
