@@ -9,6 +9,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { NativeLoadError } from './errors';
+import type { EngineCounters } from './types';
 
 /** Event numbers shared with native/engine.h (EventType). */
 export const Ev = {
@@ -58,17 +59,10 @@ export interface NativeRegistration {
   watch: string[];
 }
 
-/** Counters kept by the addon. */
-export interface NativeDiag {
-  created: number;
-  deleted: number;
-  active: number;
-  deadlineExpired: number;
-  progressSent: number;
-  lateAnswers: number;
-  drainRefused: number;
+/** Counters kept by the addon: every engine's, and the addon's own. */
+export interface NativeDiag extends EngineCounters {
+  /** Sessions not yet closed, less those refused while draining (drain waits for 0). */
   serving: number;
-  running: boolean;
   usedSmfiMain: boolean;
   /** Macro stages found in libmilter's context (guard against malformed macro lists); -1 unknown, -2 not yet. */
   macroLayout: number;
