@@ -10,7 +10,7 @@
  */
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, startProcess, type RunningProcess } from './helpers';
+import { ENGINES, FIXTURES, checkEngine, e2eSessionOf, engineEnv, freeInetSpec, splitMessage, startProcess, type E2eEvent, type RunningProcess } from './helpers';
 import { mayskipPostfix, postfixUnavailable, startPostfix, type PostfixInstance } from './helpers/postfix';
 
 const E2E_MILTER = path.join(FIXTURES, 'e2e', 'milter.cjs');
@@ -37,35 +37,11 @@ function message(subject: string, extra = ''): string {
     .join('\r\n');
 }
 
-function splitMessage(m: string): [string, string] {
-  const at = m.indexOf('\r\n\r\n');
-  return [m.slice(0, at), m.slice(at + 4)];
-}
-
-interface MilterEvent {
-  ev: string;
-  [k: string]: any;
-}
-
 describe.skipIf(skip).each(ENGINES)('Postfix end to end (%s engine)', (engine) => {
   let pf: PostfixInstance | undefined;
   let milter: RunningProcess | undefined;
 
-  /** The events the milter printed for the session that carried `marker` in its Subject. */
-  function sessionOf(marker: string): MilterEvent[] {
-    const byConn = new Map<number, MilterEvent[]>();
-    for (const line of milter!.stdout.split('\n')) {
-      if (!line.startsWith('{')) continue;
-      const e = JSON.parse(line) as MilterEvent;
-      if (e.conn === undefined) continue;
-      if (!byConn.has(e.conn)) byConn.set(e.conn, []);
-      byConn.get(e.conn)!.push(e);
-    }
-    const sessions = [...byConn.values()];
-    const s = sessions.find((evs) => evs.some((e) => e.ev === 'header' && e.name === 'Subject' && e.value.includes(marker)));
-    if (!s) throw new Error(`no milter session with ${marker}:\n${milter!.stdout}`);
-    return s;
-  }
+  const sessionOf = (marker: string): E2eEvent[] => e2eSessionOf(milter!.stdout, marker);
 
   beforeAll(async () => {
     if (unavailable) return;

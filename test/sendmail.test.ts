@@ -11,7 +11,7 @@
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, startProcess, type RunningProcess } from './helpers';
+import { ENGINES, FIXTURES, checkEngine, e2eSessionOf, engineEnv, freeInetSpec, splitMessage, startProcess, type E2eEvent, type RunningProcess } from './helpers';
 import { SENDMAIL_HOSTNAME, mayskipSendmail, sendmailUnavailable, startSendmail, type SendmailInstance } from './helpers/sendmail';
 
 const E2E_MILTER = path.join(FIXTURES, 'e2e', 'milter.cjs');
@@ -38,33 +38,11 @@ function message(subject: string): string {
   ].join('\r\n');
 }
 
-function splitMessage(m: string): [string, string] {
-  const at = m.indexOf('\r\n\r\n');
-  return [m.slice(0, at), m.slice(at + 4)];
-}
-
-interface MilterEvent {
-  ev: string;
-  [k: string]: any;
-}
-
 describe.skipIf(skip).each(ENGINES)('sendmail end to end, %s engine', (engine) => {
   let sm: SendmailInstance | undefined;
   let milter: RunningProcess | undefined;
 
-  function sessionOf(marker: string): MilterEvent[] {
-    const byConn = new Map<number, MilterEvent[]>();
-    for (const line of milter!.stdout.split('\n')) {
-      if (!line.startsWith('{')) continue;
-      const e = JSON.parse(line) as MilterEvent;
-      if (e.conn === undefined) continue;
-      if (!byConn.has(e.conn)) byConn.set(e.conn, []);
-      byConn.get(e.conn)!.push(e);
-    }
-    const s = [...byConn.values()].find((evs) => evs.some((e) => e.ev === 'header' && e.name === 'Subject' && e.value.includes(marker)));
-    if (!s) throw new Error(`no milter session with ${marker}:\n${milter!.stdout}`);
-    return s;
-  }
+  const sessionOf = (marker: string): E2eEvent[] => e2eSessionOf(milter!.stdout, marker);
 
   beforeAll(async () => {
     if (unavailable) return;

@@ -35,3 +35,33 @@ export function eventStrings(out: string, kinds: readonly string[] = ['EV']): st
     .filter((e) => kinds.includes(e.kind))
     .map((e) => (e.kind === 'EV' ? [e.name, ...e.fields] : [e.kind, e.name, ...e.fields]).join(' '));
 }
+
+/** One JSON line of the e2e milter (test/fixtures/e2e/milter.cjs): `ev` and its fields; `conn` numbers the session. */
+export interface E2eEvent {
+  ev: string;
+  [k: string]: any;
+}
+
+/**
+ * The events the e2e milter printed (its stdout) for the session whose
+ * Subject header contains `marker`; throws, with the output, if none did.
+ */
+export function e2eSessionOf(stdout: string, marker: string): E2eEvent[] {
+  const byConn = new Map<number, E2eEvent[]>();
+  for (const line of stdout.split('\n')) {
+    if (!line.startsWith('{')) continue;
+    const e = JSON.parse(line) as E2eEvent;
+    if (e.conn === undefined) continue;
+    if (!byConn.has(e.conn)) byConn.set(e.conn, []);
+    byConn.get(e.conn)!.push(e);
+  }
+  const s = [...byConn.values()].find((evs) => evs.some((e) => e.ev === 'header' && e.name === 'Subject' && e.value.includes(marker)));
+  if (!s) throw new Error(`no milter session with ${marker}:\n${stdout}`);
+  return s;
+}
+
+/** A CRLF message split at its first empty line: [header, body]. */
+export function splitMessage(m: string): [string, string] {
+  const at = m.indexOf('\r\n\r\n');
+  return [m.slice(0, at), m.slice(at + 4)];
+}
