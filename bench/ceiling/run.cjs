@@ -8,8 +8,9 @@
 // Then handoff.c: what one round trip between two threads costs here (the
 // libmilter engine pays one per replied callback: worker -> JS -> worker).
 'use strict';
+const fs = require('node:fs');
 const path = require('node:path');
-const { spawn } = require('node:child_process');
+const { execFileSync, spawn } = require('node:child_process');
 const L = require('../lib.cjs');
 
 function args() {
@@ -28,7 +29,7 @@ function args() {
 async function startRaw(name, cmd, argv, socket) {
   const p = socket.replace(/^unix:/, '');
   const child = spawn(cmd, [...argv, p], { stdio: ['ignore', 'ignore', 'inherit'] });
-  const fs = require('node:fs');
+  process.once('exit', () => child.kill('SIGKILL')); // also when a cell fails
   const until = Date.now() + 10_000;
   while (!fs.existsSync(p)) {
     if (Date.now() > until) throw new Error(`${name} did not listen`);
@@ -50,8 +51,6 @@ async function main() {
       await startRaw('bare', process.execPath, [path.join(__dirname, 'bare.cjs')], L.socketFor('ceil-bare')),
       await L.startMilter('ts', 's3', L.socketFor('ceil-ts')),
     ];
-    milters[0].impl = 'c';
-    milters[3].impl = 'ts';
     for (const conc of o.conc) {
       // Rotate the order per round so no implementation always runs first.
       const order = milters.map((_, i) => milters[(i + round) % milters.length]);
@@ -74,7 +73,7 @@ async function main() {
     console.log(`| ${conc} | ${impls.map((i) => Math.round(med(i))).join(' | ')} | ${impls.slice(1).map((i) => ratio(i).toFixed(2)).join(' | ')} |`);
   }
   const handoff = L.buildC('ceiling/handoff.c', ['-pthread']);
-  const h = JSON.parse(require('node:child_process').execFileSync(handoff, [String(o.handoff)]).toString());
+  const h = JSON.parse(execFileSync(handoff, [String(o.handoff)]).toString());
   console.log('');
   console.log(
     `Thread hand-off, median round trip of ${h.roundTrips} (handoff.c): condition variable ${h.condvar_us} us, ` +
