@@ -211,7 +211,12 @@ export async function startPostfix(opts: PostfixOptions): Promise<PostfixInstanc
   const dataDir = path.join(dir, 'data');
   const sinkDir = path.join(dir, 'sink');
   const logFile = path.join(dir, 'maillog');
-  for (const d of [configDir, queueDir, dataDir, sinkDir]) fs.mkdirSync(d);
+  // Explicit modes: Postfix's daemons read the configuration as user postfix,
+  // whatever the umask of the process running the tests (077, say).
+  for (const d of [configDir, queueDir, dataDir, sinkDir]) {
+    fs.mkdirSync(d);
+    fs.chmodSync(d, 0o755);
+  }
   execFileSync('chown', ['postfix', dataDir, sinkDir]);
   const smtpPort = await freePort();
   const sinkPort = await freePort();
@@ -251,6 +256,7 @@ export async function startPostfix(opts: PostfixOptions): Promise<PostfixInstanc
   };
   fs.writeFileSync(path.join(configDir, 'main.cf'), Object.entries(main).map(([k, v]) => `${k} = ${v}\n`).join(''));
   fs.writeFileSync(path.join(configDir, 'master.cf'), MASTER_CF(smtpPort));
+  for (const f of ['main.cf', 'master.cf']) fs.chmodSync(path.join(configDir, f), 0o644);
 
   let sink: RunningProcess | undefined;
   let stopped = false;
