@@ -151,7 +151,7 @@ function runLoadgen(socket, o) {
   if (o.checkReplacedBody) args.push('-R');
   if (o.barrier) args.push('-B');
   if (o.client === 'threads') args.push('-T');
-  else if (o.client !== undefined && o.client !== 'epoll') throw new Error(`unknown client ${o.client}: expected epoll or threads`);
+  else if (o.client !== undefined && o.client !== 'epoll') return Promise.reject(new Error(`unknown client ${o.client}: expected epoll or threads`));
   args.push('-t', String(o.timeout ?? 30));
   return new Promise((resolve, reject) => {
     const child = spawn(loadgenPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -367,6 +367,26 @@ function publishVerdict(state, limits = PUBLISH_LIMITS) {
   return { ok: reasons.length === 0, reasons };
 }
 
+/**
+ * Write `block` between the bench:table markers of `file`, but only if the
+ * verdict allows it. Returns { written, message }: the message says why not.
+ */
+function publishTable(file, block, verdict) {
+  if (!verdict.ok)
+    return {
+      written: false,
+      message: `bench: --doc refused, ${file} left as it was:\n${verdict.reasons.map((r) => `  - ${r}`).join('\n')}\nRun it again on a quiet machine.`,
+    };
+  const begin = '<!-- bench:table:begin -->';
+  const end = '<!-- bench:table:end -->';
+  const text = fs.readFileSync(file, 'utf8');
+  const a = text.indexOf(begin);
+  const b = text.indexOf(end);
+  if (a < 0 || b < a) throw new Error(`${file} lacks the ${begin} ... ${end} markers`);
+  fs.writeFileSync(file, text.slice(0, a + begin.length) + '\n' + block + text.slice(b));
+  return { written: true, message: `updated ${file}` };
+}
+
 /** Load averages (1, 5, 15 minutes) from /proc/loadavg. */
 function loadAverage() {
   return fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).map(Number);
@@ -394,7 +414,7 @@ function nativeFloor(cRate, replied, handoffUs) {
 }
 
 module.exports = {
-  systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, PUBLISH_LIMITS, publishVerdict, loadAverage, measureHandoff, nativeFloor,
+  systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, PUBLISH_LIMITS, publishVerdict, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
   BENCH, ROOT, PYTHON, IMPLS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
   procStatus, resetPeak, cpuSeconds, threads, median, machine, sleep, killAll,
 };

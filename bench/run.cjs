@@ -198,12 +198,9 @@ async function main() {
   if (o.json) fs.writeFileSync(o.json, JSON.stringify({ machine: mach, options: o, state, verdict, results }, null, 1));
   if (o.doc) {
     const file = o.docFile ?? path.join(L.ROOT, 'docs/performance.md');
-    if (!verdict.ok) {
-      console.error(`bench: --doc refused, ${file} left as it was:\n${verdict.reasons.map((r) => `  - ${r}`).join('\n')}\nRun it again on a quiet machine.`);
-      process.exitCode = 3;
-      return;
-    }
-    writeDoc(file, header + '\n' + table.text);
+    const { written, message } = L.publishTable(file, header + '\n' + table.text, verdict);
+    console.error(message);
+    if (!written) process.exitCode = 3;
   }
 }
 
@@ -309,17 +306,6 @@ function summarize(results, o, handoffUs) {
   text += `\nMissed by ts: ${misses.ts.length ? misses.ts.join(', ') : 'none'}.`;
   text += `\nRuns with errors: ${errs.length ? errs.map((r) => `${r.impl} ${r.shape} c${r.conc} ${r.mode} ${r.client}: ${r.first_error}`).join('; ') : 'none'}.\n`;
   return { text, misses };
-}
-
-function writeDoc(file, block) {
-  const begin = '<!-- bench:table:begin -->';
-  const end = '<!-- bench:table:end -->';
-  const text = fs.readFileSync(file, 'utf8');
-  const a = text.indexOf(begin);
-  const b = text.indexOf(end);
-  if (a < 0 || b < a) throw new Error(`${file} lacks the ${begin} ... ${end} markers`);
-  fs.writeFileSync(file, text.slice(0, a + begin.length) + '\n' + block + text.slice(b));
-  console.error(`updated ${file}`);
 }
 
 main().then(
