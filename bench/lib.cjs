@@ -295,9 +295,29 @@ function otherProcesses() {
   return out;
 }
 
-/** A mark of the machine's CPU accounting; two marks give what others used in between (cpuBetween). */
-function cpuMark() {
-  return { t: performance.now(), sys: systemTicks(), bench: benchTicks(), procs: otherProcesses() };
+/**
+ * A mark of the machine's CPU accounting; two marks give what others used in
+ * between (cpuBetween). `procs`: also scan every other process (tens of ms
+ * on a busy machine, so not around every cell).
+ */
+function cpuMark({ procs = true } = {}) {
+  return { t: performance.now(), sys: systemTicks(), bench: benchTicks(), procs: procs ? otherProcesses() : null };
+}
+
+/** CPU seconds per command name between two process scans (pid reuse counts as a new process). */
+function procDelta(a, b, into = new Map()) {
+  const hz = clkTck();
+  for (const [pid, p] of b) {
+    const before = a.get(pid);
+    const d = before && before.start === p.start ? p.ticks - before.ticks : p.ticks;
+    if (d > 0) into.set(p.comm, (into.get(p.comm) ?? 0) + d / hz);
+  }
+  return into;
+}
+
+/** The commands that used the most, [{ comm, s }], from a procDelta map. */
+function topOf(byComm, n = 5) {
+  return [...byComm].sort((x, y) => y[1] - x[1]).slice(0, n).map(([comm, s]) => ({ comm, s: Number(s.toFixed(2)) }));
 }
 
 /**
@@ -305,25 +325,38 @@ function cpuMark() {
  * (the machine's busy time, steal included, minus the benchmark's own),
  * `otherCorePct` the same as a share of one core over the wall time,
  * `stealS`, and `top`: the other processes that used the most (by command
- * name, processes that lived across both marks or started after the first).
+ * name; processes that lived across both marks or started after the first;
+ * empty unless both marks scanned the processes).
  */
 function cpuBetween(a, b) {
   const hz = clkTck();
   const wallS = (b.t - a.t) / 1000;
   const otherS = Math.max(0, b.sys.busy - a.sys.busy - (b.bench - a.bench)) / hz;
-  const byComm = new Map();
-  for (const [pid, p] of b.procs) {
-    const before = a.procs.get(pid);
-    const d = before && before.start === p.start ? p.ticks - before.ticks : p.ticks;
-    if (d > 0) byComm.set(p.comm, (byComm.get(p.comm) ?? 0) + d / hz);
-  }
-  const top = [...byComm].sort((x, y) => y[1] - x[1]).slice(0, 5).map(([comm, s]) => ({ comm, s: Number(s.toFixed(2)) }));
   return {
     wallS: Number(wallS.toFixed(3)),
     otherS: Number(otherS.toFixed(2)),
     otherCorePct: wallS > 0 ? Number(((otherS / wallS) * 100).toFixed(1)) : 0,
     stealS: Number(((b.sys.steal - a.sys.steal) / hz).toFixed(2)),
-    top,
+    top: a.procs && b.procs ? topOf(procDelta(a.procs, b.procs)) : [],
+  };
+}
+
+/**
+ * Which other commands used CPU over a run: scan() at the start, now and
+ * then (between groups of cells) and at the end; top() sums the deltas of
+ * consecutive scans, so it also sees processes that came and went between
+ * the first and the last scan, if they lived across one scan.
+ */
+function procTally() {
+  let last = otherProcesses();
+  const byComm = new Map();
+  return {
+    scan() {
+      const now = otherProcesses();
+      procDelta(last, now, byComm);
+      last = now;
+    },
+    top: (n) => topOf(byComm, n),
   };
 }
 
@@ -414,7 +447,7 @@ function nativeFloor(cRate, replied, handoffUs) {
 }
 
 module.exports = {
-  systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, PUBLISH_LIMITS, publishVerdict, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
+  systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, procTally, PUBLISH_LIMITS, publishVerdict, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
   BENCH, ROOT, PYTHON, IMPLS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
   procStatus, resetPeak, cpuSeconds, threads, median, machine, sleep, killAll,
 };

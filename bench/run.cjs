@@ -1,5 +1,5 @@
 // npm run bench [-- --quick] [-- --rounds N --seconds S --shapes s1,s2 --conc 1,8,64 --modes many,one --impls c,py,node,ts
-//                 --clients epoll,threads --json FILE --doc [--doc-file FILE]]
+//                 --clients epoll,threads --json FILE --doc [--doc-file FILE] --plan]
 // Runs the milter implementations (C libmilter, pymilter, nodemilter on
 // libmilter, nodemilter's TypeScript engine) of each shape interleaved:
 // every round starts one milter per implementation, then runs each cell
@@ -13,7 +13,8 @@
 // refuses (exit 3, nothing written) when the machine was busy or the canary
 // moved: see PUBLISH_LIMITS in lib.cjs and docs/performance.md.
 // --max-other PCT, --max-other-cell PCT, --max-canary PCT change those
-// limits (the published header states the limits used).
+// limits (the published header states the limits used). --plan prints the
+// plan and its estimated time, and runs nothing.
 'use strict';
 const fs = require('node:fs');
 const path = require('node:path');
@@ -35,6 +36,7 @@ function parseArgs(argv) {
     };
     if (a === '--quick') o.quick = true;
     else if (a === '--doc') o.doc = true;
+    else if (a === '--plan') o.planOnly = true;
     else if (a === '--doc-file') o.docFile = val();
     else if (a === '--rounds') o.rounds = num();
     else if (a === '--seconds') o.seconds = num();
@@ -106,14 +108,16 @@ async function canary(o) {
   }
 }
 
-/** Runs a benchmark plan would start; and about how long they take. */
+/** How many runs and milter starts a plan has, and about how long it takes. */
 function plan(o) {
   let runs = 0;
   for (const shape of o.shapes) runs += o.conc.length * o.modes.length * clientsFor(o, shape).length * o.impls.length;
   runs *= o.rounds;
   const starts = o.rounds * o.shapes.length * o.impls.length;
-  // ~0.1 s per run to start and stop the load generator, ~0.7 s per milter start
-  const s = runs * (o.seconds + o.warmup + 0.1) + starts * 0.7 + 2 * CANARY.runs * (o.canarySeconds + o.warmup + 0.1) + 2 + o.handoff * 2 * 15 * 14e-6;
+  // Measured on the shared 2-core machine (load average 11): ~0.06 s per run
+  // to start and stop the load generator, ~0.45 s per milter start; the
+  // hand-off measurement is 15 x N round trips of ~14 us, twice.
+  const s = runs * (o.seconds + o.warmup + 0.06) + (starts + 2) * 0.45 + 2 * CANARY.runs * (o.canarySeconds + o.warmup + 0.06) + 2 + o.handoff * 2 * 15 * 14e-6;
   return { runs, starts, seconds: s };
 }
 
@@ -123,9 +127,11 @@ async function main() {
   L.cMilterPath();
   const p = plan(o);
   process.stderr.write(`plan: ${p.runs} runs of ${o.seconds} s (+${o.warmup} s warm-up), ${p.starts} milter starts: about ${(p.seconds / 60).toFixed(1)} min\n`);
+  if (o.planOnly) return;
   const started = Date.now();
   const loadBefore = L.loadAverage();
-  const mark0 = L.cpuMark();
+  const mark0 = L.cpuMark({ procs: false });
+  const tally = L.procTally();
   const handoff0 = L.measureHandoff(o.handoff);
   const canary0 = await canary(o);
   process.stderr.write(`canary at the start: ${canary0.rates.map((r) => r.toFixed(0)).join(', ')} msg/s; hand-off ${handoff0.handoff_us} us\n`);
@@ -145,9 +151,9 @@ async function main() {
               if (!m.alive()) throw new Error(`${impl} ${shape} milter died:\n${m.stderr()}`);
               L.resetPeak(m.pid);
               const cpu0 = L.cpuSeconds(m.pid);
-              const before = L.cpuMark();
+              const before = L.cpuMark({ procs: false });
               const r = await L.runLoadgen(m.socket, { conc, perConn: PER_CONN[mode], client, seconds: o.seconds, warmup: o.warmup });
-              const other = L.cpuBetween(before, L.cpuMark());
+              const other = L.cpuBetween(before, L.cpuMark({ procs: false }));
               const cpu = L.cpuSeconds(m.pid) - cpu0;
               const st = L.procStatus(m.pid);
               const row = { round, shape, conc, mode, client, impl, ...r, peakRssKiB: st.VmHWM, milterCpuS: cpu, threads: L.threads(m.pid), other };
@@ -164,11 +170,12 @@ async function main() {
         }
       }
       for (const impl of o.impls) await milters[impl].stop();
+      tally.scan();
     }
   }
   const canary1 = await canary(o);
   const handoff1 = L.measureHandoff(o.handoff);
-  const other = L.cpuBetween(mark0, L.cpuMark());
+  const other = { ...L.cpuBetween(mark0, L.cpuMark({ procs: false })), top: (tally.scan(), tally.top()) };
   const loadAfter = L.loadAverage();
   process.stderr.write(`canary at the end: ${canary1.rates.map((r) => r.toFixed(0)).join(', ')} msg/s; hand-off ${handoff1.handoff_us} us\n`);
   const worst = results.reduce((w, r) => (!w || r.other.otherCorePct > w.other.otherCorePct ? r : w), null);
