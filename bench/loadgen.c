@@ -323,37 +323,49 @@ static int want_more(void) {
   return 1;
 }
 
-static void open_conn(conn_t *c) {
+/* A socket for -s (unix:/path, local:/path, /path or inet:PORT[@HOST]) and its address. */
+static int new_socket(int nonblock, struct sockaddr_storage *ss, socklen_t *len) {
   int fd;
+  memset(ss, 0, sizeof *ss);
   if (!strncmp(sockspec, "unix:", 5) || !strncmp(sockspec, "local:", 6) || sockspec[0] == '/') {
     const char *path = sockspec[0] == '/' ? sockspec : strchr(sockspec, ':') + 1;
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_un *sa = (struct sockaddr_un *)ss;
+    sa->sun_family = AF_UNIX;
+    snprintf(sa->sun_path, sizeof sa->sun_path, "%s", path);
+    *len = sizeof *sa;
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0) fail("socket");
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-      if (errno == EAGAIN) { /* the listen backlog is full: try again shortly */
-        close(fd);
-        c->fd = -1;
-        c->retry = 1;
-        retries++;
-        return;
-      }
-      if (errno != EINPROGRESS) fail("connect");
-    }
   } else if (!strncmp(sockspec, "inet:", 5)) {
-    int port = atoi(sockspec + 5);
     const char *at = strchr(sockspec, '@');
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
-    inet_pton(AF_INET, at ? at + 1 : "127.0.0.1", &sa.sin_addr);
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_in *sa = (struct sockaddr_in *)ss;
+    sa->sin_family = AF_INET;
+    sa->sin_port = htons(atoi(sockspec + 5));
+    inet_pton(AF_INET, at ? at + 1 : "127.0.0.1", &sa->sin_addr);
+    *len = sizeof *sa;
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0) fail("socket");
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) fail("connect");
   } else {
     fprintf(stderr, "loadgen: socket spec %s: expected unix:/path or inet:PORT@HOST\n", sockspec);
     exit(2);
+  }
+  return fd;
+}
+
+static void open_conn(conn_t *c) {
+  struct sockaddr_storage sa;
+  socklen_t sl;
+  int fd = new_socket(1, &sa, &sl);
+  if (connect(fd, (struct sockaddr *)&sa, sl) < 0) {
+    if (errno == EAGAIN && sa.ss_family == AF_UNIX) { /* the listen backlog is full: try again shortly */
+      close(fd);
+      c->fd = -1;
+      c->retry = 1;
+      retries++;
+      return;
+    }
+    if (errno != EINPROGRESS) fail("connect");
   }
   c->fd = fd;
   c->retry = 0;
@@ -387,19 +399,71 @@ static void record_latency(double us) {
   lat[nlat++] = (uint32_t)(us > 4e9 ? 4e9 : us);
 }
 
-static void message_done(conn_t *c) {
-  double t = now();
-  done_msgs++;
-  if (c->hdrs < min_headers) {
-    bad++;
+/* One packet of an EOM reply: 0 = more follow, 1 = the final status, -1 = bad (noted). */
+static int eom_packet(char cmd, uint32_t n, int *hdrs, size_t *repl) {
+  switch (cmd) {
+  case 'h':
+  case 'i':
+    (*hdrs)++;
+    return 0;
+  case 'b':
+    *repl += n;
+    return 0;
+  case 'p':
+  case 'm':
+  case '+':
+  case '-':
+  case '2':
+  case 'e':
+  case 'q':
+    return 0;
+  case 'c':
+  case 'a':
+    return 1;
+  default:
+    note_error("EOM ended with a status other than CONTINUE/ACCEPT");
+    return -1;
+  }
+}
+
+/* A message's EOM reply is complete: count it and check its header and body. */
+static void check_message(int hdrs, size_t repl) {
+  __atomic_fetch_add(&done_msgs, 1, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&headers_seen, hdrs, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&replbody_total, (long long)repl, __ATOMIC_RELAXED);
+  if (hdrs < min_headers) {
+    __atomic_fetch_add(&bad, 1, __ATOMIC_RELAXED);
     note_error("EOM reply without the added header");
   }
-  if (check_repl && (long)c->replbody != body_bytes) {
-    bad++;
+  if (check_repl && (long)repl != body_bytes) {
+    __atomic_fetch_add(&bad, 1, __ATOMIC_RELAXED);
     note_error("replaced body size differs from the body sent");
   }
-  headers_seen += c->hdrs;
-  replbody_total += c->replbody;
+}
+
+/* The OPTNEG reply: the first one builds the scripts, later ones must agree. 0 = ok, -1 = bad (noted). */
+static int accept_optneg(char cmd, const char *data, uint32_t n) {
+  if (cmd != 'O' || n < 12) {
+    note_error("bad OPTNEG reply");
+    return -1;
+  }
+  uint32_t proto;
+  memcpy(&proto, data + 8, 4);
+  proto = ntohl(proto);
+  pthread_mutex_lock(&mu);
+  if (!sc.ready) build_scripts(proto);
+  int same = proto == sc.proto;
+  pthread_mutex_unlock(&mu);
+  if (!same) {
+    note_error("milter negotiated different steps on another connection");
+    return -1;
+  }
+  return 0;
+}
+
+static void message_done(conn_t *c) {
+  double t = now();
+  check_message(c->hdrs, c->replbody);
   if (counting && !stopping) {
     counted++;
     record_latency((t - c->t_msg) * 1e6);
@@ -489,17 +553,7 @@ static void release_barrier(conn_t *conns) {
 static int on_packet(conn_t *c, char cmd, const char *data, uint32_t n) {
   switch (c->expect) {
   case EXP_OPTNEG: {
-    if (cmd != 'O' || n < 12) {
-      note_error("bad OPTNEG reply");
-      close_conn(c, 0);
-      return -1;
-    }
-    uint32_t proto;
-    memcpy(&proto, data + 8, 4);
-    proto = ntohl(proto);
-    if (!sc.ready) build_scripts(proto);
-    else if (proto != sc.proto) {
-      note_error("milter negotiated different steps on another connection");
+    if (accept_optneg(cmd, data, n) < 0) {
       close_conn(c, 0);
       return -1;
     }
@@ -517,30 +571,15 @@ static int on_packet(conn_t *c, char cmd, const char *data, uint32_t n) {
     c->expect = EXP_NONE;
     return 0;
   case EXP_EOM:
-    switch (cmd) {
-    case 'h':
-    case 'i':
-      c->hdrs++;
+    switch (eom_packet(cmd, n, &c->hdrs, &c->replbody)) {
+    case 0:
       return 0;
-    case 'b':
-      c->replbody += n;
-      return 0;
-    case 'p':
-    case 'm':
-    case '+':
-    case '-':
-    case '2':
-    case 'e':
-    case 'q':
-      return 0;
-    case 'c':
-    case 'a':
+    case 1:
       c->expect = EXP_NONE;
       message_done(c);
       next_message(c);
       return 0;
     default:
-      note_error("EOM ended with a status other than CONTINUE/ACCEPT");
       close_conn(c, 0);
       return -1;
     }
@@ -708,43 +747,21 @@ static int take_message(void) {
 }
 
 static int blocking_connect(void) {
-  int fd;
   struct timeval tv = {.tv_sec = (time_t)timeout_s, .tv_usec = (suseconds_t)((timeout_s - (time_t)timeout_s) * 1e6)};
-  if (!strncmp(sockspec, "unix:", 5) || !strncmp(sockspec, "local:", 6) || sockspec[0] == '/') {
-    const char *path = sockspec[0] == '/' ? sockspec : strchr(sockspec, ':') + 1;
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-    for (;;) {
-      fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      if (fd < 0) fail("socket");
-      if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0) break;
-      int e = errno;
-      close(fd);
-      if (e != EAGAIN || load_flag(&stopping)) {
-        errno = e;
-        return -1;
-      }
-      __atomic_fetch_add(&retries, 1, __ATOMIC_RELAXED); /* the listen backlog is full */
-      usleep(1000);
-    }
-  } else if (!strncmp(sockspec, "inet:", 5)) {
-    int port = atoi(sockspec + 5);
-    const char *at = strchr(sockspec, '@');
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
-    inet_pton(AF_INET, at ? at + 1 : "127.0.0.1", &sa.sin_addr);
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) fail("socket");
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-      int e = errno;
-      close(fd);
+  struct sockaddr_storage sa;
+  socklen_t sl;
+  int fd;
+  for (;;) {
+    fd = new_socket(0, &sa, &sl);
+    if (connect(fd, (struct sockaddr *)&sa, sl) == 0) break;
+    int e = errno;
+    close(fd);
+    if (e != EAGAIN || sa.ss_family != AF_UNIX || load_flag(&stopping)) {
       errno = e;
       return -1;
     }
-  } else {
-    fprintf(stderr, "loadgen: socket spec %s: expected unix:/path or inet:PORT@HOST\n", sockspec);
-    exit(2);
+    __atomic_fetch_add(&retries, 1, __ATOMIC_RELAXED); /* the listen backlog is full */
+    usleep(1000);
   }
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
@@ -819,21 +836,7 @@ static int play(worker_t *w, const script_t *s, double *t_msg) {
       uint32_t n;
       if (read_packet(w, &cmd, &data, &n) < 0) return -1;
       if (g->expect == EXP_OPTNEG) {
-        if (cmd != 'O' || n < 12) {
-          note_error("bad OPTNEG reply");
-          return -1;
-        }
-        uint32_t proto;
-        memcpy(&proto, data + 8, 4);
-        proto = ntohl(proto);
-        pthread_mutex_lock(&mu);
-        if (!sc.ready) build_scripts(proto);
-        int same = proto == sc.proto;
-        pthread_mutex_unlock(&mu);
-        if (!same) {
-          note_error("milter negotiated different steps on another connection");
-          return -1;
-        }
+        if (accept_optneg(cmd, data, n) < 0) return -1;
         break;
       }
       if (g->expect == EXP_ONE) {
@@ -843,37 +846,21 @@ static int play(worker_t *w, const script_t *s, double *t_msg) {
         }
         break;
       }
-      /* EXP_EOM */
-      if (cmd == 'h' || cmd == 'i') hdrs++;
-      else if (cmd == 'b') repl += n;
-      else if (strchr("pm+-2eq", cmd)) continue;
-      else if (cmd == 'c' || cmd == 'a') {
-        double t = now();
-        __atomic_fetch_add(&done_msgs, 1, __ATOMIC_RELAXED);
-        __atomic_fetch_add(&headers_seen, hdrs, __ATOMIC_RELAXED);
-        __atomic_fetch_add(&replbody_total, (long long)repl, __ATOMIC_RELAXED);
-        if (hdrs < min_headers) {
-          __atomic_fetch_add(&bad, 1, __ATOMIC_RELAXED);
-          note_error("EOM reply without the added header");
+      int st = eom_packet(cmd, n, &hdrs, &repl);
+      if (st < 0) return -1;
+      if (st == 0) continue;
+      double t = now();
+      check_message(hdrs, repl);
+      if (load_flag(&counting) && !load_flag(&stopping)) {
+        __atomic_fetch_add(&counted, 1, __ATOMIC_RELAXED);
+        if (w->nlat == w->latcap) {
+          w->latcap = w->latcap * 2 + 4096;
+          w->lat = realloc(w->lat, w->latcap * sizeof *w->lat);
         }
-        if (check_repl && (long)repl != body_bytes) {
-          __atomic_fetch_add(&bad, 1, __ATOMIC_RELAXED);
-          note_error("replaced body size differs from the body sent");
-        }
-        if (load_flag(&counting) && !load_flag(&stopping)) {
-          __atomic_fetch_add(&counted, 1, __ATOMIC_RELAXED);
-          if (w->nlat == w->latcap) {
-            w->latcap = w->latcap * 2 + 4096;
-            w->lat = realloc(w->lat, w->latcap * sizeof *w->lat);
-          }
-          double us = (t - *t_msg) * 1e6;
-          w->lat[w->nlat++] = (uint32_t)(us > 4e9 ? 4e9 : us);
-        }
-        break;
-      } else {
-        note_error("EOM ended with a status other than CONTINUE/ACCEPT");
-        return -1;
+        double us = (t - *t_msg) * 1e6;
+        w->lat[w->nlat++] = (uint32_t)(us > 4e9 ? 4e9 : us);
       }
+      break;
     }
   }
   return 0;
