@@ -281,10 +281,9 @@ function summarize(results, o, handoffUs) {
           }
           // ts: at least pymilter in every cell, at least C at 8 and 64.
           let tsMet = '-';
-          if (has('ts') && (has('py') || has('c'))) {
-            const okPy = !has('py') || ratio('ts', 'py') >= 1;
-            const okC = conc === 1 || !has('c') || ratio('ts', 'c') >= 1;
-            tsMet = okPy && okC ? 'yes' : 'NO';
+          const tsChecks = has('ts') ? [has('py') ? ratio('ts', 'py') >= 1 : null, conc > 1 && has('c') ? ratio('ts', 'c') >= 1 : null].filter((x) => x !== null) : [];
+          if (tsChecks.length) {
+            tsMet = tsChecks.every(Boolean) ? 'yes' : 'NO';
             if (tsMet === 'NO') misses.ts.push(label);
           }
           const row = [
@@ -305,6 +304,11 @@ function summarize(results, o, handoffUs) {
   }
   const errs = results.filter((r) => r.errors || r.bad);
   let text = lines.join('\n') + '\n';
+  const rank = rankings(results, o);
+  if (rank.compared)
+    text +=
+      `\nRanking (implementations by median msg/s): the two clients agree in ${rank.compared - rank.differ.length} of ${rank.compared} cells` +
+      `${rank.differ.length ? `; they differ in ${rank.differ.join(', ')}` : ''}.`;
   text +=
     `\nnode/floor: node's msg/s over its floor at concurrency 1, C's time per message plus one hand-off round trip (${handoffUs} us here) per replied step ` +
     `(the load generator counts the replies the negotiated steps need). others % core: the most other processes used during one run of the cell.`;
@@ -313,6 +317,29 @@ function summarize(results, o, handoffUs) {
   text += `\nMissed by ts: ${misses.ts.length ? misses.ts.join(', ') : 'none'}.`;
   text += `\nRuns with errors: ${errs.length ? errs.map((r) => `${r.impl} ${r.shape} c${r.conc} ${r.mode} ${r.client}: ${r.first_error}`).join('; ') : 'none'}.\n`;
   return { text, misses };
+}
+
+/** Per cell run with both clients: the order of the implementations by median msg/s under each, and where they differ. */
+function rankings(results, o) {
+  const differ = [];
+  let compared = 0;
+  for (const shape of o.shapes) {
+    if (clientsFor(o, shape).length < 2) continue;
+    for (const conc of o.conc) {
+      for (const mode of o.modes) {
+        const order = (client) =>
+          o.impls
+            .map((impl) => [impl, L.median(results.filter((r) => r.shape === shape && r.conc === conc && r.mode === mode && r.client === client && r.impl === impl).map((r) => r.rate))])
+            .sort((a, b) => b[1] - a[1])
+            .map(([impl]) => LABEL[impl])
+            .join(' > ');
+        const [a, b] = clientsFor(o, shape).map(order);
+        compared++;
+        if (a !== b) differ.push(`${shape.toUpperCase()} c${conc} ${PER_CONN[mode]}/conn (epoll ${a}; threads ${b})`);
+      }
+    }
+  }
+  return { compared, differ };
 }
 
 main().then(

@@ -214,6 +214,7 @@ describe('bench runner', () => {
       for (const text of [stdout, fs.readFileSync(doc, 'utf8')]) {
         expect(text).toMatch(/^State: load average \(1\/5\/15 min\) [\d.]+ \/ [\d.]+ \/ [\d.]+ before, .* Canary \(C on libmilter, S2, concurrency 1, 100\/conn, epoll client, median of 3 x 0.3 s\): \d+ msg\/s at the start, \d+ at the end .* Hand-off round trip [\d.]+ us/m);
         expect(text).toMatch(/^Publishable: yes\.$/m);
+        expect(text).toMatch(/^Ranking \(implementations by median msg\/s\): the two clients agree in [01] of 1 cells(\.|; they differ in S3 c1 100\/conn \(epoll .+; threads .+\)\.)$/m);
         const head = text.split('\n').find((l) => l.startsWith('| shape |'))!;
         expect(head.split('|').map((c) => c.trim()).slice(1, 8)).toEqual(['shape', 'conc', 'msgs/conn', 'client', 'node/C', 'node/floor', 'floor/C']);
         const rows = text.split('\n').filter((l) => /^\| S3 \|/.test(l));
