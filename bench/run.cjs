@@ -183,7 +183,7 @@ async function main() {
     loadBefore,
     loadAfter,
     other,
-    cellMax: worst && { otherCorePct: worst.other.otherCorePct, cell: `${worst.impl} ${worst.shape} c${worst.conc} ${PER_CONN[worst.mode]}/conn ${worst.client} (round ${worst.round + 1})`, top: worst.other.top },
+    cellMax: worst && { otherCorePct: worst.other.otherCorePct, cell: `${worst.impl} ${worst.shape} c${worst.conc} ${PER_CONN[worst.mode]}/conn ${worst.client} (round ${worst.round + 1})` },
     canary: { ...CANARY, seconds: o.canarySeconds, start: canary0.rate, end: canary1.rate, startRates: canary0.rates, endRates: canary1.rates },
     handoff: { start: handoff0, end: handoff1, us: Number(((handoff0.handoff_us + handoff1.handoff_us) / 2).toFixed(2)) },
     errors: results.filter((r) => r.errors || r.bad).length,
