@@ -43,7 +43,7 @@ function buildC(rel, libs = []) {
   return out;
 }
 
-const loadgenPath = () => buildC('loadgen.c');
+const loadgenPath = () => buildC('loadgen.c', ['-pthread']);
 const cMilterPath = () => buildC('milters/milter.c', ['-lmilter', '-lpthread']);
 
 function milterCommand(impl, shape, socket) {
@@ -137,7 +137,11 @@ async function startMilter(impl, shape, socket, env = {}) {
   };
 }
 
-/** Run the load generator; resolves with its JSON result (plus `exitCode`, `stderr`). */
+/**
+ * Run the load generator; resolves with its JSON result (plus `exitCode`, `stderr`).
+ * `client`: 'epoll' (default: one thread, non-blocking) or 'threads' (one
+ * blocking connection per thread, as Postfix's processes).
+ */
 function runLoadgen(socket, o) {
   const args = ['-s', socket, '-c', String(o.conc ?? 1), '-m', String(o.perConn ?? 100), '-b', String(o.body ?? 2048)];
   if (o.messages) args.push('-n', String(o.messages));
@@ -146,6 +150,8 @@ function runLoadgen(socket, o) {
   if (o.minHeaders !== undefined) args.push('-H', String(o.minHeaders));
   if (o.checkReplacedBody) args.push('-R');
   if (o.barrier) args.push('-B');
+  if (o.client === 'threads') args.push('-T');
+  else if (o.client !== undefined && o.client !== 'epoll') return Promise.reject(new Error(`unknown client ${o.client}: expected epoll or threads`));
   args.push('-t', String(o.timeout ?? 30));
   return new Promise((resolve, reject) => {
     const child = spawn(loadgenPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -235,7 +241,213 @@ function machine() {
   };
 }
 
+// ---- the machine's state during a run
+
+/** CPU ticks of the whole machine from /proc/stat: busy (everything but idle and iowait), steal. */
+function systemTicks() {
+  const f = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0].trim().split(/\s+/).slice(1).map(Number);
+  const [user, nice, system, , , irq, softirq, steal = 0] = f; // guest time is already in user
+  return { busy: user + nice + system + irq + softirq + steal, steal };
+}
+
+/** utime + stime (+ cutime + cstime with `children`) of a /proc/PID/stat line, in ticks, and its comm, ppid, start. */
+function parseStat(text) {
+  const close = text.lastIndexOf(')');
+  const comm = text.slice(text.indexOf('(') + 1, close);
+  const f = text.slice(close + 2).split(' ');
+  // f[0] is field 3 (state): utime is field 14 -> f[11]
+  return { comm, ppid: Number(f[1]), own: Number(f[11]) + Number(f[12]), children: Number(f[13]) + Number(f[14]), start: Number(f[19]) };
+}
+
+/**
+ * Ticks used by the benchmark itself: this process with every child it has
+ * reaped (cutime, cstime: the load generators and milters already stopped),
+ * plus the children still running (the milters).
+ */
+function benchTicks() {
+  const self = parseStat(fs.readFileSync('/proc/self/stat', 'utf8'));
+  let t = self.own + self.children;
+  for (const c of running) {
+    try {
+      t += parseStat(fs.readFileSync(`/proc/${c.pid}/stat`, 'utf8')).own;
+    } catch {} // gone between its exit and the reap: counted in cutime once reaped
+  }
+  return t;
+}
+
+/** Every other process: pid -> { comm, ticks, start }, leaving out this process and its children. */
+function otherProcesses() {
+  const ours = new Set([process.pid, ...[...running].map((c) => c.pid)]);
+  const out = new Map();
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    const pid = Number(name);
+    if (ours.has(pid)) continue;
+    let st;
+    try {
+      st = parseStat(fs.readFileSync(`/proc/${name}/stat`, 'utf8'));
+    } catch {
+      continue;
+    }
+    if (ours.has(st.ppid)) continue;
+    out.set(pid, { comm: st.comm, ticks: st.own, start: st.start });
+  }
+  return out;
+}
+
+/**
+ * A mark of the machine's CPU accounting; two marks give what others used in
+ * between (cpuBetween). `procs`: also scan every other process (tens of ms
+ * on a busy machine, so not around every cell).
+ */
+function cpuMark({ procs = true } = {}) {
+  return { t: performance.now(), sys: systemTicks(), bench: benchTicks(), procs: procs ? otherProcesses() : null };
+}
+
+/** CPU seconds per command name between two process scans (pid reuse counts as a new process). */
+function procDelta(a, b, into = new Map()) {
+  const hz = clkTck();
+  for (const [pid, p] of b) {
+    const before = a.get(pid);
+    const d = before && before.start === p.start ? p.ticks - before.ticks : p.ticks;
+    if (d > 0) into.set(p.comm, (into.get(p.comm) ?? 0) + d / hz);
+  }
+  return into;
+}
+
+/** The commands that used the most, [{ comm, s }], from a procDelta map. */
+function topOf(byComm, n = 5) {
+  return [...byComm].sort((x, y) => y[1] - x[1]).slice(0, n).map(([comm, s]) => ({ comm, s: Number(s.toFixed(2)) }));
+}
+
+/**
+ * What the rest of the machine used between two marks: `otherS` CPU seconds
+ * (the machine's busy time, steal included, minus the benchmark's own),
+ * `otherCorePct` the same as a share of one core over the wall time,
+ * `stealS`, and `top`: the other processes that used the most (by command
+ * name; processes that lived across both marks or started after the first;
+ * empty unless both marks scanned the processes).
+ */
+function cpuBetween(a, b) {
+  const hz = clkTck();
+  const wallS = (b.t - a.t) / 1000;
+  const otherS = Math.max(0, b.sys.busy - a.sys.busy - (b.bench - a.bench)) / hz;
+  return {
+    wallS: Number(wallS.toFixed(3)),
+    otherS: Number(otherS.toFixed(2)),
+    otherCorePct: wallS > 0 ? Number(((otherS / wallS) * 100).toFixed(1)) : 0,
+    stealS: Number(((b.sys.steal - a.sys.steal) / hz).toFixed(2)),
+    top: a.procs && b.procs ? topOf(procDelta(a.procs, b.procs)) : [],
+  };
+}
+
+/**
+ * Which other commands used CPU over a run: scan() at the start, now and
+ * then (between groups of cells) and at the end; top() sums the deltas of
+ * consecutive scans, so it also sees processes that came and went between
+ * the first and the last scan, if they lived across one scan.
+ */
+function procTally() {
+  let last = otherProcesses();
+  const byComm = new Map();
+  return {
+    scan() {
+      const now = otherProcesses();
+      procDelta(last, now, byComm);
+      last = now;
+    },
+    top: (n) => topOf(byComm, n),
+  };
+}
+
+/**
+ * Limits for publishing a table (`--doc`). The machine counts as busy when
+ * other processes used more than `otherPct` % of one core averaged over the
+ * whole run, or more than `otherCellPct` % during any one cell; the canary
+ * (C on libmilter, one fixed cell, measured at the start and at the end)
+ * must not move by more than `canaryPct` %.
+ */
+const PUBLISH_LIMITS = { otherPct: 5, otherCellPct: 30, canaryPct: 10 };
+
+/**
+ * May a run be published? `state`: { canary: { start, end } (msg/s),
+ * other: { otherCorePct, top }, cellMax: { otherCorePct, cell } , errors }.
+ * Returns { ok, reasons: [sentence, ...] }.
+ */
+function publishVerdict(state, limits = PUBLISH_LIMITS) {
+  const reasons = [];
+  const { start, end } = state.canary;
+  if (!(start > 0) || !(end > 0)) reasons.push(`the canary did not run (start ${start}, end ${end} msg/s)`);
+  else {
+    const drift = (end / start - 1) * 100;
+    if (Math.abs(drift) > limits.canaryPct)
+      reasons.push(
+        `the canary moved by ${drift.toFixed(1)} % (${Math.round(start)} msg/s at the start, ${Math.round(end)} at the end; limit ${limits.canaryPct} %)`,
+      );
+  }
+  const tops = (t) => (t && t.length ? ` (most: ${t.map((p) => `${p.comm} ${p.s} s`).join(', ')})` : '');
+  if (state.other.otherCorePct > limits.otherPct)
+    reasons.push(
+      `the machine was busy: other processes used ${state.other.otherCorePct} % of one core over the run ` +
+        `(${state.other.otherS} CPU s in ${state.other.wallS} s; limit ${limits.otherPct} %)${tops(state.other.top)}`,
+    );
+  if (state.cellMax && state.cellMax.otherCorePct > limits.otherCellPct)
+    reasons.push(
+      `the machine was busy: other processes used ${state.cellMax.otherCorePct} % of one core during ${state.cellMax.cell} ` +
+        `(limit ${limits.otherCellPct} % in any cell)`,
+    );
+  if (state.errors) reasons.push(`${state.errors} runs had errors`);
+  return { ok: reasons.length === 0, reasons };
+}
+
+/**
+ * Write `block` between the bench:table markers of `file`, but only if the
+ * verdict allows it. Returns { written, message }: the message says why not.
+ */
+function publishTable(file, block, verdict) {
+  if (!verdict.ok)
+    return {
+      written: false,
+      message: `bench: --doc refused, ${file} left as it was:\n${verdict.reasons.map((r) => `  - ${r}`).join('\n')}\nRun it again on a quiet machine.`,
+    };
+  const begin = '<!-- bench:table:begin -->';
+  const end = '<!-- bench:table:end -->';
+  const text = fs.readFileSync(file, 'utf8');
+  const a = text.indexOf(begin);
+  const b = text.indexOf(end);
+  if (a < 0 || b < a) throw new Error(`${file} lacks the ${begin} ... ${end} markers`);
+  fs.writeFileSync(file, text.slice(0, a + begin.length) + '\n' + block + text.slice(b));
+  return { written: true, message: `updated ${file}` };
+}
+
+/** Load averages (1, 5, 15 minutes) from /proc/loadavg. */
+function loadAverage() {
+  return fs.readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).map(Number);
+}
+
+/**
+ * One thread hand-off round trip here (bench/ceiling/handoff.c), in us:
+ * condvar, eventfd + epoll, and `handoff`, the one the libmilter engine
+ * pays per replied step: worker -> JS thread by eventfd, JS thread ->
+ * worker by condition variable, so the mean of the two round trips.
+ */
+function measureHandoff(roundTrips = 20000) {
+  const bin = buildC('ceiling/handoff.c', ['-pthread']);
+  const h = JSON.parse(execFileSync(bin, [String(roundTrips)]).toString());
+  return { ...h, handoff_us: Number(((h.condvar_us + h.eventfd_epoll_us) / 2).toFixed(2)) };
+}
+
+/**
+ * The native engine's floor at concurrency 1: C's time per message plus one
+ * hand-off per replied step. `cRate` msg/s, `replied` replied steps per
+ * message, `handoffUs` one round trip. Returns msg/s.
+ */
+function nativeFloor(cRate, replied, handoffUs) {
+  return 1 / (1 / cRate + replied * handoffUs * 1e-6);
+}
+
 module.exports = {
+  systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, procTally, PUBLISH_LIMITS, publishVerdict, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
   BENCH, ROOT, PYTHON, IMPLS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
   procStatus, resetPeak, cpuSeconds, threads, median, machine, sleep, killAll,
 };

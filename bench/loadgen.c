@@ -16,11 +16,25 @@
  * Latency of a message: from sending MAIL (or, for the first message of a
  * connection, from connect()) to the final EOM reply.
  *
+ * Two clients:
+ *   epoll (default)  one thread drives all CONC connections, non-blocking.
+ *   -T (threads)     as Postfix's smtpd and cleanup processes behave: CONC
+ *                    threads, each with one blocking connection of its own;
+ *                    commands are buffered until a reply is due, then sent
+ *                    together and the thread blocks reading the reply
+ *                    (buffered reads, a read timeout of -t seconds).
+ * Both send the same bytes in the same writes; they differ in how the MTA
+ * side waits, which changes how the milter's threads are scheduled.
+ *
  * Usage: loadgen -s SOCKET [-c CONC] [-m MSGS_PER_CONN] [-b BODY_BYTES]
  *                [-n MESSAGES | -d SECONDS] [-w WARMUP_SECONDS] [-H MIN_HEADERS]
- *                [-R] [-B] [-t TIMEOUT_SECONDS]
+ *                [-R] [-B] [-T] [-t TIMEOUT_SECONDS]
  *   -B  barrier: every connection stops before EOM until all CONC
- *       connections hold a message in flight, then all send EOM (scale test).
+ *       connections hold a message in flight, then all send EOM (scale test;
+ *       epoll client only).
+ * The JSON line reports, besides rates and latencies, the replies the
+ * negotiated steps need: replied_msg per message and replied_conn per
+ * connection (CONNECT, HELO), OPTNEG not counted.
  * Output: one JSON line on stdout.
  */
 #define _GNU_SOURCE
@@ -29,6 +43,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -37,6 +52,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -104,7 +120,7 @@ typedef struct conn {
 } conn_t;
 
 static const char *sockspec;
-static int conc = 1, per_conn = 100, min_headers = 1, check_repl = 0, barrier = 0;
+static int conc = 1, per_conn = 100, min_headers = 1, check_repl = 0, barrier = 0, threads_mode = 0;
 static long body_bytes = 2048, total_msgs = 0;
 static double duration = 0, warmup = 0, timeout_s = 60;
 static int epfd;
@@ -132,9 +148,13 @@ static void fail(const char *what) {
   exit(2);
 }
 
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER; /* threads client: first_error, scripts */
+
 static void note_error(const char *msg) {
+  pthread_mutex_lock(&mu);
   errors++;
   if (!first_error[0]) snprintf(first_error, sizeof first_error, "%s", msg);
+  pthread_mutex_unlock(&mu);
 }
 
 static void grow(script_t *s, size_t n) {
@@ -303,37 +323,49 @@ static int want_more(void) {
   return 1;
 }
 
-static void open_conn(conn_t *c) {
+/* A socket for -s (unix:/path, local:/path, /path or inet:PORT[@HOST]) and its address. */
+static int new_socket(int nonblock, struct sockaddr_storage *ss, socklen_t *len) {
   int fd;
+  memset(ss, 0, sizeof *ss);
   if (!strncmp(sockspec, "unix:", 5) || !strncmp(sockspec, "local:", 6) || sockspec[0] == '/') {
     const char *path = sockspec[0] == '/' ? sockspec : strchr(sockspec, ':') + 1;
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_un *sa = (struct sockaddr_un *)ss;
+    sa->sun_family = AF_UNIX;
+    snprintf(sa->sun_path, sizeof sa->sun_path, "%s", path);
+    *len = sizeof *sa;
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0) fail("socket");
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-      if (errno == EAGAIN) { /* the listen backlog is full: try again shortly */
-        close(fd);
-        c->fd = -1;
-        c->retry = 1;
-        retries++;
-        return;
-      }
-      if (errno != EINPROGRESS) fail("connect");
-    }
   } else if (!strncmp(sockspec, "inet:", 5)) {
-    int port = atoi(sockspec + 5);
     const char *at = strchr(sockspec, '@');
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
-    inet_pton(AF_INET, at ? at + 1 : "127.0.0.1", &sa.sin_addr);
-    fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_in *sa = (struct sockaddr_in *)ss;
+    sa->sin_family = AF_INET;
+    sa->sin_port = htons(atoi(sockspec + 5));
+    inet_pton(AF_INET, at ? at + 1 : "127.0.0.1", &sa->sin_addr);
+    *len = sizeof *sa;
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0) fail("socket");
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0 && errno != EINPROGRESS) fail("connect");
   } else {
     fprintf(stderr, "loadgen: socket spec %s: expected unix:/path or inet:PORT@HOST\n", sockspec);
     exit(2);
+  }
+  return fd;
+}
+
+static void open_conn(conn_t *c) {
+  struct sockaddr_storage sa;
+  socklen_t sl;
+  int fd = new_socket(1, &sa, &sl);
+  if (connect(fd, (struct sockaddr *)&sa, sl) < 0) {
+    if (errno == EAGAIN && sa.ss_family == AF_UNIX) { /* the listen backlog is full: try again shortly */
+      close(fd);
+      c->fd = -1;
+      c->retry = 1;
+      retries++;
+      return;
+    }
+    if (errno != EINPROGRESS) fail("connect");
   }
   c->fd = fd;
   c->retry = 0;
@@ -367,19 +399,71 @@ static void record_latency(double us) {
   lat[nlat++] = (uint32_t)(us > 4e9 ? 4e9 : us);
 }
 
-static void message_done(conn_t *c) {
-  double t = now();
-  done_msgs++;
-  if (c->hdrs < min_headers) {
-    bad++;
+/* One packet of an EOM reply: 0 = more follow, 1 = the final status, -1 = bad (noted). */
+static int eom_packet(char cmd, uint32_t n, int *hdrs, size_t *repl) {
+  switch (cmd) {
+  case 'h':
+  case 'i':
+    (*hdrs)++;
+    return 0;
+  case 'b':
+    *repl += n;
+    return 0;
+  case 'p':
+  case 'm':
+  case '+':
+  case '-':
+  case '2':
+  case 'e':
+  case 'q':
+    return 0;
+  case 'c':
+  case 'a':
+    return 1;
+  default:
+    note_error("EOM ended with a status other than CONTINUE/ACCEPT");
+    return -1;
+  }
+}
+
+/* A message's EOM reply is complete: count it and check its header and body. */
+static void check_message(int hdrs, size_t repl) {
+  __atomic_fetch_add(&done_msgs, 1, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&headers_seen, hdrs, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&replbody_total, (long long)repl, __ATOMIC_RELAXED);
+  if (hdrs < min_headers) {
+    __atomic_fetch_add(&bad, 1, __ATOMIC_RELAXED);
     note_error("EOM reply without the added header");
   }
-  if (check_repl && (long)c->replbody != body_bytes) {
-    bad++;
+  if (check_repl && (long)repl != body_bytes) {
+    __atomic_fetch_add(&bad, 1, __ATOMIC_RELAXED);
     note_error("replaced body size differs from the body sent");
   }
-  headers_seen += c->hdrs;
-  replbody_total += c->replbody;
+}
+
+/* The OPTNEG reply: the first one builds the scripts, later ones must agree. 0 = ok, -1 = bad (noted). */
+static int accept_optneg(char cmd, const char *data, uint32_t n) {
+  if (cmd != 'O' || n < 12) {
+    note_error("bad OPTNEG reply");
+    return -1;
+  }
+  uint32_t proto;
+  memcpy(&proto, data + 8, 4);
+  proto = ntohl(proto);
+  pthread_mutex_lock(&mu);
+  if (!sc.ready) build_scripts(proto);
+  int same = proto == sc.proto;
+  pthread_mutex_unlock(&mu);
+  if (!same) {
+    note_error("milter negotiated different steps on another connection");
+    return -1;
+  }
+  return 0;
+}
+
+static void message_done(conn_t *c) {
+  double t = now();
+  check_message(c->hdrs, c->replbody);
   if (counting && !stopping) {
     counted++;
     record_latency((t - c->t_msg) * 1e6);
@@ -469,17 +553,7 @@ static void release_barrier(conn_t *conns) {
 static int on_packet(conn_t *c, char cmd, const char *data, uint32_t n) {
   switch (c->expect) {
   case EXP_OPTNEG: {
-    if (cmd != 'O' || n < 12) {
-      note_error("bad OPTNEG reply");
-      close_conn(c, 0);
-      return -1;
-    }
-    uint32_t proto;
-    memcpy(&proto, data + 8, 4);
-    proto = ntohl(proto);
-    if (!sc.ready) build_scripts(proto);
-    else if (proto != sc.proto) {
-      note_error("milter negotiated different steps on another connection");
+    if (accept_optneg(cmd, data, n) < 0) {
       close_conn(c, 0);
       return -1;
     }
@@ -497,30 +571,15 @@ static int on_packet(conn_t *c, char cmd, const char *data, uint32_t n) {
     c->expect = EXP_NONE;
     return 0;
   case EXP_EOM:
-    switch (cmd) {
-    case 'h':
-    case 'i':
-      c->hdrs++;
+    switch (eom_packet(cmd, n, &c->hdrs, &c->replbody)) {
+    case 0:
       return 0;
-    case 'b':
-      c->replbody += n;
-      return 0;
-    case 'p':
-    case 'm':
-    case '+':
-    case '-':
-    case '2':
-    case 'e':
-    case 'q':
-      return 0;
-    case 'c':
-    case 'a':
+    case 1:
       c->expect = EXP_NONE;
       message_done(c);
       next_message(c);
       return 0;
     default:
-      note_error("EOM ended with a status other than CONTINUE/ACCEPT");
       close_conn(c, 0);
       return -1;
     }
@@ -570,49 +629,8 @@ static void on_readable(conn_t *c) {
   }
 }
 
-int main(int argc, char **argv) {
-  int opt;
-  while ((opt = getopt(argc, argv, "s:c:m:b:n:d:w:H:RBt:")) != -1) {
-    switch (opt) {
-    case 's': sockspec = optarg; break;
-    case 'c': conc = atoi(optarg); break;
-    case 'm': per_conn = atoi(optarg); break;
-    case 'b': body_bytes = atol(optarg); break;
-    case 'n': total_msgs = atol(optarg); break;
-    case 'd': duration = atof(optarg); break;
-    case 'w': warmup = atof(optarg); break;
-    case 'H': min_headers = atoi(optarg); break;
-    case 'R': check_repl = 1; break;
-    case 'B': barrier = 1; break;
-    case 't': timeout_s = atof(optarg); break;
-    default:
-      fprintf(stderr, "usage: loadgen -s SOCKET [-c CONC] [-m PER_CONN] [-b BODY] [-n MSGS | -d SECS] [-w WARMUP] [-H N] [-R] [-B] [-t TIMEOUT]\n");
-      return 2;
-    }
-  }
-  if (!sockspec || conc < 1 || per_conn < 1 || body_bytes < 0 || (!total_msgs && duration <= 0)) {
-    fprintf(stderr, "loadgen: need -s SOCKET and either -n MESSAGES or -d SECONDS (got conc %d, per-conn %d)\n", conc, per_conn);
-    return 2;
-  }
-  struct rlimit rl;
-  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)conc + 64) {
-    rl.rlim_cur = rl.rlim_max;
-    setrlimit(RLIMIT_NOFILE, &rl);
-  }
-  body = malloc(body_bytes + 1);
-  for (long i = 0; i < body_bytes; i++) {
-    long col = i % 72;
-    body[i] = col == 70 ? '\r' : col == 71 ? '\n' : (char)('a' + (i / 72 + col) % 26);
-  }
-  {
-    char o[12];
-    uint32_t v = htonl(6), a = htonl(OFFER_ACTS), p = htonl(OFFER_PROTO);
-    memcpy(o, &v, 4);
-    memcpy(o + 4, &a, 4);
-    memcpy(o + 8, &p, 4);
-    put_pkt(&optneg, 'O', o, 12);
-    end_seg(&optneg, EXP_OPTNEG, 0, 0);
-  }
+/* Runs the epoll client. */
+static void run_epoll(void) {
   epfd = epoll_create1(EPOLL_CLOEXEC);
   if (epfd < 0) fail("epoll_create1");
   conn_t *conns = calloc(conc, sizeof *conns);
@@ -698,6 +716,274 @@ int main(int argc, char **argv) {
       break;
     }
   }
+}
+
+/* Replies the negotiated steps need: per message, and per connection (CONNECT, HELO). */
+static int replied_in(const script_t *s) {
+  int n = 0;
+  for (int i = 0; i < s->nsegs; i++) n += s->segs[i].expect != EXP_NONE;
+  return n;
+}
+
+/* ---- threads client: one blocking connection per thread, as Postfix's processes */
+
+typedef struct {
+  pthread_t th;
+  int fd;
+  char *rbuf;
+  size_t roff, rlen;
+  uint32_t *lat;
+  long nlat, latcap;
+} worker_t;
+
+static int load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+
+/* Start another message unless the run is over (-n: reserve one of the total). */
+static int take_message(void) {
+  if (load_flag(&stopping)) return 0;
+  long s = __atomic_fetch_add(&started, 1, __ATOMIC_RELAXED);
+  if (total_msgs && s >= total_msgs) return 0;
+  return 1;
+}
+
+static int blocking_connect(void) {
+  struct timeval tv = {.tv_sec = (time_t)timeout_s, .tv_usec = (suseconds_t)((timeout_s - (time_t)timeout_s) * 1e6)};
+  struct sockaddr_storage sa;
+  socklen_t sl;
+  int fd;
+  for (;;) {
+    fd = new_socket(0, &sa, &sl);
+    if (connect(fd, (struct sockaddr *)&sa, sl) == 0) break;
+    int e = errno;
+    close(fd);
+    if (e != EAGAIN || sa.ss_family != AF_UNIX || load_flag(&stopping)) {
+      errno = e;
+      return -1;
+    }
+    __atomic_fetch_add(&retries, 1, __ATOMIC_RELAXED); /* the listen backlog is full */
+    usleep(1000);
+  }
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  return fd;
+}
+
+static int send_all(worker_t *w, const char *p, size_t n) {
+  while (n) {
+    ssize_t k = write(w->fd, p, n);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      note_error(errno == EAGAIN ? "no progress: timed out" : "write failed");
+      return -1;
+    }
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+/* Next reply packet (buffered reads). Returns 0 and sets cmd/data/len, or -1. */
+static int read_packet(worker_t *w, char *cmd, const char **data, uint32_t *len) {
+  const size_t cap = (CHUNK + 16) * 2;
+  for (;;) {
+    if (w->rlen - w->roff >= 5) {
+      uint32_t l;
+      memcpy(&l, w->rbuf + w->roff, 4);
+      l = ntohl(l);
+      if (l == 0 || l > CHUNK + 1 + 16) {
+        note_error("bad packet length");
+        return -1;
+      }
+      if (w->rlen - w->roff >= 4 + (size_t)l) {
+        *cmd = w->rbuf[w->roff + 4];
+        *data = w->rbuf + w->roff + 5;
+        *len = l - 1;
+        w->roff += 4 + l;
+        return 0;
+      }
+    }
+    if (w->roff) {
+      memmove(w->rbuf, w->rbuf + w->roff, w->rlen - w->roff);
+      w->rlen -= w->roff;
+      w->roff = 0;
+    }
+    ssize_t n = read(w->fd, w->rbuf + w->rlen, cap - w->rlen);
+    if (n == 0) {
+      note_error("milter closed the connection");
+      return -1;
+    }
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      note_error(errno == EAGAIN ? "no progress: timed out" : "read failed");
+      return -1;
+    }
+    w->rlen += (size_t)n;
+  }
+}
+
+/* Send each segment of a script, then read the reply it needs. For EOM:
+ * count headers and replaced body; *t_msg is the latency clock. */
+static int play(worker_t *w, const script_t *s, double *t_msg) {
+  for (int i = 0; i < s->nsegs; i++) {
+    const seg_t *g = &s->segs[i];
+    if (send_all(w, s->buf + g->off, g->len) < 0) return -1;
+    if (g->expect == EXP_NONE) continue;
+    int hdrs = 0;
+    size_t repl = 0;
+    for (;;) {
+      char cmd;
+      const char *data;
+      uint32_t n;
+      if (read_packet(w, &cmd, &data, &n) < 0) return -1;
+      if (g->expect == EXP_OPTNEG) {
+        if (accept_optneg(cmd, data, n) < 0) return -1;
+        break;
+      }
+      if (g->expect == EXP_ONE) {
+        if (cmd != 'c') {
+          note_error("step reply is not CONTINUE");
+          return -1;
+        }
+        break;
+      }
+      int st = eom_packet(cmd, n, &hdrs, &repl);
+      if (st < 0) return -1;
+      if (st == 0) continue;
+      double t = now();
+      check_message(hdrs, repl);
+      if (load_flag(&counting) && !load_flag(&stopping)) {
+        __atomic_fetch_add(&counted, 1, __ATOMIC_RELAXED);
+        if (w->nlat == w->latcap) {
+          w->latcap = w->latcap * 2 + 4096;
+          w->lat = realloc(w->lat, w->latcap * sizeof *w->lat);
+        }
+        double us = (t - *t_msg) * 1e6;
+        w->lat[w->nlat++] = (uint32_t)(us > 4e9 ? 4e9 : us);
+      }
+      break;
+    }
+  }
+  return 0;
+}
+
+static void *client_thread(void *arg) {
+  worker_t *w = arg;
+  while (take_message()) {
+    double t_msg = now(); /* first message: from connect() */
+    w->fd = blocking_connect();
+    if (w->fd < 0) {
+      note_error("connect failed");
+      return NULL;
+    }
+    __atomic_fetch_add(&connections, 1, __ATOMIC_RELAXED);
+    w->roff = w->rlen = 0;
+    int ok = play(w, &optneg, &t_msg) == 0 && play(w, &sc.conn, &t_msg) == 0;
+    for (int k = 0; ok; k++) {
+      if (k > 0) t_msg = now();
+      ok = play(w, &sc.msg, &t_msg) == 0;
+      if (!ok || k + 1 >= per_conn || !take_message()) break;
+    }
+    if (ok) ok = play(w, &sc.quit, &t_msg) == 0;
+    close(w->fd);
+    w->fd = -1;
+    if (!ok) return NULL; /* as the epoll client: a failed connection is not reopened */
+  }
+  return NULL;
+}
+
+static void sleep_s(double s) {
+  if (s <= 0) return;
+  struct timespec ts = {(time_t)s, (long)((s - (time_t)s) * 1e9)};
+  while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+  }
+}
+
+/* Runs the threads client; fills the counters and lat/nlat as the epoll loop does. */
+static void run_threads(void) {
+  worker_t *ws = calloc(conc, sizeof *ws);
+  t0 = now();
+  if (warmup <= 0) {
+    counting = 1;
+    t_count0 = t0;
+  }
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 256 * 1024);
+  for (int i = 0; i < conc; i++) {
+    ws[i].fd = -1;
+    ws[i].rbuf = malloc((CHUNK + 16) * 2);
+    if (pthread_create(&ws[i].th, &attr, client_thread, &ws[i])) fail("pthread_create");
+  }
+  if (duration > 0) {
+    if (warmup > 0) {
+      sleep_s(warmup);
+      t_count0 = now();
+      __atomic_store_n(&counting, 1, __ATOMIC_RELEASE);
+    }
+    sleep_s(duration);
+    t_end = now();
+    __atomic_store_n(&stopping, 1, __ATOMIC_RELEASE);
+  }
+  for (int i = 0; i < conc; i++) pthread_join(ws[i].th, NULL);
+  if (!t_end) t_end = now();
+  for (int i = 0; i < conc; i++) {
+    for (long k = 0; k < ws[i].nlat; k++) record_latency(ws[i].lat[k]);
+    free(ws[i].lat);
+    free(ws[i].rbuf);
+  }
+  free(ws);
+}
+
+int main(int argc, char **argv) {
+  int opt;
+  while ((opt = getopt(argc, argv, "s:c:m:b:n:d:w:H:RBTt:")) != -1) {
+    switch (opt) {
+    case 's': sockspec = optarg; break;
+    case 'c': conc = atoi(optarg); break;
+    case 'm': per_conn = atoi(optarg); break;
+    case 'b': body_bytes = atol(optarg); break;
+    case 'n': total_msgs = atol(optarg); break;
+    case 'd': duration = atof(optarg); break;
+    case 'w': warmup = atof(optarg); break;
+    case 'H': min_headers = atoi(optarg); break;
+    case 'R': check_repl = 1; break;
+    case 'B': barrier = 1; break;
+    case 'T': threads_mode = 1; break;
+    case 't': timeout_s = atof(optarg); break;
+    default:
+      fprintf(stderr, "usage: loadgen -s SOCKET [-c CONC] [-m PER_CONN] [-b BODY] [-n MSGS | -d SECS] [-w WARMUP] [-H N] [-R] [-B] [-T] [-t TIMEOUT]\n");
+      return 2;
+    }
+  }
+  if (!sockspec || conc < 1 || per_conn < 1 || body_bytes < 0 || (!total_msgs && duration <= 0)) {
+    fprintf(stderr, "loadgen: need -s SOCKET and either -n MESSAGES or -d SECONDS (got conc %d, per-conn %d)\n", conc, per_conn);
+    return 2;
+  }
+  if (threads_mode && barrier) {
+    fprintf(stderr, "loadgen: -B (barrier) works with the epoll client only, not with -T\n");
+    return 2;
+  }
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)conc + 64) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  body = malloc(body_bytes + 1);
+  for (long i = 0; i < body_bytes; i++) {
+    long col = i % 72;
+    body[i] = col == 70 ? '\r' : col == 71 ? '\n' : (char)('a' + (i / 72 + col) % 26);
+  }
+  {
+    char o[12];
+    uint32_t v = htonl(6), a = htonl(OFFER_ACTS), p = htonl(OFFER_PROTO);
+    memcpy(o, &v, 4);
+    memcpy(o + 4, &a, 4);
+    memcpy(o + 8, &p, 4);
+    put_pkt(&optneg, 'O', o, 12);
+    end_seg(&optneg, EXP_OPTNEG, 0, 0);
+  }
+  if (threads_mode) run_threads();
+  else run_epoll();
   if (!t_end) t_end = now();
   double secs = t_end - t_count0;
   struct rusage ru;
@@ -709,8 +995,10 @@ int main(int argc, char **argv) {
   double pmax = nlat ? lat[nlat - 1] : 0;
   printf("{\"messages\":%ld,\"counted\":%ld,\"seconds\":%.4f,\"rate\":%.1f,\"p50_us\":%.0f,\"p99_us\":%.0f,\"max_us\":%.0f,"
          "\"errors\":%ld,\"bad\":%ld,\"headers\":%ld,\"replbody_bytes\":%lld,\"connections\":%ld,\"proto\":%u,"
-         "\"loadgen_cpu_s\":%.3f,\"connect_retries\":%ld,\"first_error\":\"%s\"}\n",
+         "\"loadgen_cpu_s\":%.3f,\"connect_retries\":%ld,\"client\":\"%s\",\"replied_msg\":%d,\"replied_conn\":%d,"
+         "\"first_error\":\"%s\"}\n",
          done_msgs, counted, secs, secs > 0 ? counted / secs : 0, p50, p99, pmax, errors, bad, headers_seen, replbody_total,
-         connections, sc.proto, cpu, retries, first_error);
+         connections, sc.proto, cpu, retries, threads_mode ? "threads" : "epoll", replied_in(&sc.msg), replied_in(&sc.conn),
+         first_error);
   return errors || bad ? 1 : 0;
 }
