@@ -24,7 +24,13 @@ const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 const counts = { bodyChunks: 0, bodyBytes: 0, eoms: 0, errors: 0 };
 const peak = { rss: 0, arrayBuffers: 0, external: 0 };
 const sample = () => {
-  const m = process.memoryUsage();
+  // memoryUsage() reads /proc: it throws EMFILE when the process is out of descriptors.
+  let m;
+  try {
+    m = process.memoryUsage();
+  } catch {
+    return { rss: 0, arrayBuffers: 0, external: 0 };
+  }
   peak.rss = Math.max(peak.rss, m.rss);
   peak.arrayBuffers = Math.max(peak.arrayBuffers, m.arrayBuffers);
   peak.external = Math.max(peak.external, m.external);

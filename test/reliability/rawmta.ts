@@ -25,12 +25,17 @@ export function optneg(actions = 0x1ff, steps = 0x1fffff): Buffer {
   return frame('O', d);
 }
 
-/** The commands of a message up to (not including) its body: connect, helo, mail, rcpt, a header, eoh. */
-export function preamble(): Buffer {
+/** SMFIC_CONNECT for mx.example.org [192.0.2.1]:25. */
+export function connectCmd(): Buffer {
   const port = Buffer.alloc(2);
   port.writeUInt16BE(25);
+  return frame('C', Buffer.concat([Buffer.from('mx.example.org\0'), Buffer.from('4'), port, Buffer.from('192.0.2.1\0')]));
+}
+
+/** The commands of a message up to (not including) its body: connect, helo, mail, rcpt, a header, eoh. */
+export function preamble(): Buffer {
   return Buffer.concat([
-    frame('C', Buffer.concat([Buffer.from('mx.example.org\0'), Buffer.from('4'), port, Buffer.from('192.0.2.1\0')])),
+    connectCmd(),
     frame('H', 'mx.example.org\0'),
     frame('M', '<a@example.org>\0'),
     frame('R', '<b@example.net>\0'),
