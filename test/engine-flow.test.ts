@@ -6,10 +6,12 @@
 // test/reliability/admission.test.ts.
 import { afterEach, describe, expect, it } from 'vitest';
 
+import { Base } from '../src/base';
 import * as C from '../src/constants';
 import { serve, type MilterServer } from '../src/engine';
 import { FrameReader, FrameWriter, Rep, cstr, frame as buildFrame, u32 } from '../src/engine/protocol';
 import { MilterClient } from '../src/testing/client';
+import { runmilter } from '../src/runmilter';
 import type { Callbacks } from '../src/types';
 import { RawMta, frame, optneg, preamble } from './reliability/rawmta';
 import { tmpSocketSpec } from './helpers';
@@ -253,5 +255,35 @@ describe('trickling and idle connections', () => {
     } finally {
       clearInterval(drip);
     }
+  });
+});
+
+describe('runmilter passes the bounds to the engine', () => {
+  it("maxSessions and sessionCapAction 'close' on runmilter({ engine: 'node' })", async () => {
+    const socket = tmpSocketSpec();
+    let listening!: () => void;
+    const ready = new Promise<void>((r) => (listening = r));
+    const quiet = { info: () => undefined, warn: () => undefined, error: () => undefined };
+    const done = runmilter('capped', socket, {
+      factory: Base, engine: 'node', signals: ['SIGUSR2'], drain: 0, logger: quiet, onListening: () => listening(),
+      maxSessions: 1, sessionCapAction: 'close', negotiationTimeout: 5000,
+    });
+    await ready;
+    const first = await RawMta.open(socket);
+    mtas.push(first);
+    first.sock.write(optneg());
+    await first.until(() => (first.count.O ?? 0) === 1, 5000, 'the negotiation reply');
+    const second = await RawMta.open(socket);
+    mtas.push(second);
+    second.sock.write(optneg());
+    await second.until(() => second.closed, 2000, 'the connection over the cap to be closed');
+    expect(second.frames).toEqual([]);
+    first.sock.destroy();
+    process.emit('SIGUSR2', 'SIGUSR2');
+    await done;
+  });
+
+  it('rejects a bad admission option before serving', async () => {
+    await expect(runmilter('x', tmpSocketSpec(), { factory: Base, engine: 'node', maxSessions: -3 })).rejects.toThrow(/maxSessions must be a positive integer/);
   });
 });
