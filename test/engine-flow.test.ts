@@ -118,6 +118,15 @@ describe('FrameWriter', () => {
   });
 });
 
+/** A server whose eom replaces the body with 8 MiB, and an MTA that sent a message up to its EOM. */
+async function replacingAtEom(): Promise<{ s: MilterServer; m: RawMta }> {
+  const s = await start({ eom: (ctx) => (ctx.replacebody(Buffer.alloc(8 * MiB, 0x62)), C.CONTINUE) });
+  const m = await negotiated(s);
+  m.sock.write(preamble());
+  await m.until(() => (m.count.c ?? 0) >= 6, 5000, 'replies to the preamble');
+  return { s, m };
+}
+
 describe('output', () => {
   it('refuses an action past maxOutputBytes with ERR_MILTER_OUTPUT_LIMIT; the exception policy answers', async () => {
     const errors: string[] = [];
@@ -143,10 +152,7 @@ describe('output', () => {
   });
 
   it('close({drain}) waits until a slow reader has all of a 8 MiB replacebody and the reply', async () => {
-    const s = await start({ eom: (ctx) => (ctx.replacebody(Buffer.alloc(8 * MiB, 0x62)), C.CONTINUE) });
-    const m = await negotiated(s);
-    m.sock.write(preamble());
-    await m.until(() => (m.count.c ?? 0) >= 6, 5000, 'replies to the preamble');
+    const { s, m } = await replacingAtEom();
     // The MTA reads a little every 20 ms: about 3 MiB/s.
     m.sock.pause();
     const reader = setInterval(() => {
@@ -173,10 +179,7 @@ describe('output', () => {
   });
 
   it('close({drain}) gives up on an MTA that does not read once the budget is over', async () => {
-    const s = await start({ eom: (ctx) => (ctx.replacebody(Buffer.alloc(8 * MiB, 0x62)), C.CONTINUE) });
-    const m = await negotiated(s);
-    m.sock.write(preamble());
-    await m.until(() => (m.count.c ?? 0) >= 6, 5000, 'replies to the preamble');
+    const { s, m } = await replacingAtEom();
     m.sock.pause();
     m.sock.write(frame('E'));
     await sleep(100);
