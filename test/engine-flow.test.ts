@@ -11,6 +11,7 @@ import * as C from '../src/constants';
 import { serve, type MilterServer } from '../src/engine';
 import { FrameReader, FrameWriter, Rep, cstr, frame as buildFrame, u32 } from '../src/engine/protocol';
 import { MilterClient } from '../src/testing/client';
+import { MilterMetrics } from '../src/metrics';
 import { runmilter } from '../src/runmilter';
 import type { Callbacks } from '../src/types';
 import { RawMta, frame, optneg, preamble } from './reliability/rawmta';
@@ -288,5 +289,31 @@ describe('runmilter passes the bounds to the engine', () => {
 
   it('rejects a bad admission option before serving', async () => {
     await expect(runmilter('x', tmpSocketSpec(), { factory: Base, engine: 'node', maxSessions: -3 })).rejects.toThrow(/maxSessions must be a positive integer/);
+  });
+});
+
+describe('counters', () => {
+  it('reaches getdiag() and the Prometheus metrics', async () => {
+    const s = await start({}, { maxSessions: 1, sessionCapAction: 'close', negotiationTimeout: 300 });
+    const metrics = new MilterMetrics();
+    metrics.setEngine(() => s.getdiag());
+    await negotiated(s);
+    const over = await mta(s);
+    await over.until(() => over.closed, 2000, 'the connection over the cap to close');
+    const quiet = await RawMta.open(s.options.socket);
+    mtas.push(quiet);
+    expect(s.getdiag()).toMatchObject({ sessionsRefused: 2, negotiationTimeouts: 0, frameTimeouts: 0, writeStalls: 0, outputLimited: 0, sessionsShed: 0 });
+    const text = metrics.prometheus();
+    expect(text).toContain('nodemilter_sessions_refused_total 2');
+    expect(text).toContain('# TYPE nodemilter_write_stalls_total counter');
+    expect(metrics.snapshot().engine).toMatchObject({ sessionsRefused: 2, fdExhausted: 0 });
+  });
+
+  it('counts a refused connection that negotiates and then says nothing as a negotiation timeout', async () => {
+    const s = await start({}, { maxSessions: 1, negotiationTimeout: 300 });
+    await negotiated(s);
+    const refused = await negotiated(s);
+    await refused.until(() => refused.closed, 2000, 'the refused connection to be closed');
+    expect(s.getdiag()).toMatchObject({ sessionsRefused: 1, negotiationTimeouts: 1 });
   });
 });

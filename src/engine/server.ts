@@ -947,7 +947,8 @@ class Connection {
     const step = (status: number) => this.stepDone(spec, status);
     switch (cmd) {
       case Cmd.OPTNEG:
-        clearTimeout(this.negotiationTimer);
+        // A refused connection keeps the clock: it has negotiationTimeout to get its answer and go.
+        if (!this.refusedBusy) clearTimeout(this.negotiationTimer);
         this.optneg(data);
         return;
       case Cmd.CONNECT:
