@@ -120,8 +120,8 @@ describe('FrameWriter', () => {
 });
 
 /** A server whose eom replaces the body with 8 MiB, and an MTA that sent a message up to its EOM. */
-async function replacingAtEom(): Promise<{ s: MilterServer; m: RawMta }> {
-  const s = await start({ eom: (ctx) => (ctx.replacebody(Buffer.alloc(8 * MiB, 0x62)), C.CONTINUE) });
+async function replacingAtEom(opts: Partial<Parameters<typeof serve>[1]> = {}): Promise<{ s: MilterServer; m: RawMta }> {
+  const s = await start({ eom: (ctx) => (ctx.replacebody(Buffer.alloc(8 * MiB, 0x62)), C.CONTINUE) }, opts);
   const m = await negotiated(s);
   m.sock.write(preamble());
   await m.until(() => (m.count.c ?? 0) >= 6, 5000, 'replies to the preamble');
@@ -152,8 +152,9 @@ describe('output', () => {
     c.destroy();
   });
 
-  it('close({drain}) waits until a slow reader has all of a 8 MiB replacebody and the reply', async () => {
-    const { s, m } = await replacingAtEom();
+  it('close({drain}) waits until a slow reader has all of a 8 MiB replacebody and the reply (slow is not stalled)', async () => {
+    // writeTimeout 300 ms: a reader that takes a little every 20 ms makes progress and is not cut off.
+    const { s, m } = await replacingAtEom({ writeTimeout: 300 });
     // The MTA reads a little every 20 ms: about 3 MiB/s.
     m.sock.pause();
     const reader = setInterval(() => {
@@ -174,6 +175,7 @@ describe('output', () => {
       expect(m.count.c).toBe(7);
       expect(took).toBeGreaterThan(100);
       expect(took).toBeLessThan(10_000);
+      expect(s.getdiag().writeStalls).toBe(0);
     } finally {
       clearInterval(reader);
     }
@@ -245,6 +247,25 @@ describe('trickling and idle connections', () => {
     } finally {
       clearInterval(dripper);
     }
+  });
+
+  it('does not count time the engine itself holds a frame (a slow handler) against frameTimeout', async () => {
+    const seen: number[] = [];
+    const s = await start({
+      async body(_ctx, chunk) {
+        seen.push(chunk.length);
+        await sleep(150);
+        return C.CONTINUE;
+      },
+    }, { frameTimeout: 100 });
+    const m = await negotiated(s);
+    // Five body frames pipelined behind the preamble, written in pieces that split frames.
+    const all = Buffer.concat([preamble(), ...Array.from({ length: 5 }, () => frame('B', Buffer.alloc(40_000, 0x62))), frame('E')]);
+    for (let i = 0; i < all.length; i += 30_000) m.sock.write(all.subarray(i, i + 30_000));
+    await m.until(() => (m.count.c ?? 0) >= 12, 5000, 'every body chunk and the eom answered');
+    expect(seen).toEqual([40_000, 40_000, 40_000, 40_000, 40_000]);
+    expect(m.closed).toBe(false);
+    expect(s.getdiag().frameTimeouts).toBe(0);
   });
 
   it('does not let macros alone keep a session past the session timeout', async () => {

@@ -706,13 +706,21 @@ class Connection {
   private watchStall(): void {
     const ms = this.server.cfg.writeMs || this.server.cfg.timeoutMs;
     if (this.stallTimer || ms <= 0) return;
-    let left = this.sock.writableLength;
+    // writableLength drops only when a whole write request completes, and
+    // one corked writev is one request: libuv's own queue size (the
+    // handle's writeQueueSize) drops with every partial write.
+    const sock = this.sock;
+    const inLibuv = () => (sock as unknown as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0;
+    let left = sock.writableLength;
+    let queued = inLibuv();
     let since = Date.now();
     this.stallTimer = setInterval(() => {
       const now = Date.now();
-      const len = this.sock.writableLength;
-      if (len === 0 || len < left) {
+      const len = sock.writableLength;
+      const q = inLibuv();
+      if (len === 0 || len < left || q < queued) {
         left = len;
+        queued = q;
         since = now;
       } else if (now - since >= ms) {
         this.server.diag.writeStalls++;
