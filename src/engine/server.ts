@@ -128,13 +128,14 @@ export const QUEUE_HIGH_WATER = 1024 * 1024;
 
 /**
  * How the TypeScript engine bounds what one MTA connection may cost
- * (docs/reliability.md, "Bounds"): the admission options of both engines,
+ * (docs/reliability.md, section 7): the admission options of both engines,
  * plus timeouts and an output cap of its own.
  */
 export interface FlowOptions extends SessionCapOptions {
   /**
    * Milliseconds the MTA has after connecting to send its option
-   * negotiation; past it the connection is closed and counted in
+   * negotiation (a connection refused over `maxSessions`: to get its
+   * answer); past it the connection is closed and counted in
    * `negotiationTimeouts`. Default 30000; 0: no limit.
    */
   negotiationTimeout?: number;
