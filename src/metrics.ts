@@ -63,7 +63,32 @@ export interface EngineCounters {
   drainRefused: number;
   /** Progress messages sent during eom. */
   progressSent: number;
+  /** Connections over `maxSessions`, answered as `sessionCapAction` says (where the engine counts them). */
+  sessionsRefused?: number;
+  /** Connections shed for event-loop lag (TypeScript engine). */
+  sessionsShed?: number;
+  /** Connections closed for not negotiating in time (TypeScript engine). */
+  negotiationTimeouts?: number;
+  /** Connections closed for a frame not completed in time (TypeScript engine). */
+  frameTimeouts?: number;
+  /** Sessions ended because the MTA stopped taking their output (TypeScript engine). */
+  writeStalls?: number;
+  /** Actions refused for passing the output cap (TypeScript engine). */
+  outputLimited?: number;
+  /** Times the process ran out of file descriptors (TypeScript engine). */
+  fdExhausted?: number;
 }
+
+/** The optional engine counters and their Prometheus names and help. */
+const FLOW_COUNTERS: [keyof EngineCounters, string, string][] = [
+  ['sessionsRefused', 'sessions_refused_total', 'Connections over maxSessions, answered as sessionCapAction says.'],
+  ['sessionsShed', 'sessions_shed_total', 'Connections shed because the event loop lagged past maxEventLoopLag.'],
+  ['negotiationTimeouts', 'negotiation_timeouts_total', 'Connections closed because the MTA did not negotiate in time.'],
+  ['frameTimeouts', 'frame_timeouts_total', 'Connections closed because a frame did not complete within frameTimeout.'],
+  ['writeStalls', 'write_stalls_total', 'Sessions ended because their output made no progress for writeTimeout.'],
+  ['outputLimited', 'output_limited_total', 'Actions refused because the output queued would pass maxOutputBytes.'],
+  ['fdExhausted', 'fd_exhausted_total', 'Times the process ran out of file descriptors.'],
+];
 
 /** A latency histogram: cumulative counts per upper bound, as Prometheus wants them. */
 export interface Histogram {
@@ -238,6 +263,7 @@ export class MilterMetrics {
         drainRefused: e.drainRefused,
         progressSent: e.progressSent,
       };
+      for (const [k] of FLOW_COUNTERS) if (typeof e[k] === 'number') (snap.engine as unknown as Record<string, number>)[k] = e[k] as number;
     }
     return snap;
   }
@@ -279,6 +305,7 @@ export class MilterMetrics {
         ['drain_refused_total', 'counter', 'Sessions refused while draining.', e.drainRefused],
         ['progress_sent_total', 'counter', 'Progress messages sent while eom was pending.', e.progressSent],
       ];
+      for (const [k, name, help] of FLOW_COUNTERS) if (typeof e[k] === 'number') engine.push([name, 'counter', help, e[k] as number]);
       for (const [name, type, help, v] of engine) {
         family(name, type, help);
         lines.push(`${prefix}_${name} ${v}`);

@@ -8,7 +8,8 @@
  */
 import { describe as describeMilter, type MilterFactory } from './base';
 import { InvalidArgumentError, NativeLoadError } from './errors';
-import { checkDrain } from './engine/dispatch';
+import { checkDrain, checkSessionCap, type SessionCapOptions } from './engine/dispatch';
+import type { FlowOptions } from './engine/server';
 import { loadNative } from './native';
 import * as milter from './milter';
 import { runOnNodeEngine } from './engine/run';
@@ -35,8 +36,13 @@ export function chooseEngine(option: unknown): EngineName {
   return engine as EngineName;
 }
 
-/** Options of {@link runmilter}. */
-export interface RunmilterOptions {
+/**
+ * Options of {@link runmilter}. The admission options (`maxSessions`,
+ * `sessionCapAction`) apply on both engines; the other {@link FlowOptions}
+ * (negotiation, frame and write timeouts, the output cap, event-loop
+ * shedding) on the TypeScript engine (docs/reliability.md).
+ */
+export interface RunmilterOptions extends FlowOptions {
   /** The milter: a Base subclass (one instance per connection) or a function returning an instance. */
   factory: MilterFactory;
   /** Seconds an idle MTA connection may wait (smfi_settimeout; default libmilter's 7210). */
@@ -104,6 +110,7 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   const log: Logger = options.logger ?? console;
   const drain = options.drain ?? 30_000;
   checkDrain(drain);
+  checkSessionCap(options);
   const spec = parseSocketSpec(socket);
   if (spec.kind === 'unix') refuseNonSocket(spec.path, socket);
   const description = describeMilter(options.factory, { name });
@@ -129,7 +136,14 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   };
   milter.events.on('handlerError', onHandlerError);
   if (options.exceptionPolicy !== undefined) milter.set_exception_policy(options.exceptionPolicy);
-  milter.register(description, { deadline: options.deadline, progressInterval: options.progressInterval, limits: options.limits });
+  const registerOptions: milter.RegisterOptions & SessionCapOptions = {
+    deadline: options.deadline,
+    progressInterval: options.progressInterval,
+    limits: options.limits,
+    maxSessions: options.maxSessions,
+    sessionCapAction: options.sessionCapAction,
+  };
+  milter.register(description, registerOptions);
   milter.setconn(socket);
   if (options.timeout !== undefined) milter.settimeout(options.timeout);
   if (options.backlog !== undefined) milter.setbacklog(options.backlog);

@@ -198,6 +198,49 @@ export function checkDrain(ms: number): number {
   return ms;
 }
 
+/**
+ * Admission control, the same options on both engines (`serve()`,
+ * `milter.register`, `runmilter`).
+ */
+export interface SessionCapOptions {
+  /**
+   * Most MTA sessions served at once. A connection over the cap is answered
+   * as `sessionCapAction` says and counted in `getdiag().sessionsRefused`.
+   * Default on the TypeScript engine: 1000, lowered under a small
+   * file-descriptor limit so that 64 descriptors stay free
+   * (docs/reliability.md).
+   */
+  maxSessions?: number;
+  /**
+   * What a connection over `maxSessions` gets. `'tempfail'` (default): the
+   * negotiation is answered, then the connect step with TEMPFAIL
+   * `421 4.3.2 Mail filter busy, try again later`, and the connection is
+   * closed; the client is told to come back. `'close'`: the connection is
+   * closed at once, and the MTA's `milter_default_action` (Postfix) or the
+   * filter's `F=` flags (sendmail) decide what happens to the mail.
+   */
+  sessionCapAction?: 'tempfail' | 'close';
+}
+
+/** Check the admission options; throws InvalidArgumentError naming the bad value. */
+export function checkSessionCap(o: SessionCapOptions): void {
+  const n = o.maxSessions;
+  if (n !== undefined && !(Number.isInteger(n) && n > 0) && n !== Infinity) {
+    throw new InvalidArgumentError(`maxSessions must be a positive integer (or Infinity), got ${describeValue(n)}`);
+  }
+  const a = o.sessionCapAction;
+  if (a !== undefined && a !== 'tempfail' && a !== 'close') {
+    throw new InvalidArgumentError(`sessionCapAction must be 'tempfail' or 'close', got ${describeValue(a)}`);
+  }
+}
+
+/** A millisecond option, checked: a finite number >= 0 (0: off). */
+export function checkMs(what: string, v: number | undefined, dflt: number): number {
+  if (v === undefined) return dflt;
+  if (typeof v !== 'number' || !(v >= 0) || !Number.isFinite(v)) throw new InvalidArgumentError(`${what} must be a number of milliseconds >= 0 (0: off), got ${describeValue(v)}`);
+  return Math.round(v);
+}
+
 /** An exception policy, checked: TEMPFAIL, REJECT, CONTINUE or ACCEPT. */
 export function checkExceptionPolicy(status: number): number {
   if (![C.TEMPFAIL, C.REJECT, C.CONTINUE, C.ACCEPT].includes(status)) {
@@ -320,6 +363,8 @@ export abstract class SessionCore implements MilterContext {
   closed = false;
   failed = false;
   queue: Pending[] | undefined;
+  /** Bytes of event data waiting in `queue` (what {@link queueCost} counts). */
+  queuedBytes = 0;
   /** This message's header count, header bytes and body bytes, for the limits. */
   msgHeaders = 0;
   msgHeaderBytes = 0;
@@ -441,8 +486,13 @@ export abstract class SessionCore implements MilterContext {
   }
 }
 
-/** A queued event: type, seq, up to four raw arguments and the engine's event data. */
-export type Pending = [number, number, any, any, any, any, unknown];
+/** A queued event: type, seq, up to four raw arguments, the engine's event data and its {@link queueCost}. */
+export type Pending = [number, number, any, any, any, any, unknown, number];
+
+/** Bytes a queued event holds, roughly: its Buffer or string arguments, plus a fixed 64 for the entry. */
+export function queueCost(a0: any, a1: any): number {
+  return 64 + (typeof a0 === 'string' || Buffer.isBuffer(a0) ? a0.length : 0) + (typeof a1 === 'string' || Buffer.isBuffer(a1) ? a1.length : 0);
+}
 
 /** What the {@link Dispatcher} needs from its engine. */
 export interface DispatchHooks {
@@ -454,6 +504,8 @@ export interface DispatchHooks {
   closed?(s: SessionCore): void;
   /** A message went past a limit (`what`: maxHeaders, maxHeaderBytes or maxBodyBytes). */
   limitExceeded?(s: SessionCore, what: keyof MessageLimits, limit: number): void;
+  /** Events had queued behind a pending handler and the queue is now empty (the engine may read again). */
+  drained?(s: SessionCore): void;
 }
 
 /**
@@ -521,7 +573,9 @@ export class Dispatcher {
       if (s.busy) this.hooks.closed?.(s);
     }
     if (s.busy) {
-      (s.queue ??= []).push([type, seq, a0, a1, a2, a3, data]);
+      const cost = queueCost(a0, a1);
+      s.queuedBytes += cost;
+      (s.queue ??= []).push([type, seq, a0, a1, a2, a3, data, cost]);
       return;
     }
     this.run(s, type, seq, a0, a1, a2, a3, data);
@@ -530,10 +584,13 @@ export class Dispatcher {
 
   private pump(s: SessionCore): void {
     const q = s.queue;
-    while (!s.busy && q && q.length > 0) {
-      const [type, seq, a0, a1, a2, a3, data] = q.shift()!;
+    if (!q || q.length === 0) return;
+    while (!s.busy && q.length > 0) {
+      const [type, seq, a0, a1, a2, a3, data, cost] = q.shift()!;
+      s.queuedBytes -= cost;
       this.run(s, type, seq, a0, a1, a2, a3, data);
     }
+    if (q.length === 0) this.hooks.drained?.(s);
   }
 
   /** Run one event's callback; returns its result (maybe a promise). */

@@ -22,5 +22,5 @@
  * @module nodemilter/engine
  */
 export { serve, MilterServer } from './server';
-export type { ServeOptions, CloseOptions, EngineDiag, EngineHandlerErrorInfo } from './server';
-export type { Deadlines } from './dispatch';
+export type { ServeOptions, FlowOptions, CloseOptions, EngineDiag, EngineHandlerErrorInfo } from './server';
+export type { Deadlines, SessionCapOptions } from './dispatch';

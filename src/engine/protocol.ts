@@ -58,6 +58,12 @@ export const MIN_PROTOCOL_VERSION = 2;
 export interface Frame {
   cmd: number;
   data: Buffer;
+  /**
+   * The data is a copy of its own (the frame spanned reads); otherwise it
+   * is a view into the chunk read off the socket, which a receiver that
+   * keeps it should copy.
+   */
+  owned: boolean;
 }
 
 /** What {@link FrameReader.next} found. */
@@ -68,10 +74,18 @@ export type ReadResult = Frame | { tooBig: number } | undefined;
  * `maxData` is reported as `{ tooBig }` as soon as its length is read (the
  * session ends then). A length of 0 has no command byte; like libmilter,
  * the byte after the length is then taken as the command, with no data.
+ *
+ * The chunks read off the socket are kept as they came: a frame inside one
+ * chunk is a view of it, a frame across chunks is copied once into a buffer
+ * of its own size. Nothing is copied again however much is buffered, so a
+ * flood costs time linear in its size.
  */
 export class FrameReader {
   private chunks: Buffer[] = [];
+  /** Offset of the first unread byte in chunks[0]. */
+  private off = 0;
   private size = 0;
+  private readonly head = Buffer.allocUnsafe(5);
 
   constructor(readonly maxData = MAX_DATA_SIZE) {}
 
@@ -86,28 +100,61 @@ export class FrameReader {
     return this.size;
   }
 
-  private flat(): Buffer {
-    if (this.chunks.length > 1) this.chunks = [Buffer.concat(this.chunks, this.size)];
-    return this.chunks[0];
+  /** Copy the next `n` buffered bytes into `to` at `at` (or drop them), consuming them. */
+  private take(n: number, to: Buffer | undefined, at: number): void {
+    this.size -= n;
+    while (n > 0) {
+      const c = this.chunks[0];
+      const k = Math.min(n, c.length - this.off);
+      if (to) c.copy(to, at, this.off, this.off + k);
+      at += k;
+      n -= k;
+      this.off += k;
+      if (this.off === c.length) {
+        this.chunks.shift();
+        this.off = 0;
+      }
+    }
   }
 
   next(): ReadResult {
     if (this.size < 5) return undefined;
-    const buf = this.flat();
-    const len = buf.readUInt32BE(0);
+    let c = this.chunks[0];
+    let off = this.off;
+    if (c.length - off < 5) {
+      // The length and command byte span chunks (rare): peek at them.
+      let got = 0;
+      for (let i = 0; got < 5; i++) {
+        const ch = this.chunks[i];
+        const from = i === 0 ? off : 0;
+        const k = Math.min(5 - got, ch.length - from);
+        ch.copy(this.head, got, from, from + k);
+        got += k;
+      }
+      c = this.head;
+      off = 0;
+    }
+    const len = c.readUInt32BE(off);
     const dataLen = len === 0 ? 0 : len - 1;
     if (dataLen > this.maxData) return { tooBig: dataLen };
     const total = 5 + dataLen;
     if (this.size < total) return undefined;
-    const frame: Frame = { cmd: buf[4], data: buf.subarray(5, total) };
-    if (total === this.size) {
-      this.chunks = [];
-      this.size = 0;
-    } else {
-      this.chunks = [buf.subarray(total)];
+    const cmd = c[off + 4];
+    const first = this.chunks[0];
+    if (first.length - this.off >= total) {
+      const data = first.subarray(this.off + 5, this.off + total);
+      this.off += total;
       this.size -= total;
+      if (this.off === first.length) {
+        this.chunks.shift();
+        this.off = 0;
+      }
+      return { cmd, data, owned: false };
     }
-    return frame;
+    this.take(5, undefined, 0);
+    const data = Buffer.allocUnsafe(dataLen);
+    this.take(dataLen, data, 0);
+    return { cmd, data, owned: true };
   }
 }
 
@@ -124,6 +171,102 @@ export function frame(cmd: number, ...parts: Buffer[]): Buffer {
     off += p.length;
   }
   return out;
+}
+
+/** Size of the blocks {@link FrameWriter} builds small frames in. */
+export const OUT_BLOCK = 16 * 1024;
+/** Data at least this large is sent by reference, not copied into a block. */
+const BY_REFERENCE = 8 * 1024;
+
+/**
+ * Builds reply frames straight into blocks of {@link OUT_BLOCK} bytes, with
+ * no temporary buffer per string or number: a run of small frames (the
+ * actions and the reply of one eom) leaves as one buffer, and queued output
+ * costs what goes on the wire, not a pool slab per frame. Large data
+ * (replacebody chunks) is queued by reference after its 5-byte head.
+ * {@link take} hands over what was built since the last call.
+ */
+export class FrameWriter {
+  private block: Buffer | undefined;
+  /** Where the next frame goes in `block`, and where the untaken part begins. */
+  private pos = 0;
+  private start = 0;
+  /** Finished pieces not yet taken (full blocks, large data). */
+  private pieces: Buffer[] = [];
+  /** Bytes built and not yet taken. */
+  pending = 0;
+
+  /** Room for `n` bytes in the current block. */
+  private room(n: number): Buffer {
+    let b = this.block;
+    if (b && b.length - this.pos >= n) return b;
+    if (b && this.pos > this.start) this.pieces.push(b.subarray(this.start, this.pos));
+    b = this.block = Buffer.allocUnsafeSlow(Math.max(OUT_BLOCK, n));
+    this.pos = this.start = 0;
+    return b;
+  }
+
+  private head(b: Buffer, cmd: number, dataLen: number): void {
+    b.writeUInt32BE(dataLen + 1, this.pos);
+    b[this.pos + 4] = cmd;
+    this.pos += 5;
+    this.pending += 5 + dataLen;
+  }
+
+  /** A frame with no data. */
+  empty(cmd: number): void {
+    this.head(this.room(5), cmd, 0);
+  }
+
+  /**
+   * A frame of NUL-terminated strings (UTF-8 for a string), after a 32-bit
+   * number when `n` is given (INSHEADER, CHGHEADER).
+   */
+  strings(cmd: number, n: number | undefined, a: string | Buffer, b?: string | Buffer): void {
+    const la = typeof a === 'string' ? Buffer.byteLength(a, 'utf8') : a.length;
+    const lb = b === undefined ? -1 : typeof b === 'string' ? Buffer.byteLength(b, 'utf8') : b.length;
+    const dataLen = (n === undefined ? 0 : 4) + la + 1 + (lb < 0 ? 0 : lb + 1);
+    const buf = this.room(5 + dataLen);
+    this.head(buf, cmd, dataLen);
+    if (n !== undefined) {
+      buf.writeUInt32BE(n >>> 0, this.pos);
+      this.pos += 4;
+    }
+    this.pos += typeof a === 'string' ? buf.write(a, this.pos, 'utf8') : a.copy(buf, this.pos);
+    buf[this.pos++] = 0;
+    if (b !== undefined) {
+      this.pos += typeof b === 'string' ? buf.write(b, this.pos, 'utf8') : b.copy(buf, this.pos);
+      buf[this.pos++] = 0;
+    }
+  }
+
+  /** A frame whose data is `data` as it is, then a NUL when `nul`. */
+  raw(cmd: number, data: Buffer, nul = false): void {
+    const dataLen = data.length + (nul ? 1 : 0);
+    if (data.length < BY_REFERENCE || nul) {
+      const buf = this.room(5 + dataLen);
+      this.head(buf, cmd, dataLen);
+      this.pos += data.copy(buf, this.pos);
+      if (nul) buf[this.pos++] = 0;
+      return;
+    }
+    const buf = this.room(5);
+    this.head(buf, cmd, dataLen);
+    this.pieces.push(buf.subarray(this.start, this.pos), data);
+    this.start = this.pos;
+  }
+
+  /** What was built since the last call, in order (empty when nothing was). */
+  take(): Buffer[] {
+    const out = this.pieces;
+    if (this.block && this.pos > this.start) {
+      out.push(this.block.subarray(this.start, this.pos));
+      this.start = this.pos;
+    }
+    this.pieces = [];
+    this.pending = 0;
+    return out;
+  }
 }
 
 const NUL = Buffer.from([0]);

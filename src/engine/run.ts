@@ -28,6 +28,13 @@ export async function runOnNodeEngine(
     umask: options.umask ?? 0o007, // runmilter's default, as on libmilter
     limits: options.limits,
     logger: log,
+    maxSessions: options.maxSessions,
+    sessionCapAction: options.sessionCapAction,
+    negotiationTimeout: options.negotiationTimeout,
+    frameTimeout: options.frameTimeout,
+    writeTimeout: options.writeTimeout,
+    maxOutputBytes: options.maxOutputBytes,
+    maxEventLoopLag: options.maxEventLoopLag,
   });
   server.on('handlerError', (err: Error, info: { callback: string; connection: number }) => {
     log.error(`${name}: ${info.callback} failed on connection ${info.connection}: ${err.message}`, err);

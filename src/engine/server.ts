@@ -9,6 +9,7 @@
  * @module
  */
 import { EventEmitter } from 'node:events';
+import * as fs from 'node:fs';
 import * as net from 'node:net';
 
 import * as C from '../constants';
@@ -30,6 +31,8 @@ import {
   checkExceptionPolicy,
   checkIntOption,
   checkMilterName,
+  checkMs,
+  checkSessionCap,
   checkTimeout,
   deadlineArray,
   eventMasks,
@@ -39,8 +42,9 @@ import {
   type Deadlines,
   type HandlerErrorInfo,
   type MessageLimits,
+  type SessionCapOptions,
 } from './dispatch';
-import { Cmd, FrameReader, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Rep, cstr, frame, rawText, splitStrings, u32 } from './protocol';
+import { Cmd, FrameReader, FrameWriter, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Rep, cstr, rawText, splitStrings, u32 } from './protocol';
 
 /* ---- libmilter's session states and their allowed successors. */
 
@@ -109,9 +113,62 @@ type MacroTable = (readonly string[] | undefined)[];
 /* ---- Options and the server. */
 
 const DEFAULT_BACKLOG = 4096;
+const DEFAULT_MAX_SESSIONS = 1000;
+/** File descriptors kept free under a small limit when maxSessions is the default. */
+const FD_RESERVE = 64;
+const DEFAULT_NEGOTIATION_TIMEOUT = 30_000;
+const DEFAULT_FRAME_TIMEOUT = 30_000;
+const DEFAULT_WRITE_TIMEOUT = 60_000;
+const DEFAULT_MAX_OUTPUT = 128 * 1024 * 1024;
+/**
+ * Bytes of no-reply events (body chunks, headers) that may wait behind a
+ * pending handler before the session stops reading from the MTA.
+ */
+export const QUEUE_HIGH_WATER = 1024 * 1024;
+
+/**
+ * How the TypeScript engine bounds what one MTA connection may cost
+ * (docs/reliability.md, section 7): the admission options of both engines,
+ * plus timeouts and an output cap of its own.
+ */
+export interface FlowOptions extends SessionCapOptions {
+  /**
+   * Milliseconds the MTA has after connecting to send its option
+   * negotiation (a connection refused over `maxSessions`: to get its
+   * answer); past it the connection is closed and counted in
+   * `negotiationTimeouts`. Default 30000; 0: no limit.
+   */
+  negotiationTimeout?: number;
+  /**
+   * Milliseconds one command frame may take from the moment the engine
+   * first holds part of it until its last byte. More bytes do not restart
+   * the clock, so a connection that trickles a frame is closed once this
+   * passes (`frameTimeouts`). Default 30000; 0: no limit.
+   */
+  frameTimeout?: number;
+  /**
+   * Milliseconds queued output may go without any of it being taken by the
+   * MTA before the session is ended (`writeStalls`). Default 60000; 0: no
+   * limit (then only the session timeout ends it).
+   */
+  writeTimeout?: number;
+  /**
+   * Most bytes of output queued for one session and not yet taken by the
+   * MTA. An action that would pass it throws a MilterError with code
+   * `ERR_MILTER_OUTPUT_LIMIT` (the handler's failure is answered by the
+   * exception policy) and is counted in `outputLimited`. Default 128 MiB.
+   */
+  maxOutputBytes?: number;
+  /**
+   * Event-loop lag in milliseconds (sampled every 50 ms) past which new
+   * connections are shed: answered as over `maxSessions` and counted in
+   * `sessionsShed`. Default 0: never.
+   */
+  maxEventLoopLag?: number;
+}
 
 /** Options of {@link serve}. */
-export interface ServeOptions {
+export interface ServeOptions extends FlowOptions {
   /** Where to listen: `unix:/path`, `local:/path`, `inet:PORT@HOST`, `inet6:PORT@HOST`, or `fd:N` (an open listening socket). */
   socket: string;
   /** Per-callback deadlines in ms, as in `milter.register` (default 8 s, eom 240 s). */
@@ -151,11 +208,29 @@ export type EngineHandlerErrorInfo = HandlerErrorInfo;
 export interface EngineDiag extends EngineCounters {
   /** MTA connections accepted. */
   connections: number;
+  /** Connections over `maxSessions`, answered as `sessionCapAction` says. */
+  sessionsRefused: number;
+  /** Connections shed because the event loop lagged past `maxEventLoopLag`. */
+  sessionsShed: number;
+  /** Connections closed because the MTA did not negotiate within `negotiationTimeout`. */
+  negotiationTimeouts: number;
+  /** Connections closed because a frame did not complete within `frameTimeout`. */
+  frameTimeouts: number;
+  /** Sessions ended because their output made no progress for `writeTimeout`. */
+  writeStalls: number;
+  /** Actions refused because the session's output would pass `maxOutputBytes`. */
+  outputLimited: number;
+  /** Times the process ran out of file descriptors (new connections were lost meanwhile). */
+  fdExhausted: number;
 }
 
 /** Options of {@link MilterServer.close}. */
 export interface CloseOptions {
-  /** Milliseconds to let open sessions finish (new ones get 421 4.3.2) before closing them. Default 0. */
+  /**
+   * Milliseconds to let open sessions finish (new ones get 421 4.3.2) before
+   * closing them. A session counts as open while it is in a message, waits
+   * for a handler, or has output the MTA has not taken yet. Default 0.
+   */
   drain?: number;
 }
 
@@ -179,7 +254,19 @@ export class MilterServer extends EventEmitter {
   private readonly logger: Logger;
   private exceptionStatus: number;
   /** @internal */ readonly cfg: EngineConfig;
-  /** @internal */ readonly diag = { connections: 0, created: 0, deleted: 0, deadlineExpired: 0, progressSent: 0, lateAnswers: 0, drainRefused: 0 };
+  /** @internal */ readonly diag = {
+    connections: 0, created: 0, deleted: 0, deadlineExpired: 0, progressSent: 0, lateAnswers: 0, drainRefused: 0,
+    sessionsRefused: 0, sessionsShed: 0, negotiationTimeouts: 0, frameTimeouts: 0, writeStalls: 0, outputLimited: 0, fdExhausted: 0,
+  };
+  /** Connections being refused (over maxSessions or shed): answered, then closed. */
+  private refusing = 0;
+  /** The soft file-descriptor limit, where the OS tells it (Linux), else 0. */
+  private readonly fdLimit = softFdLimit();
+  private fdLow = false;
+  private fdWatch: NodeJS.Timeout | undefined;
+  /** Event-loop lag measured by the sampler (maxEventLoopLag), in ms. */
+  private lag = 0;
+  private lagWatch: NodeJS.Timeout | undefined;
   /** Connections with replies queued for the next flush (see Connection.write). */
   private dirty: Connection[] = [];
   private readonly flushAll = (): void => {
@@ -203,6 +290,8 @@ export class MilterServer extends EventEmitter {
     const progress = progressMs(options.progressInterval);
     const timeout = checkTimeout(options.timeout ?? 7210);
     if (options.backlog !== undefined) checkBacklog(options.backlog);
+    checkSessionCap(options);
+    const maxSessions = options.maxSessions ?? defaultMaxSessions(this.fdLimit);
     this.name = description.name;
     this.logger = options.logger ?? console;
     this.exceptionStatus = policy;
@@ -215,6 +304,13 @@ export class MilterServer extends EventEmitter {
       deadlines: deadlineArray(options.deadline),
       progressMs: progress,
       timeoutMs: timeout * 1000,
+      maxSessions,
+      capAction: options.sessionCapAction ?? 'tempfail',
+      negotiationMs: checkMs('negotiationTimeout', options.negotiationTimeout, DEFAULT_NEGOTIATION_TIMEOUT),
+      frameMs: checkMs('frameTimeout', options.frameTimeout, DEFAULT_FRAME_TIMEOUT),
+      writeMs: checkMs('writeTimeout', options.writeTimeout, DEFAULT_WRITE_TIMEOUT),
+      maxOutput: checkPositive('maxOutputBytes', options.maxOutputBytes, DEFAULT_MAX_OUTPUT),
+      maxLagMs: checkMs('maxEventLoopLag', options.maxEventLoopLag, 0),
     };
     this.dispatcher = new Dispatcher(
       cb,
@@ -223,10 +319,12 @@ export class MilterServer extends EventEmitter {
         exceptionStatus: () => this.exceptionStatus,
         report: (err, s, type, answered) => reportHandlerError(this, this.logger, err, s, type, answered),
         limitExceeded: (s, what, limit) => this.emit('limitExceeded', { connection: s.id, limit: what, value: limit }),
+        drained: (s) => (s as NodeSession).queueDrained(),
       },
       options.limits,
     );
-    this.server = net.createServer({ allowHalfOpen: false, noDelay: true } as net.ServerOpts, (sock) => this.accept(sock));
+    // Half-open: an MTA that shuts down its side after a command still gets the answer, as from libmilter.
+    this.server = net.createServer({ allowHalfOpen: true, noDelay: true } as net.ServerOpts, (sock) => this.accept(sock));
   }
 
   /** Start listening; resolves once the socket accepts connections. */
@@ -239,8 +337,12 @@ export class MilterServer extends EventEmitter {
       this.server.once('error', onError);
       const done = () => {
         this.server.removeListener('error', onError);
-        this.server.on('error', (err) => this.logger.error(`${this.name}: server error: ${err.message}`, err));
+        this.server.on('error', (err: NodeJS.ErrnoException) => {
+          if (err.code === 'EMFILE' || err.code === 'ENFILE') this.fdExhaustion(`accept failed with ${err.code}`);
+          else this.logger.error(`${this.name}: server error: ${err.message}`, err);
+        });
         this.listening = true;
+        this.startWatches();
         resolve();
       };
       if (spec.kind === 'unix') {
@@ -271,6 +373,52 @@ export class MilterServer extends EventEmitter {
   /** The bound address (for `inet:0@...`, the port chosen). */
   address(): net.AddressInfo | string | null {
     return this.server.address();
+  }
+
+  /**
+   * Watch what libuv hides: when the process is out of file descriptors it
+   * accepts and closes new connections silently (its EMFILE trick), so the
+   * descriptors in use are counted every second against the limit, and the
+   * event loop's lag is sampled when `maxEventLoopLag` is set.
+   */
+  private startWatches(): void {
+    if (this.fdLimit > 0) {
+      this.fdWatch = setInterval(() => {
+        let used: number;
+        try {
+          used = fs.readdirSync('/proc/self/fd').length;
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === 'EMFILE' || code === 'ENFILE') this.fdExhaustion(`${code} while counting them`);
+          return;
+        }
+        if (used >= this.fdLimit - 4) this.fdExhaustion(`${used} of ${this.fdLimit} in use`);
+        else if (this.fdLow && used < this.fdLimit - FD_RESERVE / 2) {
+          this.fdLow = false;
+          this.logger.warn(`${this.name}: file descriptors available again (${used} of ${this.fdLimit} in use)`);
+        }
+      }, 1000).unref();
+    }
+    const maxLag = this.cfg.maxLagMs;
+    if (maxLag > 0) {
+      const every = 50;
+      let last = performance.now();
+      this.lagWatch = setInterval(() => {
+        const now = performance.now();
+        this.lag = Math.max(0, now - last - every);
+        last = now;
+      }, every).unref();
+    }
+  }
+
+  private fdExhaustion(what: string): void {
+    if (this.fdLow) return;
+    this.fdLow = true;
+    this.diag.fdExhausted++;
+    this.logger.error(
+      `${this.name}: out of file descriptors (${what}): new MTA connections are lost until some close; ` +
+        `${this.conns.size} connections are open. Lower maxSessions (now ${this.cfg.maxSessions}) or raise the limit (ulimit -n, LimitNOFILE=)`,
+    );
   }
 
   /** The server's counters. */
@@ -321,10 +469,13 @@ export class MilterServer extends EventEmitter {
         const until = Date.now() + drain;
         while ([...this.conns].some((c) => c.inMessage()) && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
       }
+      clearInterval(this.fdWatch);
+      clearInterval(this.lagWatch);
       const closed = new Promise<void>((r) => this.server.close(() => r()));
       // As libmilter does when it stops: idle sessions end now; a session
       // whose MTA waits for a handler still gets that handler's answer (or
-      // the deadline's), then ends. The stop does not wait for those.
+      // the deadline's), then ends. The stop does not wait for those. The
+      // drain budget is spent here, so output the MTA has not taken is dropped.
       let lingering = false;
       for (const c of [...this.conns]) if (c.stop()) lingering = true;
       if (!lingering) await closed;
@@ -343,11 +494,50 @@ export class MilterServer extends EventEmitter {
 
   private accept(sock: net.Socket): void {
     this.diag.connections++;
-    const c = new Connection(this, sock, this.dispatcher);
+    const cfg = this.cfg;
+    let refuse = false;
+    if (this.conns.size - this.refusing >= cfg.maxSessions) {
+      this.diag.sessionsRefused++;
+      refuse = true;
+    } else if (cfg.maxLagMs > 0 && this.lag > cfg.maxLagMs) {
+      this.diag.sessionsShed++;
+      refuse = true;
+    }
+    // Refusals answered in full are few at a time; past that, or when asked to, close at once.
+    if (refuse && (cfg.capAction === 'close' || this.refusing >= Math.max(16, Math.min(cfg.maxSessions, 1024) >> 3))) {
+      sock.destroy();
+      return;
+    }
+    const c = new Connection(this, sock, this.dispatcher, refuse);
     this.conns.add(c);
-    sock.once('close', () => this.conns.delete(c));
+    if (refuse) this.refusing++;
+    sock.once('close', () => {
+      this.conns.delete(c);
+      if (refuse) this.refusing--;
+    });
   }
 
+}
+
+/** The soft limit on open files (RLIMIT_NOFILE) as Linux reports it; 0 where unknown. */
+function softFdLimit(): number {
+  try {
+    const m = /^Max open files\s+(\d+)/m.exec(fs.readFileSync('/proc/self/limits', 'latin1'));
+    return m ? Number(m[1]) : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/** The default maxSessions: 1000, or fewer when the file-descriptor limit would not leave FD_RESERVE free. */
+function defaultMaxSessions(fdLimit: number): number {
+  return fdLimit > 0 ? Math.max(1, Math.min(DEFAULT_MAX_SESSIONS, fdLimit - FD_RESERVE)) : DEFAULT_MAX_SESSIONS;
+}
+
+function checkPositive(what: string, v: number | undefined, dflt: number): number {
+  if (v === undefined) return dflt;
+  if (!Number.isInteger(v) || v <= 0) throw new InvalidArgumentError(`${what} must be a positive integer, got ${String(v)}`);
+  return v;
 }
 
 /** @internal */
@@ -361,6 +551,13 @@ export interface EngineConfig {
   deadlines: number[];
   progressMs: number;
   timeoutMs: number;
+  maxSessions: number;
+  capAction: 'tempfail' | 'close';
+  negotiationMs: number;
+  frameMs: number;
+  writeMs: number;
+  maxOutput: number;
+  maxLagMs: number;
 }
 
 /** The step the MTA waits for while JavaScript works on it. */
@@ -382,14 +579,30 @@ interface Waiting {
  */
 class Connection {
   private readonly reader = new FrameReader();
-  /** Reply packets not yet written (see write). */
-  private out: Buffer[] = [];
+  /** Reply frames built and not yet handed to the socket (see write). */
+  private readonly writer = new FrameWriter();
+  /** 0: nothing to flush; 1: flush when the current batch ends; 2: a flush is scheduled. */
+  private flushState = 0;
+  /** Work in progress (pump, settle) whose frames leave together at its end. */
+  private batching = 0;
   private state: number = ST.INIT;
   private waiting: Waiting | undefined;
   private pumping = false;
   private ended = false;
   /** The server stopped while a handler ran: end once it is answered. */
   private stopping = false;
+  /** The MTA shut down its side: answer what it sent, then end. */
+  private peerEnded = false;
+  /** Reading from the MTA is paused (see hold). */
+  private paused = false;
+  /** The socket holds more output than its high-water mark: no next command until it drains. */
+  private blocked = false;
+  /** No-reply events past QUEUE_HIGH_WATER wait behind a handler: no next command until they ran. */
+  private queueFull = false;
+  private idleTimer: NodeJS.Timeout | undefined;
+  private negotiationTimer: NodeJS.Timeout | undefined;
+  private frameTimer: NodeJS.Timeout | undefined;
+  private stallTimer: NodeJS.Timeout | undefined;
   private seq = 0;
   private session: NodeSession | undefined;
   /** The session JavaScript has seen (close is delivered only to those). */
@@ -412,67 +625,208 @@ class Connection {
     readonly server: MilterServer,
     readonly sock: net.Socket,
     readonly dispatcher: Dispatcher,
+    /** Over maxSessions (or shed): negotiate, answer connect with 421 4.3.2, close. */
+    private readonly refusedBusy = false,
   ) {
     sock.setNoDelay(true);
     sock.on('data', (d: Buffer) => {
+      if (this.ended) return; // lingering to deliver output: nothing more is read
       this.reader.push(d);
+      if (this.waiting || this.blocked || this.queueFull) this.hold();
+      else this.pump();
+    });
+    sock.on('end', () => {
+      this.peerEnded = true;
       this.pump();
     });
-    sock.on('end', () => this.end('the MTA closed the connection'));
-    sock.on('error', () => this.end('connection error'));
-    sock.on('close', () => this.end('connection closed'));
-    if (server.cfg.timeoutMs > 0) {
-      sock.setTimeout(server.cfg.timeoutMs, () => {
-        if (!this.waiting) this.end('session timeout');
-      });
+    sock.on('drain', () => this.drained());
+    sock.on('error', () => this.end('connection error', true));
+    sock.on('close', () => this.end('connection closed', true));
+    const cfg = server.cfg;
+    if (cfg.timeoutMs > 0) {
+      // Only commands restart it (see command): macros alone do not keep a session open.
+      this.idleTimer = setTimeout(() => {
+        if (!this.waiting && !this.blocked) this.end('session timeout');
+        else this.idleTimer?.refresh();
+      }, cfg.timeoutMs).unref();
+    }
+    if (cfg.negotiationMs > 0) {
+      this.negotiationTimer = setTimeout(() => {
+        this.server.diag.negotiationTimeouts++;
+        this.end(`no option negotiation within ${cfg.negotiationMs} ms`, true);
+      }, cfg.negotiationMs).unref();
     }
   }
 
+  /** Whether the session is still working: in a message, waiting for a handler, or with output the MTA has not taken. */
   inMessage(): boolean {
+    if (!this.sock.destroyed && (this.sock.writableLength > 0 || this.writer.pending > 0)) return true;
     return !this.ended && ((this.state >= ST.MAIL && this.state < ST.ENDM) || this.waiting !== undefined);
+  }
+
+  /* ---- flow control */
+
+  /** Stop reading from the MTA until {@link release}: the socket's own buffer then fills and TCP pushes back. */
+  private hold(): void {
+    if (!this.paused && !this.ended) {
+      this.paused = true;
+      this.sock.pause();
+    }
+  }
+
+  /** What held reading is over: read again and work through what is buffered. */
+  private release(): void {
+    if (this.paused && !this.waiting && !this.blocked && !this.queueFull) {
+      this.paused = false;
+      this.sock.resume();
+    }
+    this.pump();
+  }
+
+  /** The socket took its queued output. */
+  private drained(): void {
+    if (!this.blocked) return;
+    this.blocked = false;
+    if (this.ended) return; // lingering: the stall watch stays until the socket is gone
+    clearInterval(this.stallTimer);
+    this.stallTimer = undefined;
+    this.release();
+  }
+
+  /** The session's no-reply events ran (Dispatcher's drained hook). */
+  queueDrained(): void {
+    if (!this.queueFull) return;
+    this.queueFull = false;
+    this.release();
+  }
+
+  /**
+   * End the session when its output makes no progress (the MTA stopped
+   * reading) for writeTimeout: checked four times per period.
+   */
+  private watchStall(): void {
+    const ms = this.server.cfg.writeMs || this.server.cfg.timeoutMs;
+    if (this.stallTimer || ms <= 0) return;
+    // writableLength drops only when a whole write request completes, and
+    // one corked writev is one request: libuv's own queue size (the
+    // handle's writeQueueSize) drops with every partial write.
+    const sock = this.sock;
+    const inLibuv = () => (sock as unknown as { _handle?: { writeQueueSize?: number } })._handle?.writeQueueSize ?? 0;
+    let left = sock.writableLength;
+    let queued = inLibuv();
+    let since = Date.now();
+    this.stallTimer = setInterval(() => {
+      const now = Date.now();
+      const len = sock.writableLength;
+      const q = inLibuv();
+      if (len === 0 || len < left || q < queued) {
+        left = len;
+        queued = q;
+        since = now;
+      } else if (now - since >= ms) {
+        this.server.diag.writeStalls++;
+        this.end(`no output taken for ${ms} ms`, true);
+      }
+    }, Math.max(10, ms >> 2)).unref();
+  }
+
+  /** Throw when `n` more bytes would take this session's queued output past maxOutputBytes. */
+  room(what: string, n: number): void {
+    const queued = this.writer.pending + this.sock.writableLength;
+    const max = this.server.cfg.maxOutput;
+    if (queued + n > max) {
+      this.server.diag.outputLimited++;
+      throw new MilterError(
+        `${what}: ${n} more bytes would take connection output to ${queued + n} bytes, past maxOutputBytes (${max}); the MTA has not taken ${queued} bytes yet`,
+        'ERR_MILTER_OUTPUT_LIMIT',
+      );
+    }
   }
 
   /* ---- output */
 
   /**
-   * Send one reply packet. With several MTA connections open, packets
-   * are queued and leave in the check phase of the same loop turn, after
-   * every connection's input of this turn was worked through: the EOM
-   * actions and the final reply in one write, one wake-up of the MTA
-   * instead of one per packet (S3 at 8 and 64 connections: 1.2-1.6x the
+   * A reply frame was built (into {@link writer}): see that it leaves.
+   * Frames leave together, one write per batch: the actions and the reply
+   * of an eom in one buffer, one wake-up of the MTA instead of one per
+   * frame. With several MTA connections open, they leave in the check
+   * phase of the same loop turn, after every connection's input of this
+   * turn was worked through (S3 at 8 and 64 connections: 1.2-1.6x the
    * messages per second of writing each packet at once). With one
-   * connection open each packet is written at once: there is nothing to
-   * batch with, and the MTA can read the first packets while the later
-   * ones are made (docs/performance.md).
+   * connection they leave at the end of the work that made them (the
+   * commands read, the handler's answer), or in a microtask when a
+   * handler acts on its own (docs/performance.md).
    */
-  write(cmd: number, ...parts: Buffer[]): void {
-    if (this.ended || this.sock.destroyed) return;
-    if (this.out.length === 0 && this.server.connectionCount <= 1) {
-      this.sock.write(frame(cmd, ...parts));
-      return;
+  private queued(): void {
+    if (this.flushState !== 0) return;
+    if (this.server.connectionCount > 1) {
+      this.flushState = 2;
+      this.server.scheduleFlush(this);
+    } else if (this.batching > 0) {
+      this.flushState = 1;
+    } else {
+      this.flushState = 2;
+      queueMicrotask(() => this.flushState === 2 && this.flush());
     }
-    if (this.out.push(frame(cmd, ...parts)) === 1) this.server.scheduleFlush(this);
   }
 
-  /** Write the queued packets: one buffer when small, else corked (writev, no copy). */
+  private beginBatch(): void {
+    this.batching++;
+  }
+
+  private endBatch(): void {
+    if (--this.batching === 0 && this.flushState === 1) this.flush();
+  }
+
+  /** Whether reply frames may still be written. */
+  private get writable(): boolean {
+    return !this.ended && !this.sock.destroyed;
+  }
+
+  /** A frame without data (CONTINUE, ACCEPT, PROGRESS ...). */
+  write(cmd: number): void {
+    if (!this.writable) return;
+    this.writer.empty(cmd);
+    this.queued();
+  }
+
+  /** A frame of NUL-terminated strings, after a 32-bit number when `n` is given. */
+  writeStrings(cmd: number, n: number | undefined, a: string | Buffer, b?: string | Buffer): void {
+    if (!this.writable) return;
+    this.writer.strings(cmd, n, a, b);
+    this.queued();
+  }
+
+  /** A frame whose data is `data` (then a NUL when `nul`). */
+  writeRaw(cmd: number, data: Buffer, nul = false): void {
+    if (!this.writable) return;
+    this.writer.raw(cmd, data, nul);
+    this.queued();
+  }
+
+  /**
+   * Hand the built frames to the socket: one buffer when they fit one
+   * block, else corked (writev, no copy). When the socket is past its
+   * high-water mark, no next command is read until it drains.
+   */
   flush(): void {
-    const out = this.out;
-    if (out.length === 0) return;
-    this.out = [];
-    if (this.sock.destroyed) return;
+    this.flushState = 0;
+    if (this.writer.pending === 0) return;
+    const out = this.writer.take();
+    const sock = this.sock;
+    if (sock.destroyed) return;
+    let ok = true;
     if (out.length === 1) {
-      this.sock.write(out[0]);
-      return;
+      ok = sock.write(out[0]);
+    } else {
+      sock.cork();
+      for (const b of out) ok = sock.write(b);
+      sock.uncork();
     }
-    let size = 0;
-    for (const b of out) size += b.length;
-    if (size <= 65536) {
-      this.sock.write(Buffer.concat(out, size));
-      return;
+    if (!ok && !this.blocked) {
+      this.blocked = true;
+      this.watchStall();
     }
-    this.sock.cork();
-    for (const b of out) this.sock.write(b);
-    this.sock.uncork();
   }
 
   /** libmilter's sendreply: the status of a step as the MTA sees it. */
@@ -490,7 +844,7 @@ class Connection {
         const r = this.reply;
         if (r && r[0] === (status === C.TEMPFAIL ? 0x34 : 0x35)) {
           this.reply = undefined;
-          this.write(Rep.REPLYCODE, r, Buffer.from([0]));
+          this.writeRaw(Rep.REPLYCODE, r, true);
         } else {
           this.write(status === C.TEMPFAIL ? Rep.TEMPFAIL : Rep.REJECT);
         }
@@ -516,22 +870,47 @@ class Connection {
 
   /* ---- input */
 
+  /**
+   * Work through the commands read, until one waits for a handler, the
+   * socket holds too much output, or too many no-reply events wait: then
+   * reading is held until that is over (backpressure to the MTA).
+   */
   private pump(): void {
     if (this.pumping) return;
     this.pumping = true;
+    this.beginBatch();
     try {
-      while (!this.waiting && !this.ended) {
+      while (!this.waiting && !this.ended && !this.blocked && !this.queueFull) {
         const r = this.reader.next();
-        if (!r) break;
+        if (!r) {
+          if (this.reader.buffered > 0 && !this.frameTimer) this.armFrameTimer();
+          break;
+        }
+        if (this.frameTimer) {
+          clearTimeout(this.frameTimer);
+          this.frameTimer = undefined;
+        }
         if ('tooBig' in r) {
           this.end(`command of ${r.tooBig} bytes is larger than ${this.reader.maxData}`);
           break;
         }
-        this.command(r.cmd, r.data);
+        this.command(r.cmd, r.data, r.owned);
       }
+      if (this.peerEnded && !this.waiting && !this.queueFull && !this.blocked) this.end('the MTA closed the connection');
     } finally {
       this.pumping = false;
+      this.endBatch();
     }
+  }
+
+  /** A frame has begun and not completed: it has frameTimeout to, however its bytes come. */
+  private armFrameTimer(): void {
+    const ms = this.server.cfg.frameMs;
+    if (ms <= 0) return;
+    this.frameTimer = setTimeout(() => {
+      this.server.diag.frameTimeouts++;
+      this.end(`a frame did not complete within ${ms} ms (${this.reader.buffered} bytes of it came)`, true);
+    }, ms).unref();
   }
 
   private transOk(from: number, to: number): boolean {
@@ -549,11 +928,12 @@ class Connection {
     for (let i = from; i < 7; i++) this.macros[i] = undefined;
   }
 
-  private command(cmd: number, data: Buffer): void {
+  private command(cmd: number, data: Buffer, owned: boolean): void {
     if (cmd === Cmd.MACRO) {
       this.storeMacros(data);
       return;
     }
+    if (cmd !== Cmd.ABORT) this.idleTimer?.refresh();
     const spec = COMMANDS[cmd];
     if (!spec) {
       this.end(`unknown command 0x${cmd.toString(16)}`);
@@ -576,6 +956,8 @@ class Connection {
     const step = (status: number) => this.stepDone(spec, status);
     switch (cmd) {
       case Cmd.OPTNEG:
+        // A refused connection keeps the clock: it has negotiationTimeout to get its answer and go.
+        if (!this.refusedBusy) clearTimeout(this.negotiationTimer);
         this.optneg(data);
         return;
       case Cmd.CONNECT:
@@ -618,10 +1000,11 @@ class Connection {
         this.event(Ev.EOH, step);
         return;
       case Cmd.BODY:
-        this.event(Ev.BODY, step, Buffer.from(data));
+        // A view into a read chunk is copied: the handler may keep it.
+        this.event(Ev.BODY, step, owned ? data : Buffer.from(data));
         return;
       case Cmd.BODYEOB:
-        this.eom(data, step);
+        this.eom(data, owned, step);
         return;
       case Cmd.UNKNOWN:
         this.event(Ev.UNKNOWN, step, rawText(splitStrings(data)[0] ?? Buffer.alloc(0)));
@@ -680,6 +1063,7 @@ class Connection {
       const nr = NR_BIT[type];
       done(nr && this.steps & nr ? C.NOREPLY : C.CONTINUE);
       this.dispatcher.deliver(s, type, 0, a0, a1, a2, a3, view);
+      if (s.queuedBytes > QUEUE_HIGH_WATER) this.queueFull = true;
       return;
     }
     this.await(s, type, done, view, a0, a1, a2, a3);
@@ -724,12 +1108,14 @@ class Connection {
     clearTimeout(w.deadline);
     clearTimeout(w.progress);
     this.waiting = undefined;
-    w.done(status, actions, steps);
-    if (this.stopping) {
-      this.end('server stopped');
-      return;
+    this.beginBatch();
+    try {
+      w.done(status, actions, steps);
+      if (this.stopping) this.end('server stopped');
+      else this.release();
+    } finally {
+      this.endBatch();
     }
-    this.pump();
   }
 
   /**
@@ -741,7 +1127,7 @@ class Connection {
       this.stopping = true;
       return true;
     }
-    this.end('server stopped');
+    this.end('server stopped', true);
     return false;
   }
 
@@ -767,6 +1153,10 @@ class Connection {
     const f0 = this.mtaActions;
     const f1 = (this.mtaSteps | C.SMFIP_NR_ALL) >>> 0;
     const cfg = this.server.cfg;
+    if (this.refusedBusy) {
+      this.finishNegotiation(0, 0);
+      return;
+    }
     if (this.server.isDraining) {
       this.refusedForDrain = true;
       this.server.diag.drainRefused++;
@@ -812,7 +1202,7 @@ class Connection {
     this.symlists.forEach((l, i) => {
       if (l) parts.push(u32(i), cstr(l));
     });
-    this.write(Rep.OPTNEG, ...parts);
+    this.writeRaw(Rep.OPTNEG, Buffer.concat(parts));
   }
 
   /** setsymlist inside negotiate. */
@@ -855,10 +1245,16 @@ class Connection {
       done(C.TEMPFAIL);
       return;
     }
+    if (this.refusedBusy) {
+      this.storeReply('421', '4.3.2', ['Mail filter busy, try again later']);
+      done(C.TEMPFAIL);
+      this.end('over maxSessions');
+      return;
+    }
     this.event(Ev.CONNECT, done, hostname, family, address, port);
   }
 
-  private eom(data: Buffer, done: (status: number) => void): void {
+  private eom(data: Buffer, owned: boolean, done: (status: number) => void): void {
     const cfg = this.server.cfg;
     if (data.length > 0 && cfg.handled & (1 << Ev.BODY)) {
       // The last body chunk comes with end of message: body first, and eom only if it continues.
@@ -869,7 +1265,7 @@ class Connection {
           return;
         }
         this.event(Ev.EOM, done);
-      }, Buffer.from(data));
+      }, owned ? data : Buffer.from(data));
       return;
     }
     this.event(Ev.EOM, done);
@@ -901,9 +1297,18 @@ class Connection {
     this.reply = Buffer.from(text, 'utf8');
   }
 
-  /** End the connection: abort an open message, close the session, close the socket. */
-  end(_why: string): void {
-    if (this.ended) return;
+  /**
+   * End the connection: abort an open message, close the session, close
+   * the socket. Output the MTA has not taken yet is still delivered (end,
+   * then destroy once written; the stall watch ends a reader that stopped),
+   * unless `hard`: the connection failed, stalled or broke a bound.
+   */
+  end(_why: string, hard = false): void {
+    const sock = this.sock;
+    if (this.ended) {
+      if (hard) sock.destroy();
+      return;
+    }
     if (this.waiting) {
       clearTimeout(this.waiting.deadline);
       clearTimeout(this.waiting.progress);
@@ -913,7 +1318,17 @@ class Connection {
     this.closeSession();
     this.flush();
     this.ended = true;
-    this.sock.destroy();
+    clearTimeout(this.idleTimer);
+    clearTimeout(this.negotiationTimer);
+    clearTimeout(this.frameTimer);
+    if (hard || sock.destroyed || sock.writableLength === 0) {
+      clearInterval(this.stallTimer);
+      sock.destroy();
+      return;
+    }
+    sock.once('finish', () => sock.destroy());
+    sock.end();
+    this.watchStall();
   }
 }
 
@@ -921,6 +1336,11 @@ class Connection {
 class NodeSession extends SessionCore {
   constructor(id: number, private readonly conn: Connection) {
     super(id);
+  }
+
+  /** The no-reply events queued behind a handler ran. */
+  queueDrained(): void {
+    this.conn.queueDrained();
   }
 
   get actions(): number {
@@ -975,43 +1395,52 @@ class NodeSession extends SessionCore {
   }
 
   protected doAddheader(name: string, value: Bytes, index: number): void {
-    this.parked(index >= 0 ? 'insheader' : 'addheader', Ev.EOM);
-    if (index >= 0) this.conn.write(Rep.INSHEADER, u32(index), cstr(name), cstr(value));
-    else this.conn.write(Rep.ADDHEADER, cstr(name), cstr(value));
+    const what = index >= 0 ? 'insheader' : 'addheader';
+    this.parked(what, Ev.EOM);
+    this.conn.room(what, 16 + name.length * 3 + value.length * 3);
+    if (index >= 0) this.conn.writeStrings(Rep.INSHEADER, index, name, value);
+    else this.conn.writeStrings(Rep.ADDHEADER, undefined, name, value);
   }
 
   protected doChgheader(name: string, index: number, value: Bytes | null): void {
     this.parked('chgheader', Ev.EOM);
-    this.conn.write(Rep.CHGHEADER, u32(index), cstr(name), cstr(value ?? ''));
+    this.conn.room('chgheader', 16 + name.length * 3 + (value?.length ?? 0) * 3);
+    this.conn.writeStrings(Rep.CHGHEADER, index, name, value ?? '');
   }
 
   protected doAddrcpt(rcpt: Bytes, params: Bytes | null): void {
     this.parked('addrcpt', Ev.EOM);
-    if (params === null) this.conn.write(Rep.ADDRCPT, cstr(rcpt));
-    else this.conn.write(Rep.ADDRCPT_PAR, cstr(rcpt), cstr(params));
+    this.conn.room('addrcpt', 16 + rcpt.length * 3 + (params?.length ?? 0) * 3);
+    if (params === null) this.conn.writeStrings(Rep.ADDRCPT, undefined, rcpt);
+    else this.conn.writeStrings(Rep.ADDRCPT_PAR, undefined, rcpt, params);
   }
 
   protected doDelrcpt(rcpt: Bytes): void {
     this.parked('delrcpt', Ev.EOM);
-    this.conn.write(Rep.DELRCPT, cstr(rcpt));
+    this.conn.room('delrcpt', 16 + rcpt.length * 3);
+    this.conn.writeStrings(Rep.DELRCPT, undefined, rcpt);
   }
 
   protected doReplacebody(chunk: Buffer): void {
     this.parked('replacebody', Ev.EOM);
+    this.conn.room('replacebody', chunk.length + 5 * Math.ceil(chunk.length / C.MAX_DATA_SIZE));
+    // Large chunks go out by reference (FrameWriter): the Buffer is read until the MTA took it.
     for (let off = 0; off < chunk.length; off += C.MAX_DATA_SIZE) {
-      this.conn.write(Rep.REPLBODY, chunk.subarray(off, Math.min(chunk.length, off + C.MAX_DATA_SIZE)));
+      this.conn.writeRaw(Rep.REPLBODY, chunk.subarray(off, Math.min(chunk.length, off + C.MAX_DATA_SIZE)));
     }
   }
 
   protected doChgfrom(sender: Bytes, params: Bytes | null): void {
     this.parked('chgfrom', Ev.EOM);
-    if (params === null) this.conn.write(Rep.CHGFROM, cstr(sender));
-    else this.conn.write(Rep.CHGFROM, cstr(sender), cstr(params));
+    this.conn.room('chgfrom', 16 + sender.length * 3 + (params?.length ?? 0) * 3);
+    if (params === null) this.conn.writeStrings(Rep.CHGFROM, undefined, sender);
+    else this.conn.writeStrings(Rep.CHGFROM, undefined, sender, params);
   }
 
   protected doQuarantine(reason: string): void {
     this.parked('quarantine', Ev.EOM);
-    this.conn.write(Rep.QUARANTINE, cstr(reason));
+    this.conn.room('quarantine', 16 + reason.length * 3);
+    this.conn.writeStrings(Rep.QUARANTINE, undefined, reason);
   }
 
   protected doProgress(): void {
