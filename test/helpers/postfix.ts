@@ -452,3 +452,36 @@ export async function smtpSend(
     sock.destroy();
   }
 }
+
+/** One step of {@link smtpDialog}: an SMTP command line, or a message to send after DATA's 354 (dot-stuffed, ended with a dot). */
+export type SmtpStep = string | { message: string };
+
+/**
+ * Run a scripted SMTP session on 127.0.0.1:port, for sessions {@link smtpSend}
+ * cannot express (several transactions, RSET): reads the greeting, then
+ * sends each step and reads its reply; closes the connection at the end.
+ * @returns the greeting, then one reply per step.
+ */
+export async function smtpDialog(port: number, steps: readonly SmtpStep[]): Promise<SmtpReplyLine[]> {
+  const sock = await new Promise<net.Socket>((resolve, reject) => {
+    const s = net.createConnection({ port, host: '127.0.0.1' });
+    s.once('connect', () => resolve(s));
+    s.once('error', reject);
+  });
+  const c = new SmtpConn(sock);
+  try {
+    const replies = [await c.reply()];
+    for (const step of steps) {
+      if (typeof step === 'string') replies.push(await c.cmd(step));
+      else {
+        const stuffed = step.message.replace(/\r?\n/g, '\r\n').replace(/^\./gm, '..');
+        c.write(`${stuffed}${stuffed.endsWith('\r\n') ? '' : '\r\n'}.\r\n`);
+        replies.push(await c.reply(60_000));
+      }
+    }
+    return replies;
+  } finally {
+    c.end();
+    sock.destroy();
+  }
+}
