@@ -10,13 +10,16 @@
  *   message, at the end of a session); Base.abort() must run only for a
  *   transaction that was really aborted (here: one RSET after RCPT).
  *
- * The milter is test/fixtures/parity/mta-milter.cjs. Without Postfix (or
- * root) this file fails, unless NODEMILTER_SKIP_POSTFIX=1 is set outside CI.
+ * The milter is test/fixtures/parity/mta-milter.cjs. Postfix relays to
+ * test/helpers/rawsink.ts, which keeps every byte (smtp-sink's dump drops
+ * CRs, so it cannot show a bare CR). Without Postfix (or root) this file
+ * fails, unless NODEMILTER_SKIP_POSTFIX=1 is set outside CI.
  */
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, splitMessage, startProcess, type Engine, type RunningProcess } from '../helpers';
+import { ENGINES, FIXTURES, buildC, C_TESTMILTER_SRC, checkEngine, engineEnv, freeInetSpec, splitMessage, startProcess, type Engine, type RunningProcess } from '../helpers';
 import { mayskipPostfix, postfixUnavailable, smtpDialog, startPostfix, type PostfixInstance } from '../helpers/postfix';
+import { startRawSink, type RawSink } from '../helpers/rawsink';
 import type * as Testing from '../../src/testing';
 
 const MILTER = path.join(FIXTURES, 'parity', 'mta-milter.cjs');
@@ -75,16 +78,19 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
   describe('header values folded with CRLF', () => {
     let pf: PostfixInstance | undefined;
     let milter: RunningProcess | undefined;
+    let raw: RawSink | undefined;
     let spec = '';
 
     beforeAll(async () => {
       if (unavailable) return;
       ({ milter, spec } = await startMilter(engine, 'fold'));
-      pf = await startPostfix({ milter: spec });
+      raw = await startRawSink();
+      pf = await startPostfix({ milter: spec, main: { relayhost: `[127.0.0.1]:${raw.port}` } });
     }, 30_000);
 
     afterAll(async () => {
       await pf?.stop();
+      await raw?.stop();
       await milter?.stop();
     }, 20_000);
 
@@ -92,9 +98,9 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
       const msg = message('crlf folding');
       const t = await pf!.send({ from: '<alice@client.example>', rcpts: ['<bob@sink.example>'], message: msg });
       expect(t.end?.code).toBe(250);
-      const [d] = await pf!.waitDelivered(t.queueId!);
-      expect(d.message).not.toMatch(/\r(?!\n)/);
-      const [head] = splitMessage(d.message);
+      const d = (await raw!.waitFor(` id ${t.queueId}`)).data.toString('latin1');
+      expect(d).not.toMatch(/\r(?!\n)/);
+      const [head] = splitMessage(d);
       const delivered = touched(head);
       expect(delivered).toEqual(['X-Ins: first\r\n\tsecond\r\n third', 'Subject: changed\r\n folded', 'X-Fold: one\r\n\ttwo']);
 
@@ -120,6 +126,40 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
         client.destroy();
       }
     });
+  });
+
+  describe('MilterClient renders what Postfix delivers for a milter that sends CRLF (a C libmilter milter)', () => {
+    it('CR CR LF for CRLF, a bare CR kept, a tab after a line break without whitespace', async () => {
+      if (unavailable) return;
+      // The C milter is the same for both engine rounds: only this test's Postfix differs.
+      const cBin = await buildC(C_TESTMILTER_SRC);
+      const spec = await freeInetSpec();
+      const script = 'addheader\tX-Raw\tone\\r\\n\\ttwo\naddheader\tX-Cr\ta\\rb\naddheader\tX-Nows\tc\\nD: e\naddheader\tX-Trail\tf\\n';
+      const c = await startProcess(cBin, { args: [spec], env: { TM_EOM: script }, socket: spec, stopSignal: 'SIGKILL' });
+      const raw = await startRawSink();
+      const pf = await startPostfix({ milter: spec, main: { relayhost: `[127.0.0.1]:${raw.port}` } });
+      try {
+        const msg = message(`foreign ${engine}`);
+        const t = await pf.send({ from: '<alice@client.example>', rcpts: ['<bob@sink.example>'], message: msg });
+        expect(t.end?.code).toBe(250);
+        const [head] = splitMessage((await raw.waitFor(` id ${t.queueId}`)).data.toString('latin1'));
+        const added = head.split(/\r\n(?![ \t])/).filter((h) => h.startsWith('X-'));
+        // Measured: Postfix 3.7 keeps the CR (a bare CR reaches the recipient).
+        expect(added).toEqual(['X-Raw: one\r\r\n\ttwo', 'X-Cr: a\rb', 'X-Nows: c\r\n\tD: e', 'X-Trail: f\r\n\t']);
+        const client = await MilterClient.connect(spec);
+        try {
+          const r = await client.sendMessage({ from: '<alice@client.example>', rcpt: ['<bob@sink.example>'], message: msg, quit: true });
+          const applied = splitMessage(applyActions(Buffer.from(msg, 'latin1'), r.actions).message.toString('latin1'))[0];
+          expect(applied.split(/\r\n(?![ \t])/).filter((h) => h.startsWith('X-'))).toEqual(added);
+        } finally {
+          client.destroy();
+        }
+      } finally {
+        await pf.stop();
+        await raw.stop();
+        await c.stop();
+      }
+    }, 60_000);
   });
 
   describe('Base.abort() counts only transactions that were aborted', () => {
