@@ -107,7 +107,9 @@ function domainOf(key: string): string | undefined {
  * const whitelist = new AddrCache({ store: new RedisStore({ url }), namespace: 'autowhite', ttl: 30 * 86400 });
  * await whitelist.set('alice@example.org');        // seen a good message from alice
  * await whitelist.setPermanent('partner.example'); // a whole domain, no expiry
- * if (await whitelist.has('<Alice@Example.org>')) { ... }
+ * if (await whitelist.has('<Alice@Example.org>')) {
+ *   // a known sender: skip the expensive checks
+ * }
  * ```
  */
 export class AddrCache<V extends CacheValue = CacheValue> {
