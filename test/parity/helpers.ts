@@ -94,3 +94,22 @@ export function pymilter<T = unknown>(code: string, input?: Buffer | string): T 
   if (r.status !== 0) throw new Error(`pymilter failed (${r.status}): ${r.stderr}`);
   return JSON.parse(r.stdout) as T;
 }
+
+/** A small CRLF message for the MTA end-to-end parity tests; `subject` tells sessions apart. */
+export function mtaMessage(subject: string): string {
+  return [
+    'From: Alice <alice@client.example>',
+    'To: bob@sink.example',
+    `Subject: ${subject}`,
+    'Date: Sun, 29 Nov 2026 04:00:00 +0000',
+    `Message-ID: <${Math.random().toString(36).slice(2)}@client.example>`,
+    '',
+    'Hello Bob.',
+    '',
+  ].join('\r\n');
+}
+
+/** The header fields (folded lines kept, with their line ends) that the fold milter adds or changes. */
+export function foldedFields(head: string): string[] {
+  return head.split(/\r\n(?![ \t])/).filter((h) => /^(X-Fold|X-Ins|Subject):/i.test(h));
+}

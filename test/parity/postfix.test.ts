@@ -20,6 +20,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ENGINES, FIXTURES, buildC, C_TESTMILTER_SRC, checkEngine, engineEnv, freeInetSpec, splitMessage, startProcess, type Engine, type RunningProcess } from '../helpers';
 import { mayskipPostfix, postfixUnavailable, smtpDialog, startPostfix, type PostfixInstance } from '../helpers/postfix';
 import { startRawSink, type RawSink } from '../helpers/rawsink';
+import { foldedFields, mtaMessage } from './helpers';
 import type * as Testing from '../../src/testing';
 
 const MILTER = path.join(FIXTURES, 'parity', 'mta-milter.cjs');
@@ -31,26 +32,6 @@ const { MilterClient, TestCtx, applyActions } = require('../../dist/src/testing/
 
 const unavailable = postfixUnavailable();
 const skip = unavailable !== undefined && mayskipPostfix();
-
-function message(subject: string): string {
-  return [
-    'From: Alice <alice@client.example>',
-    'To: bob@sink.example',
-    `Subject: ${subject}`,
-    'Date: Sun, 29 Nov 2026 04:00:00 +0000',
-    `Message-ID: <${Math.random().toString(36).slice(2)}@client.example>`,
-    '',
-    'Hello Bob.',
-    '',
-  ].join('\r\n');
-}
-
-/** The header lines (one per field, folded lines kept with their CRLF) the milter touched. */
-function touched(head: string): string[] {
-  return head
-    .split(/\r\n(?![ \t])/)
-    .filter((h) => /^(X-Fold|X-Ins|Subject):/i.test(h));
-}
 
 interface Ev {
   conn: number;
@@ -95,19 +76,19 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
     }, 20_000);
 
     it('are delivered folded with CRLF, no bare CR anywhere, exactly as TestCtx and MilterClient render them', async () => {
-      const msg = message('crlf folding');
+      const msg = mtaMessage('crlf folding');
       const t = await pf!.send({ from: '<alice@client.example>', rcpts: ['<bob@sink.example>'], message: msg });
       expect(t.end?.code).toBe(250);
       const d = (await raw!.waitFor(` id ${t.queueId}`)).data.toString('latin1');
       expect(d).not.toMatch(/\r(?!\n)/);
       const [head] = splitMessage(d);
-      const delivered = touched(head);
+      const delivered = foldedFields(head);
       expect(delivered).toEqual(['X-Ins: first\r\n\tsecond\r\n third', 'Subject: changed\r\n folded', 'X-Fold: one\r\n\ttwo']);
 
       // TestCtx, with the same milter class in this process.
       const ctx = new TestCtx(KINDS.fold);
       await ctx.feedMessage(msg, { from: '<alice@client.example>', rcpts: ['<bob@sink.example>'] });
-      expect(touched(splitMessage(ctx.resultMessage().toString('latin1'))[0])).toEqual(delivered);
+      expect(foldedFields(splitMessage(ctx.resultMessage().toString('latin1'))[0])).toEqual(delivered);
 
       // MilterClient, against the same milter process Postfix talks to.
       const client = await MilterClient.connect(spec);
@@ -115,7 +96,7 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
         const r = await client.sendMessage({ from: '<alice@client.example>', rcpt: ['<bob@sink.example>'], message: msg, quit: true });
         expect(r.decision).toBe('continue');
         const applied = applyActions(Buffer.from(msg, 'latin1'), r.actions);
-        expect(touched(splitMessage(applied.message.toString('latin1'))[0])).toEqual(delivered);
+        expect(foldedFields(splitMessage(applied.message.toString('latin1'))[0])).toEqual(delivered);
         // What went over the wire: LF folding only.
         expect(r.actions.filter((a) => a.type === 'addheader' || a.type === 'insheader' || a.type === 'chgheader').map((a: any) => a.value)).toEqual([
           'one\n\ttwo',
@@ -139,7 +120,7 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
       const raw = await startRawSink();
       const pf = await startPostfix({ milter: spec, main: { relayhost: `[127.0.0.1]:${raw.port}` } });
       try {
-        const msg = message(`foreign ${engine}`);
+        const msg = mtaMessage(`foreign ${engine}`);
         const t = await pf.send({ from: '<alice@client.example>', rcpts: ['<bob@sink.example>'], message: msg });
         expect(t.end?.code).toBe(250);
         const [head] = splitMessage((await raw.waitFor(` id ${t.queueId}`)).data.toString('latin1'));
@@ -171,7 +152,7 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
         try {
           // Two messages on two connections, one message each.
           for (const n of [1, 2]) {
-            const t = await pf.send({ from: '<alice@client.example>', rcpts: ['<bob@sink.example>'], message: message(`one of two ${n}`) });
+            const t = await pf.send({ from: '<alice@client.example>', rcpts: ['<bob@sink.example>'], message: mtaMessage(`one of two ${n}`) });
             expect(t.end?.code).toBe(250);
           }
           // One session: a delivered message, then a transaction reset after RCPT.
@@ -180,7 +161,7 @@ describe.skipIf(skip).each(ENGINES)('behind Postfix (%s engine)', (engine) => {
             'MAIL FROM:<alice@client.example>',
             'RCPT TO:<bob@sink.example>',
             'DATA',
-            { message: message('then a reset') },
+            { message: mtaMessage('then a reset') },
             'MAIL FROM:<alice@client.example>',
             'RCPT TO:<bob@sink.example>',
             'RSET',

@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, splitMessage, startProcess, type RunningProcess } from '../helpers';
 import { mayskipSendmail, sendmailUnavailable, startSendmail, type SendmailInstance } from '../helpers/sendmail';
 import { startRawSink, type RawSink } from '../helpers/rawsink';
+import { foldedFields, mtaMessage } from './helpers';
 import type * as Testing from '../../src/testing';
 
 const MILTER = path.join(FIXTURES, 'parity', 'mta-milter.cjs');
@@ -24,19 +25,7 @@ const { TestCtx } = require('../../dist/src/testing/index.js') as typeof Testing
 const unavailable = sendmailUnavailable();
 const skip = unavailable !== undefined && mayskipSendmail();
 
-const MESSAGE = [
-  'From: Alice <alice@client.example>',
-  'To: bob@sink.example',
-  'Subject: crlf folding',
-  'Date: Sun, 29 Nov 2026 04:00:00 +0000',
-  'Message-ID: <fold@client.example>',
-  '',
-  'Hello Bob.',
-  '',
-].join('\r\n');
-
-/** The header fields (folded lines kept) the milter added or changed. */
-const touched = (head: string) => head.split(/\r\n(?![ \t])/).filter((h) => /^(X-Fold|X-Ins|Subject):/i.test(h));
+const MESSAGE = mtaMessage('crlf folding');
 
 describe.skipIf(skip).each(ENGINES)('behind sendmail (%s engine)', (engine) => {
   let sm: SendmailInstance | undefined;
@@ -68,10 +57,10 @@ describe.skipIf(skip).each(ENGINES)('behind sendmail (%s engine)', (engine) => {
     const d = (await raw!.waitFor(` id ${t.sendmailId}`)).data.toString('latin1');
     expect(d).not.toMatch(/\r(?!\n)/);
     const [head] = splitMessage(d);
-    const delivered = touched(head);
+    const delivered = foldedFields(head);
     expect(delivered.sort()).toEqual(['Subject: changed\r\n folded', 'X-Fold: one\r\n\ttwo', 'X-Ins: first\r\n\tsecond\r\n third']);
     const ctx = new TestCtx(KINDS.fold);
     await ctx.feedMessage(MESSAGE, { from: '<alice@client.example>', rcpts: ['<bob@sink.example>'] });
-    expect(touched(splitMessage(ctx.resultMessage().toString('latin1'))[0]).sort()).toEqual(delivered);
+    expect(foldedFields(splitMessage(ctx.resultMessage().toString('latin1'))[0]).sort()).toEqual(delivered);
   }, 60_000);
 });
