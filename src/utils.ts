@@ -270,6 +270,11 @@ export class IpList {
         this.#ranges.push(parseRange(entry));
       } else if (/^[0-9.*?[\]!-]+$/.test(entry) && /[*?[]/.test(entry)) {
         this.#ipGlobs.push(ipGlob(raw, entry));
+      } else if (/^[0-9.]+$/.test(entry)) {
+        // Not a host name, and no address: it would silently match nothing.
+        throw new InvalidArgumentError(
+          `IP list entry ${JSON.stringify(raw)} is not a whole IPv4 address: write a CIDR range (such as 192.168.0.0/16) or a wildcard (192.168.*)`,
+        );
       } else if (/^(\*\.)?([a-z0-9_*-]+\.)*[a-z0-9_*-]+\.?$/i.test(entry)) {
         const glob = entry.toLowerCase().replace(/\.$/, '');
         const pattern = glob.split('*').map((s) => s.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join('[^]*');

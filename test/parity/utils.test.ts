@@ -159,6 +159,11 @@ describe('testutils (pymilter): parseaddr and the doctests of Milter/utils.py', 
     // fnmatch's * crosses dots, as in Python
     expect(iniplist('192.168.1.2', ['192.168.*'])).toBe(true);
     expect(() => iniplist('1.2.3.4', ['192.168.[0-3.*'])).toThrow(InvalidArgumentError);
+    // An entry nodemilter cannot understand throws instead of silently never matching.
+    expect(() => iniplist('192.168.0.45', ['192.168'])).toThrow(InvalidArgumentError);
+    expect(() => iniplist('192.168.0.45', ['192.168.0.300'])).toThrow(/not a whole IPv4 address: write a CIDR range/);
+    expect(() => iniplist('192.168.0.45', ['192.168.0.300'])).toThrow(InvalidArgumentError);
+    expect(() => iniplist('2001:db8::1', ['2001:db8::*'])).toThrow(InvalidArgumentError);
   });
 
   it('iniplist: the same answers as the installed pymilter for the wildcard forms', () => {
