@@ -215,6 +215,8 @@ export class Base<M extends object = Record<string, any>> {
     const method = METHOD_OF[cb];
     const fn = (this as any)[method] as (...a: unknown[]) => unknown;
     const tags = methodTags(fn);
+    // envfrom negotiated only so Base sees MAIL (see watchesMail): a @nocallback envfrom still does not run.
+    if (cb === 'envfrom' && tags.nocallback) return CONTINUE;
     const quiet = tags.noreply ? '@noreply' : tags.nocallback ? '@nocallback' : undefined;
     const finish = (value: unknown): unknown => {
       this.#end(cb);

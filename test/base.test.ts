@@ -503,6 +503,27 @@ suite('abort() only for an open transaction', () => {
     expect(describe(OnlyAbort).noreply).toContain('envfrom');
   });
 
+  it('a @nocallback envfrom with an abort() still does not run', async () => {
+    const seen: string[] = [];
+    class Quiet extends Base {
+      override envfrom() {
+        seen.push('envfrom');
+        return CONTINUE;
+      }
+      override abort() {
+        seen.push('abort');
+      }
+    }
+    decorate(Quiet, 'envfrom', nocallback);
+    expect(protocolSteps(Quiet) & P_NR_MAIL).toBe(P_NR_MAIL);
+    const t = new TestCtx(Quiet);
+    await t.connect();
+    await t.envfrom('<a@x>');
+    await t.abort();
+    expect(seen).toEqual(['abort']);
+    await t.close();
+  });
+
   it('an abort() that only overrides abort still runs for a real abort (TestCtx, MTA offering NR_MAIL)', async () => {
     const seen: string[] = [];
     class OnlyAbort extends Base {
