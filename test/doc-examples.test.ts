@@ -118,8 +118,10 @@ function examples(): Example[] {
 
 const EXAMPLES = examples();
 
+let exportsCache: Map<string, string> | undefined;
 /** Names each public module exports (values and types), from the compiler. */
 function moduleExports(): Map<string, string> {
+  if (exportsCache) return exportsCache;
   const program = ts.createProgram(Object.values(MODULES).map((f) => path.join(ROOT, f)), { ...compilerOptions(), noEmit: true });
   const checker = program.getTypeChecker();
   const owner = new Map<string, string>();
@@ -128,7 +130,7 @@ function moduleExports(): Map<string, string> {
     const sym = checker.getSymbolAtLocation(sf);
     for (const e of sym ? checker.getExportsOfModule(sym) : []) if (!owner.has(e.name)) owner.set(e.name, spec);
   }
-  return owner;
+  return (exportsCache = owner);
 }
 
 function compilerOptions(): ts.CompilerOptions {
