@@ -10,8 +10,8 @@
  * @module
  */
 import {
-  ADDHDRS, ADDRCPT, ADDRCPT_PAR, CHGBODY, CHGFROM, CHGHDRS, CONTINUE, DELRCPT, NOREPLY, QUARANTINE, SETSYMLIST,
-  P_HDR_LEADSPC, P_RCPT_REJ, P_SKIP,
+  ACCEPT, ADDHDRS, ADDRCPT, ADDRCPT_PAR, CHGBODY, CHGFROM, CHGHDRS, CONTINUE, DELRCPT, DISCARD, NOREPLY, QUARANTINE, REJECT,
+  SETSYMLIST, TEMPFAIL, P_HDR_LEADSPC, P_RCPT_REJ, P_SKIP,
 } from './constants';
 import type { MacroStage } from './constants';
 import { ActionNotAllowedError, DisabledActionError, InvalidArgumentError } from './errors';
@@ -37,6 +37,23 @@ export const CALLBACK_OF: Readonly<Record<CallbackMethod, CallbackName>> = {
   header: 'header', eoh: 'eoh', body: 'body', eom: 'eom', abort: 'abort', close: 'close', unknown: 'unknown',
 };
 const METHOD_OF = Object.fromEntries(Object.entries(CALLBACK_OF).map(([m, cb]) => [cb, m])) as Record<CallbackName, CallbackMethod>;
+
+/** The callbacks that belong to a message: the first one seen opens the transaction. */
+const IN_MESSAGE: ReadonlySet<CallbackName> = new Set(['envfrom', 'envrcpt', 'data', 'header', 'eoh', 'body']);
+
+/**
+ * Whether a callback's status ends the message for the milter, so that a
+ * later ABORT is not an abort of an open transaction: REJECT or TEMPFAIL of
+ * MAIL refuses the transaction; ACCEPT or DISCARD anywhere ends the milter's
+ * part in it (no further callbacks for this message); REJECT or TEMPFAIL
+ * from DATA, a header, EOH or the body refuses the message. At RCPT, REJECT
+ * and TEMPFAIL refuse that recipient only.
+ */
+function endsMessage(cb: CallbackName, status: unknown): boolean {
+  if (status === ACCEPT || status === DISCARD) return IN_MESSAGE.has(cb);
+  if (status === REJECT || status === TEMPFAIL) return IN_MESSAGE.has(cb) && cb !== 'envrcpt';
+  return false;
+}
 
 const FLAG_NAMES: Record<number, string> = {
   [ADDHDRS]: 'ADDHDRS', [CHGBODY]: 'CHGBODY', [ADDRCPT]: 'ADDRCPT', [DELRCPT]: 'DELRCPT', [CHGHDRS]: 'CHGHDRS',
@@ -176,6 +193,8 @@ export class Base<M extends object = Record<string, any>> {
   #running: CallbackName | undefined;
   #message: M | undefined;
   #offer: NegotiateOffer | undefined;
+  /** A message is open: MAIL (or a later message event) was seen, and neither eom, abort nor an ending status came since. */
+  #inMessage = false;
 
   static {
     runCallback = (inst, ctx, cb, args) => inst.#run(ctx, cb, args);
@@ -183,14 +202,25 @@ export class Base<M extends object = Record<string, any>> {
 
   #run(ctx: MilterContext, cb: CallbackName, args: unknown[]): unknown {
     this.#ctx = ctx;
+    if (cb === 'abort' && !this.#inMessage) {
+      // Postfix sends ABORT outside a transaction too (after a delivered
+      // message, before the next MAIL, at the end of the session): nothing
+      // was aborted, so abort() does not run.
+      this.#message = undefined;
+      return CONTINUE;
+    }
     if (cb === 'negotiate') this.#offer = args[0] as NegotiateOffer;
     if (cb === 'envfrom') this.#message = this.newMessage();
+    if (IN_MESSAGE.has(cb)) this.#inMessage = true;
     const method = METHOD_OF[cb];
     const fn = (this as any)[method] as (...a: unknown[]) => unknown;
     const tags = methodTags(fn);
+    // envfrom negotiated only so Base sees MAIL (see watchesMail): a @nocallback envfrom still does not run.
+    if (cb === 'envfrom' && tags.nocallback) return CONTINUE;
     const quiet = tags.noreply ? '@noreply' : tags.nocallback ? '@nocallback' : undefined;
     const finish = (value: unknown): unknown => {
       this.#end(cb);
+      if (!quiet && endsMessage(cb, value)) this.#inMessage = false;
       if (quiet && value !== CONTINUE && value !== NOREPLY) {
         this.logger.error(
           `${this.constructor.name}.${method}() is ${quiet} but returned ${describeStatus(value)}; the MTA does not wait for it, so CONTINUE stands`,
@@ -218,7 +248,10 @@ export class Base<M extends object = Record<string, any>> {
   #end(cb: CallbackName): void {
     this.#running = undefined;
     if (cb === 'negotiate') this.#offer = undefined;
-    if (cb === 'eom' || cb === 'abort' || cb === 'close') this.#message = undefined;
+    if (cb === 'eom' || cb === 'abort' || cb === 'close') {
+      this.#message = undefined;
+      this.#inMessage = false;
+    }
   }
 
   /* ------------------------------------------------------------ state */
@@ -339,7 +372,19 @@ export class Base<M extends object = Record<string, any>> {
     return CONTINUE;
   }
 
-  /** The current message was aborted (RSET, client gone...); the connection may go on. Its return value is ignored. */
+  /**
+   * The current message was aborted (RSET, client gone...); the connection
+   * may go on. Its return value is ignored.
+   *
+   * Base calls it only for an open transaction: after envfrom (or the first
+   * later message event) and before eom() ended. The MTA also sends ABORT
+   * outside a transaction (Postfix does after every delivered message and at
+   * the end of the session); Base drops those, so abort() means that a
+   * message really was aborted. A class that overrides abort() but not
+   * envfrom() gets a `@noreply` envfrom negotiated, so Base can see the
+   * transaction start. The one-to-one `nodemilter/milter` module passes
+   * every ABORT on, as libmilter does.
+   */
   abort(): void | StatusLike {
     return CONTINUE;
   }
@@ -419,12 +464,14 @@ export class Base<M extends object = Record<string, any>> {
   /**
    * Add a header at the end, or insert it at `index` (0 = before the first
    * header; the MTA counts its own headers too). Needs ADDHDRS; eom only.
+   * Fold a long value with `"\n\t"`; a CRLF is sent as LF (see
+   * {@link nodemilter!validateHeaderValue}).
    */
   addheader(name: string, value: Bytes, index?: number): void {
     validateHeaderName(name);
-    validateHeaderValue(name, value);
+    const sent = validateHeaderValue(name, value);
     if (index !== undefined && index !== -1) validateHeaderIndex(index, 'insert');
-    this.#modification('addheader', ADDHDRS).addheader(name, value, index === -1 ? undefined : index);
+    this.#modification('addheader', ADDHDRS).addheader(name, sent, index === -1 ? undefined : index);
   }
 
   /**
@@ -434,8 +481,8 @@ export class Base<M extends object = Record<string, any>> {
   chgheader(name: string, index: number, value: Bytes | null): void {
     validateHeaderName(name);
     validateHeaderIndex(index, 'change');
-    if (value !== null) validateHeaderValue(name, value);
-    this.#modification('chgheader', CHGHDRS).chgheader(name, index, value);
+    const sent = value === null ? null : validateHeaderValue(name, value);
+    this.#modification('chgheader', CHGHDRS).chgheader(name, index, sent);
   }
 
   /**
@@ -567,12 +614,24 @@ function handles(cls: MilterClass, method: (typeof OPTIONAL_METHODS)[number]): b
 }
 
 /**
+ * Whether Base must see MAIL for a class that does not handle it itself:
+ * the class overrides abort(), which Base runs only inside a transaction.
+ * envfrom is then negotiated as `@noreply` (the MTA does not wait for it).
+ */
+function watchesMail(cls: MilterClass): boolean {
+  return (cls.prototype as any).abort !== baseMethod('abort') && !handles(cls, 'envfrom');
+}
+
+/**
  * The protocol steps (SMFIP_*) a class asks for, computed afresh from the
  * class itself (a subclass that overrides a method gets that step even if
  * its parent had negotiated it away):
  *
  * - SMFIP_NO* for each optional callback not overridden, or `@nocallback`;
  * - SMFIP_NR_* for each `@noreply` callback;
+ * - SMFIP_NR_MAIL instead of SMFIP_NOMAIL for a class that overrides abort()
+ *   but not envfrom() (Base needs MAIL to know a transaction is open; see
+ *   {@link Base.abort});
  * - SMFIP_SKIP if `skip` (default), SMFIP_RCPT_REJ if `rejectedRecipients`,
  *   SMFIP_HDR_LEADSPC if `headerLeadingSpace`, and `extraSteps`.
  *
@@ -589,7 +648,8 @@ export function protocolSteps(cls: MilterClass): number {
   let steps = 0;
   for (const method of OPTIONAL_METHODS) {
     const bits = STEP_BITS[CALLBACK_OF[method] as OptionalCallback];
-    if (!handles(cls, method)) steps |= bits.no;
+    if (method === 'envfrom' && watchesMail(cls)) steps |= bits.nr;
+    else if (!handles(cls, method)) steps |= bits.no;
     else if (methodTags((cls.prototype as any)[method]).noreply) steps |= bits.nr;
   }
   if (cls.skip ?? true) steps |= P_SKIP;
@@ -607,10 +667,11 @@ function describeClass(cls: MilterClass): MilterDescription {
   const noreply: CallbackName[] = [];
   const callbacks: Callbacks = {};
   for (const method of OPTIONAL_METHODS) {
-    if (!handles(cls, method)) continue;
+    const watched = method === 'envfrom' && watchesMail(cls);
+    if (!watched && !handles(cls, method)) continue;
     const cb = CALLBACK_OF[method];
     (callbacks as any)[cb] = true;
-    if (methodTags(proto[method]).noreply) noreply.push(cb);
+    if (watched || methodTags(proto[method]).noreply) noreply.push(cb);
   }
   const symlists: Partial<Record<MacroStage, readonly string[]>> = {};
   for (const method of SYMLIST_METHODS) {

@@ -59,9 +59,15 @@ export interface MilterContext {
   setreply(rcode: string, xcode?: string | null, ...lines: string[]): void;
   /** Ask for exactly these macros at a stage. Only inside negotiate. */
   setsymlist(stage: MacroStage, macros: string | readonly string[]): void;
-  /** Add a header at the end, or insert it at `index` (0 = first) when index >= 0. Needs ADDHDRS. */
+  /**
+   * Add a header at the end, or insert it at `index` (0 = first) when
+   * index >= 0. Needs ADDHDRS. Fold a value with LF (`"one\n\ttwo"`): a
+   * CRLF is sent as LF, a bare CR or a line break without a space or tab
+   * after it throws (see {@link nodemilter!validateHeaderValue}); both engines and the
+   * `nodemilter/milter` module apply that rule.
+   */
   addheader(name: string, value: Bytes, index?: number): void;
-  /** Change the `index`-th (from 1) header called `name`; a null or empty value deletes it. Needs CHGHDRS. */
+  /** Change the `index`-th (from 1) header called `name`; a null or empty value deletes it. Needs CHGHDRS. The value folds as in {@link MilterContext.addheader}. */
   chgheader(name: string, index: number, value: Bytes | null): void;
   /** Add a recipient, with ESMTP parameters if given (then ADDRCPT_PAR, else ADDRCPT). */
   addrcpt(rcpt: Bytes, params?: Bytes | null): void;

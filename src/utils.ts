@@ -3,6 +3,7 @@
  *
  * @module nodemilter/utils
  */
+import * as fs from 'node:fs';
 import ipaddr from 'ipaddr.js';
 import libmime from 'libmime';
 import { AuthResSyntaxError, InvalidArgumentError } from './errors';
@@ -121,28 +122,159 @@ export function parse_header(value: Bytes): string {
   }
 }
 
+/**
+ * Split an address header value into its display name and address, as
+ * pymilter's `Milter.utils.parseaddr`: `[name, address]`, `['', '']` when
+ * nothing can be made of it. The name has its quotes and escapes removed
+ * and comments appended in parentheses (nested ones flattened); the address
+ * loses its angle brackets and any source route (`<@hop:user@x>`). A bare
+ * address may carry comments, which become the name. pymilter's fixes carry
+ * over: a name that looks like an address (`spam@spammer.com <foo@x>`) is
+ * still a name.
+ *
+ * Like Python 3.11's `email.utils.parseaddr` (which pymilter calls), a list of
+ * addresses or an unbalanced quote, comment or angle bracket gives
+ * `['', '']`. Unlike it, a comment inside an address is taken once:
+ * `a(WRONG)@b` gives `['WRONG', 'a@b']` (pymilter's own test expects that;
+ * Python gives `'WRONG WRONG'`).
+ *
+ * @example
+ * ```ts
+ * parseaddr('"Full Name" <foo@example.com>');                 // ['Full Name', 'foo@example.com']
+ * parseaddr('user@example.com (Comment Name)');               // ['Comment Name', 'user@example.com']
+ * parseaddr('God@heaven <@hop1.org,@hop2.net:jeff@spec.org>'); // ['God@heaven', 'jeff@spec.org']
+ * parseaddr('Real Name ((comment)) <addr...@example.com>');   // ['Real Name (comment)', 'addr...@example.com']
+ * ```
+ */
+export function parseaddr(value: Bytes): [name: string, address: string] {
+  const text = typeof value === 'string' ? value : Buffer.isBuffer(value) ? value.toString('utf8') : undefined;
+  if (text === undefined) throw new InvalidArgumentError(`parseaddr takes a string or Buffer, not ${typeof value}`);
+  const t = splitAddressText(text);
+  if (!t) return ['', ''];
+  const comments = t.comments.join(' ');
+  if (t.angle !== undefined) {
+    const inner = t.angle.replace(/\s+/g, '');
+    const addr = inner.startsWith('@') ? inner.slice(inner.lastIndexOf(':') + 1) : inner;
+    const phrase = t.words.join(' ');
+    return [comments ? (phrase ? `${phrase} (${comments})` : comments) : phrase, addr];
+  }
+  // An addr-spec: its words are written together (no spaces in an address).
+  const addr = t.words.join('');
+  if (addr.includes(',') || addr.includes(':') || addr.startsWith('@')) return ['', ''];
+  return [comments, t.quotedSpec ?? addr];
+}
+
+/**
+ * The pieces of an address text: comments (nested ones flattened), the
+ * text inside a final `<...>` (if any), and the words outside it (quoted
+ * strings unquoted). Undefined for unbalanced quotes, comments or angle
+ * brackets, or text after the `>`.
+ */
+function splitAddressText(s: string): { words: string[]; comments: string[]; angle?: string; quotedSpec?: string } | undefined {
+  const words: string[] = [];
+  const comments: string[] = [];
+  let word = '';
+  let raw = ''; // the addr-spec as written, quotes kept
+  let hadQuote = false;
+  let angle: string | undefined;
+  let i = 0;
+  const endWord = () => {
+    if (word) words.push(word);
+    word = '';
+  };
+  while (i < s.length) {
+    const c = s[i];
+    if (angle !== undefined) {
+      if (!/\s/.test(c)) return undefined; // text after <...>
+      i++;
+    } else if (c === '"') {
+      let q = '';
+      let j = i + 1;
+      for (; j < s.length && s[j] !== '"'; j++) {
+        if (s[j] === '\\' && j + 1 < s.length) j++;
+        q += s[j];
+      }
+      if (j >= s.length) return undefined;
+      word += q;
+      raw += s.slice(i, j + 1);
+      hadQuote = true;
+      i = j + 1;
+    } else if (c === '(') {
+      let depth = 0;
+      let out = '';
+      let j = i;
+      for (; j < s.length; j++) {
+        const d = s[j];
+        if (d === '\\' && j + 1 < s.length) out += s[++j];
+        else if (d === '(') depth++;
+        else if (d === ')') {
+          if (--depth === 0) break;
+        } else out += d;
+      }
+      if (j >= s.length) return undefined;
+      comments.push(out.trim());
+      endWord();
+      i = j + 1;
+    } else if (c === '<') {
+      const close = s.indexOf('>', i);
+      if (close < 0) return undefined;
+      endWord();
+      angle = s.slice(i + 1, close);
+      i = close + 1;
+    } else if (c === '>' || c === ')') {
+      return undefined;
+    } else if (/\s/.test(c)) {
+      endWord();
+      i++;
+    } else {
+      word += c;
+      raw += c;
+      i++;
+    }
+  }
+  endWord();
+  return { words, comments, angle, quotedSpec: hadQuote && angle === undefined ? raw : undefined };
+}
+
 /* ------------------------------------------------------------ IP lists */
 
 type IpRange = [ipaddr.IPv4 | ipaddr.IPv6, number];
 
 /**
  * A compiled list of IP ranges and host names, for {@link iniplist}.
- * Entries: an IPv4 or IPv6 address, a CIDR range (`192.0.2.0/24`,
- * `2001:db8::/32`), a host name (`mx.example.com`, matched without case)
- * or a host-name glob (`*.example.com` matches `a.example.com` and
- * `a.b.example.com`, not `example.com`). An IPv4-mapped IPv6 address
- * (`::ffff:192.0.2.1`) matches IPv4 ranges and the other way round.
- * An entry of another form throws {@link InvalidArgumentError}.
+ * Entries:
+ * - an IPv4 or IPv6 address, or a CIDR range (`192.0.2.0/24`, `2001:db8::/32`);
+ * - an address wildcard, as pymilter's lists write them: digits, dots and
+ *   the glob characters `*`, `?` and `[...]` (`192.168.0.*`, `192.168.*.*`,
+ *   `10.0.0.?`, `10.1.[0-3].*`), matched against the address as text
+ *   (dotted quad; an IPv4-mapped IPv6 address as its IPv4 form) like Python's
+ *   `fnmatchcase`: `*` crosses dots, so `192.168.*` matches `192.168.1.2`;
+ * - a host name (`mx.example.com`, matched without case against the
+ *   `hostname` argument) or a host-name glob (`*.example.com` matches
+ *   `a.example.com` and `a.b.example.com`, not `example.com`).
+ *
+ * An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`) matches IPv4 ranges and
+ * the other way round. An entry of another form throws
+ * {@link InvalidArgumentError}. Unlike pymilter, a host name is never looked
+ * up in the DNS: it matches the client's host name.
  */
 export class IpList {
   readonly #ranges: IpRange[] = [];
   readonly #names: RegExp[] = [];
+  readonly #ipGlobs: RegExp[] = [];
 
   constructor(entries: readonly string[]) {
     for (const raw of entries) {
       const entry = raw.trim();
       if (entry.includes('/') || ipaddr.isValid(entry.replace(/^\[|\]$/g, ''))) {
         this.#ranges.push(parseRange(entry));
+      } else if (/^[0-9.*?[\]!-]+$/.test(entry) && /[*?[]/.test(entry)) {
+        this.#ipGlobs.push(ipGlob(raw, entry));
+      } else if (/^[0-9.]+$/.test(entry)) {
+        // Not a host name, and no address: it would silently match nothing.
+        throw new InvalidArgumentError(
+          `IP list entry ${JSON.stringify(raw)} is not a whole IPv4 address: write a CIDR range (such as 192.168.0.0/16) or a wildcard (192.168.*)`,
+        );
       } else if (/^(\*\.)?([a-z0-9_*-]+\.)*[a-z0-9_*-]+\.?$/i.test(entry)) {
         const glob = entry.toLowerCase().replace(/\.$/, '');
         const pattern = glob.split('*').map((s) => s.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join('[^]*');
@@ -166,11 +298,43 @@ export class IpList {
       if (mapped && net.kind() === 'ipv4' && mapped.match(net as ipaddr.IPv4, bits)) return true;
       if (addr.kind() === 'ipv4' && net.kind() === 'ipv6' && (addr as ipaddr.IPv4).toIPv4MappedAddress().match(net as ipaddr.IPv6, bits)) return true;
     }
+    if (this.#ipGlobs.length > 0) {
+      const text = (mapped ?? addr).toString();
+      if (this.#ipGlobs.some((re) => re.test(text))) return true;
+    }
     if (hostname) {
       const h = hostname.trim().toLowerCase().replace(/\.$/, '');
       if (this.#names.some((re) => re.test(h))) return true;
     }
     return false;
+  }
+}
+
+/**
+ * An address wildcard (`192.168.*.*`) as a RegExp with Python's fnmatchcase
+ * rules: `*` any run of characters, `?` one, `[...]` a class (`[!...]`
+ * negated).
+ */
+function ipGlob(raw: string, entry: string): RegExp {
+  let re = '';
+  for (let i = 0; i < entry.length; i++) {
+    const c = entry[i];
+    if (c === '*') re += '[^]*';
+    else if (c === '?') re += '.';
+    else if (c === '[') {
+      const end = entry.indexOf(']', i + 2);
+      if (end < 0) throw new InvalidArgumentError(`IP list entry ${JSON.stringify(raw)} is invalid: "[" without a closing "]"`);
+      const body = entry.slice(i + 1, end);
+      re += body.startsWith('!') ? `[^${body.slice(1)}]` : `[${body}]`;
+      i = end;
+    } else if (c === ']' || c === '!') {
+      throw new InvalidArgumentError(`IP list entry ${JSON.stringify(raw)} is invalid: ${JSON.stringify(c)} outside a "[...]" class`);
+    } else re += c === '.' ? '\\.' : c;
+  }
+  try {
+    return new RegExp(`^${re}$`);
+  } catch {
+    throw new InvalidArgumentError(`IP list entry ${JSON.stringify(raw)} is invalid: a bad "[...]" class`);
   }
 }
 
@@ -208,6 +372,7 @@ function parseRange(entry: string): IpRange {
  * iniplist('192.0.2.7', ['192.0.2.0/24', '2001:db8::/32']);        // true
  * iniplist('::ffff:192.0.2.7', ['192.0.2.0/24']);                 // true
  * iniplist('203.0.113.9', ['*.example.com'], 'mx1.example.com');  // true
+ * iniplist('192.168.0.45', ['192.168.*.*']);                      // true
  * ```
  */
 export function iniplist(ip: string, list: readonly string[] | IpList, hostname?: string): boolean {
@@ -432,4 +597,203 @@ export function parseAuthResults(value: Bytes): AuthenticationResults {
     ar.results.push(result);
   }
   return ar;
+}
+
+/* ------------------------------------------------------------ configuration files */
+
+const TRUE_WORDS = new Set(['1', 'yes', 'true', 'on']);
+const FALSE_WORDS = new Set(['0', 'no', 'false', 'off']);
+
+/**
+ * pymilter's `Milter.config.MilterConfigParser`: an INI file reader with
+ * Python's `ConfigParser` rules, so a migrated milter reads its old
+ * configuration unchanged.
+ *
+ * - `[section]` headers; `key = value` or `key: value` (split at the first
+ *   `=` or `:`); option names ignore case; values are trimmed; a more
+ *   indented line continues the value above it (joined with LF).
+ * - Whole-line comments start with `#` or `;` (there are no inline comments:
+ *   `a = b ; c` is the value `b ; c`, as in Python).
+ * - A `[DEFAULT]` section supplies options to every section.
+ * - `%(name)s` is replaced by the option `name` of the same section (or
+ *   DEFAULT); `%%` is a `%`. A lone `%` is an error, as in Python.
+ * - The `defaults` given to the constructor answer {@link MilterConfigParser.get}
+ *   for options the file lacks (pymilter's own defaults, which, unlike
+ *   DEFAULT, do not show up in {@link MilterConfigParser.options}).
+ *
+ * Errors (a line that is not a section, option or continuation; a
+ * duplicate section or option; a missing section or option without a
+ * fallback; a value that is not a boolean or integer) throw
+ * {@link InvalidArgumentError} naming the file, line, section or option.
+ *
+ * @example
+ * ```ts
+ * const cp = new MilterConfigParser();
+ * cp.readString('[srsmilter]\nsocketname = /run/srs.sock\nmiltersrs = false\n');
+ * cp.getdefault('srsmilter', 'socketname', '/var/run/milter/srsmilter'); // '/run/srs.sock'
+ * cp.getdefault('srsmilter', 'datadir', '/var/lib/milter');              // '/var/lib/milter'
+ * cp.getboolean('srsmilter', 'miltersrs');                               // false
+ * cp.getboolean('srsmilter', 'reject_spoofed', true);                    // true (absent)
+ * ```
+ */
+export class MilterConfigParser {
+  readonly #defaults: Readonly<Record<string, string>>;
+  readonly #sections = new Map<string, Map<string, string>>();
+  readonly #defaultSection = new Map<string, string>();
+
+  /** @param defaults values for options a section lacks, by option name (pymilter's constructor argument) */
+  constructor(defaults: Record<string, string> = {}) {
+    this.#defaults = Object.fromEntries(Object.entries(defaults).map(([k, v]) => [k.toLowerCase(), String(v)]));
+  }
+
+  /**
+   * Read the files that exist, in order (later ones add to and override
+   * earlier ones); a missing file is skipped, as in Python.
+   * @returns the files read
+   */
+  read(paths: string | readonly string[]): string[] {
+    const read: string[] = [];
+    for (const p of typeof paths === 'string' ? [paths] : paths) {
+      let text: string;
+      try {
+        text = fs.readFileSync(p, 'utf8');
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
+      }
+      this.readString(text, p);
+      read.push(p);
+    }
+    return read;
+  }
+
+  /** Read configuration text; `source` names it in errors. */
+  readString(text: string, source = '<string>'): void {
+    let section: Map<string, string> | undefined;
+    let last: { map: Map<string, string>; key: string; indent: number } | undefined;
+    const seenSections = new Set<string>();
+    const seenOptions = new Set<string>();
+    let sectionName = '';
+    text.split(/\r?\n/).forEach((line, i) => {
+      const where = `${source} line ${i + 1}`;
+      const stripped = line.trim();
+      const indent = line.length - line.trimStart().length;
+      if (stripped === '' || /^[#;]/.test(stripped)) {
+        return;
+      }
+      if (last && indent > last.indent) {
+        last.map.set(last.key, `${last.map.get(last.key)}\n${stripped}`);
+        return;
+      }
+      const sec = /^\[([^\]]+)\]/.exec(stripped);
+      if (sec && indent === 0) {
+        sectionName = sec[1];
+        if (seenSections.has(sectionName)) throw new InvalidArgumentError(`${where}: section [${sectionName}] appears twice`);
+        seenSections.add(sectionName);
+        if (sectionName === 'DEFAULT') section = this.#defaultSection;
+        else {
+          if (!this.#sections.has(sectionName)) this.#sections.set(sectionName, new Map());
+          section = this.#sections.get(sectionName);
+        }
+        last = undefined;
+        return;
+      }
+      const m = /^([^=:]*[^=:\s])\s*[=:]\s*(.*)$/.exec(stripped);
+      if (!m) throw new InvalidArgumentError(`${where}: expected "[section]", "name = value" or "name: value", got ${JSON.stringify(stripped)}`);
+      if (!section) throw new InvalidArgumentError(`${where}: option ${JSON.stringify(m[1])} before any [section]`);
+      const key = m[1].toLowerCase();
+      if (seenOptions.has(`${sectionName}\0${key}`)) throw new InvalidArgumentError(`${where}: option ${JSON.stringify(key)} appears twice in [${sectionName}]`);
+      seenOptions.add(`${sectionName}\0${key}`);
+      section.set(key, m[2]);
+      last = { map: section, key, indent };
+    });
+  }
+
+  /** The section names, in the order read (DEFAULT not included). */
+  sections(): string[] {
+    return [...this.#sections.keys()];
+  }
+
+  /** Whether the section exists. */
+  has_section(section: string): boolean {
+    return this.#sections.has(section);
+  }
+
+  /** The option names of a section, DEFAULT's included. */
+  options(section: string): string[] {
+    return [...new Set([...this.#section(section).keys(), ...this.#defaultSection.keys()])];
+  }
+
+  /** Whether the section has the option (or DEFAULT has it). False for a missing section. */
+  has_option(section: string, option: string): boolean {
+    const s = this.#sections.get(section);
+    return s !== undefined && (s.has(option.toLowerCase()) || this.#defaultSection.has(option.toLowerCase()));
+  }
+
+  /**
+   * The value, interpolated. A missing option gives `fallback` if one is
+   * given, else the constructor's default, else throws.
+   */
+  get(section: string, option: string, fallback?: string): string {
+    const key = option.toLowerCase();
+    if (!this.has_option(section, key)) {
+      if (fallback !== undefined) return fallback;
+      if (key in this.#defaults) return this.#defaults[key];
+      this.#section(section);
+      throw new InvalidArgumentError(`configuration: no option ${JSON.stringify(key)} in section [${section}]`);
+    }
+    return this.#interpolate(section, key, 0);
+  }
+
+  /** The value, or `fallback` (default undefined) when the section or option is missing (pymilter's `getdefault`). */
+  getdefault(section: string, option: string): string | undefined;
+  getdefault<T>(section: string, option: string, fallback: T): string | T;
+  getdefault<T>(section: string, option: string, fallback?: T): string | T | undefined {
+    return this.has_option(section, option) ? this.get(section, option) : fallback;
+  }
+
+  /** A boolean (`1 yes true on` / `0 no false off`, any case); `fallback` when missing, else throws. */
+  getboolean(section: string, option: string, fallback?: boolean): boolean {
+    if (!this.has_option(section, option) && fallback !== undefined) return fallback;
+    const v = this.get(section, option).trim().toLowerCase();
+    if (TRUE_WORDS.has(v)) return true;
+    if (FALSE_WORDS.has(v)) return false;
+    throw new InvalidArgumentError(`configuration [${section}] ${option} = ${JSON.stringify(v)}: expected a boolean (yes/no, true/false, on/off, 1/0)`);
+  }
+
+  /** An integer; `fallback` when missing, else throws. */
+  getint(section: string, option: string, fallback?: number): number {
+    if (!this.has_option(section, option) && fallback !== undefined) return fallback;
+    const v = this.get(section, option).trim();
+    if (!/^[+-]?\d+$/.test(v)) throw new InvalidArgumentError(`configuration [${section}] ${option} = ${JSON.stringify(v)}: expected an integer`);
+    return Number(v);
+  }
+
+  /** An integer, or `fallback` when the option is missing (pymilter's `getintdefault`). */
+  getintdefault<T = undefined>(section: string, option: string, fallback?: T): number | T {
+    return this.has_option(section, option) ? this.getint(section, option) : (fallback as T);
+  }
+
+  /** A comma-separated list, each item trimmed; `[]` when the option is missing (pymilter's `getlist`). */
+  getlist(section: string, option: string): string[] {
+    return this.has_option(section, option) ? this.get(section, option).split(',').map((q) => q.trim()) : [];
+  }
+
+  #section(section: string): Map<string, string> {
+    const s = this.#sections.get(section);
+    if (!s) throw new InvalidArgumentError(`configuration: no section [${section}]`);
+    return s;
+  }
+
+  #interpolate(section: string, key: string, depth: number): string {
+    if (depth > 10) throw new InvalidArgumentError(`configuration [${section}] ${key}: %(...)s references nest deeper than 10 (a loop?)`);
+    const raw = this.#sections.get(section)?.get(key) ?? this.#defaultSection.get(key)!;
+    return raw.replace(/%(%|\(([^)]*)\)s|)/g, (all, _m, ref: string | undefined) => {
+      if (all === '%%') return '%';
+      if (ref === undefined) throw new InvalidArgumentError(`configuration [${section}] ${key}: a lone "%" in ${JSON.stringify(raw)}; write "%%"`);
+      const r = ref.toLowerCase();
+      if (!this.has_option(section, r)) throw new InvalidArgumentError(`configuration [${section}] ${key}: %(${ref})s names no option of [${section}]`);
+      return this.#interpolate(section, r, depth + 1);
+    });
+  }
 }

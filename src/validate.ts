@@ -101,15 +101,46 @@ export function validateHeaderName(name: string): void {
   }
 }
 
-/** Check a header value: a string or Buffer without NUL (folding with LF is allowed). */
-export function validateHeaderValue(name: string, value: Bytes): void {
-  if (typeof value === 'string') {
-    if (value.includes('\0')) throw new InvalidArgumentError(`value of header ${show(name)} contains NUL: ${show(value)}`);
-  } else if (Buffer.isBuffer(value)) {
-    if (value.includes(0)) throw new InvalidArgumentError(`value of header ${show(name)} contains NUL: ${show(value)}`);
-  } else {
-    throw new InvalidArgumentError(`value of header ${show(name)} is ${show(value)}: expected a string or Buffer`);
+/**
+ * Check a header value for addheader, insheader and chgheader, and return it
+ * as the MTA must receive it. Both engines, the `nodemilter/milter` module
+ * and TestCtx send header values through this one function.
+ *
+ * - A string or Buffer without NUL.
+ * - Folding: milter header values fold with LF alone (`"one\n\ttwo"`); the
+ *   MTA turns each LF into CRLF when it writes the message. A CRLF, as
+ *   RFC 5322 spells folding, is turned into LF here: Postfix would deliver
+ *   it as a bare CR followed by CRLF (`"one\r\r\n\ttwo"`), which breaks the
+ *   message and DKIM.
+ * - Every line break must be followed by a space or a tab (a folded
+ *   continuation): a line that does not start with whitespace would be a
+ *   header of its own (header injection), and a trailing line break an empty
+ *   line that ends the header section. A CR not followed by LF is rejected
+ *   too: no MTA makes a well-formed message of it.
+ *
+ * @returns the value to send: the input itself when it has no CRLF, else a
+ *   copy (of the same type) with each CRLF replaced by LF.
+ * @throws InvalidArgumentError naming the header and the bad value.
+ */
+export function validateHeaderValue<V extends Bytes>(name: string, value: V): V {
+  let text: string;
+  if (typeof value === 'string') text = value;
+  else if (Buffer.isBuffer(value)) text = value.toString('latin1');
+  else throw new InvalidArgumentError(`value of header ${show(name)} is ${show(value)}: expected a string or Buffer`);
+  if (text.includes('\0')) throw new InvalidArgumentError(`value of header ${show(name)} contains NUL: ${show(value)}`);
+  if (!text.includes('\r') && !text.includes('\n')) return value;
+  const folded = text.replace(/\r\n/g, '\n');
+  if (folded.includes('\r')) {
+    throw new InvalidArgumentError(`value of header ${show(name)} contains a CR not followed by LF: ${show(value)}; fold with "\\n\\t"`);
   }
+  if (/\n(?![ \t])/.test(folded)) {
+    throw new InvalidArgumentError(
+      `value of header ${show(name)} has a line break not followed by a space or tab: ${show(value)}; ` +
+        'a folded line must start with whitespace, and a value must not end with a line break',
+    );
+  }
+  if (folded === text) return value;
+  return (typeof value === 'string' ? folded : Buffer.from(folded, 'latin1')) as V;
 }
 
 /**

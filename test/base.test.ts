@@ -1,6 +1,6 @@
 import { describe as suite, it, expect, vi } from 'vitest';
 import {
-  Base, Milter, describe, decorate, noreply, nocallback, param2dict, CONTINUE, REJECT, TEMPFAIL, ACCEPT,
+  Base, Milter, describe, decorate, noreply, nocallback, param2dict, protocolSteps, CONTINUE, REJECT, TEMPFAIL, ACCEPT, DISCARD, P_NOMAIL, P_NR_MAIL,
   ADDHDRS, CHGHDRS, ADDRCPT, ADDRCPT_PAR, CHGFROM, DELRCPT, QUARANTINE, CHGBODY, SMFI_CURR_ACTS, SMFI_CURR_PROT,
   DisabledActionError, ActionNotAllowedError, InvalidReplyError, InvalidArgumentError,
 } from '../src/index';
@@ -448,5 +448,96 @@ suite('param2dict', () => {
     [['AUTH='], { AUTH: '' }],
   ] as const)('%j', (params, expected) => {
     expect(param2dict(params as any)).toEqual(expected);
+  });
+});
+
+suite('abort() only for an open transaction', () => {
+  class Watch extends Base {
+    static override flags = ADDHDRS;
+    seen: string[] = [];
+    override envfrom(from: string) {
+      this.seen.push(`envfrom ${from}`);
+      return from === '<refused@x>' ? REJECT : CONTINUE;
+    }
+    override header(name: string) {
+      this.seen.push(`header ${name}`);
+      return name === 'Stop' ? DISCARD : CONTINUE;
+    }
+    override eom() {
+      this.seen.push('eom');
+      return CONTINUE;
+    }
+    override abort() {
+      this.seen.push('abort');
+    }
+  }
+
+  it('runs for RSET after RCPT; not after eom, not before MAIL, not after MAIL was refused or a header DISCARD ended the message', async () => {
+    const t = new TestCtx(Watch);
+    await t.connect();
+    await t.helo();
+    await t.abort(); // before any MAIL
+    await t.envfrom('<a@x>');
+    await t.envrcpt('<b@y>');
+    await t.abort(); // RSET after RCPT: a real abort
+    expect(await t.feedMessage('A: 1\r\n\r\nbody\r\n')).toBe(CONTINUE);
+    await t.abort(); // after a delivered message (Postfix sends this)
+    await t.abort();
+    await t.envfrom('<refused@x>');
+    await t.abort(); // after MAIL was refused
+    expect(await t.feedMessage('Stop: 1\r\n\r\n')).toBe(DISCARD); // TestCtx aborts after DISCARD, as the MTA does
+    const m = t.milter as Watch;
+    expect(m.seen).toEqual(['envfrom <a@x>', 'abort', 'envfrom <sender@example.com>', 'header A', 'eom', 'envfrom <refused@x>', 'envfrom <sender@example.com>', 'header Stop']);
+    expect(t.resultsOf('abort').length).toBe(6); // every ABORT TestCtx sent, as an MTA would
+    await t.close();
+  });
+
+  it('a class that overrides abort() but not envfrom() gets envfrom as @noreply, so Base sees MAIL', () => {
+    class OnlyAbort extends Base {
+      override abort() {}
+    }
+    class Neither extends Base {}
+    expect(protocolSteps(OnlyAbort) & P_NOMAIL).toBe(0);
+    expect(protocolSteps(OnlyAbort) & P_NR_MAIL).toBe(P_NR_MAIL);
+    expect(protocolSteps(Neither) & P_NOMAIL).toBe(P_NOMAIL);
+    expect(describe(OnlyAbort).noreply).toContain('envfrom');
+  });
+
+  it('a @nocallback envfrom with an abort() still does not run', async () => {
+    const seen: string[] = [];
+    class Quiet extends Base {
+      override envfrom() {
+        seen.push('envfrom');
+        return CONTINUE;
+      }
+      override abort() {
+        seen.push('abort');
+      }
+    }
+    decorate(Quiet, 'envfrom', nocallback);
+    expect(protocolSteps(Quiet) & P_NR_MAIL).toBe(P_NR_MAIL);
+    const t = new TestCtx(Quiet);
+    await t.connect();
+    await t.envfrom('<a@x>');
+    await t.abort();
+    expect(seen).toEqual(['abort']);
+    await t.close();
+  });
+
+  it('an abort() that only overrides abort still runs for a real abort (TestCtx, MTA offering NR_MAIL)', async () => {
+    const seen: string[] = [];
+    class OnlyAbort extends Base {
+      override abort() {
+        seen.push('abort');
+      }
+    }
+    const t = new TestCtx(OnlyAbort);
+    await t.connect();
+    await t.abort();
+    await t.envfrom('<a@x>');
+    await t.abort();
+    await t.abort();
+    expect(seen).toEqual(['abort']);
+    await t.close();
   });
 });

@@ -358,7 +358,7 @@ suite('TestCtx message flow', () => {
     expect(calls).toEqual(['<bad1@x>', '<good@x>', 'data', '<bad2@x>', 'abort']);
   });
 
-  it('a message-ending status before eom aborts the message', async () => {
+  it('a message-ending status before eom aborts the message; Base does not call abort() for a message the milter ended itself (as libmilter)', async () => {
     const calls: string[] = [];
     class Ender extends Base {
       override header(name: string) {
@@ -375,7 +375,8 @@ suite('TestCtx message flow', () => {
     }
     const t = new TestCtx(Ender);
     expect(await t.feedMessage('Go: 1\r\nStop: 2\r\nNever: 3\r\n\r\n')).toBe(DISCARD);
-    expect(calls).toEqual(['Go', 'Stop', 'abort']);
+    expect(t.resultsOf('abort')).toHaveLength(1); // TestCtx sent ABORT, as the MTA does
+    expect(calls).toEqual(['Go', 'Stop']);
   });
 
   it('a connect refusal stops the feed', async () => {

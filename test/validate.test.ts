@@ -85,6 +85,21 @@ suite('headers', () => {
     expect(() => validateHeaderValue('S', 42 as any)).toThrow(/expected a string or Buffer/);
   });
 
+  it('values: CRLF folding is sent as LF (Postfix and sendmail would deliver a bare CR); a bare CR or an unindented line is refused', () => {
+    const plain = 'no folding';
+    expect(validateHeaderValue('S', plain)).toBe(plain);
+    const lf = Buffer.from('one\n\ttwo');
+    expect(validateHeaderValue('S', lf)).toBe(lf); // unchanged: the same object
+    expect(validateHeaderValue('S', 'one\r\n\ttwo\r\n three')).toBe('one\n\ttwo\n three');
+    const b = validateHeaderValue('S', Buffer.from('caf\xe9\r\n\tx', 'latin1'));
+    expect(Buffer.isBuffer(b) && b.toString('latin1')).toBe('caf\xe9\n\tx');
+    expect(() => validateHeaderValue('S', 'a\rb')).toThrow(/value of header "S" contains a CR not followed by LF/);
+    expect(() => validateHeaderValue('S', 'a\r\r\n\tb')).toThrow(/CR not followed by LF/);
+    expect(() => validateHeaderValue('S', 'a\nBcc: evil@example.com')).toThrow(/line break not followed by a space or tab/);
+    expect(() => validateHeaderValue('S', 'a\r\n')).toThrow(/must not end with a line break/);
+    expect(() => validateHeaderValue('S', Buffer.from('a\n'))).toThrow(InvalidArgumentError);
+  });
+
   it('indices: chgheader from 1, insert from 0', () => {
     expect(() => validateHeaderIndex(1, 'change')).not.toThrow();
     expect(() => validateHeaderIndex(0, 'change')).toThrow(/header index 0 is invalid: expected an integer >= 1 \(it counts from 1 among headers of that name\)/);

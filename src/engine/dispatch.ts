@@ -433,17 +433,17 @@ export abstract class SessionCore implements MilterContext {
   addheader(name: string, value: Bytes, index = -1): void {
     this.ready('addheader', C.ADDHDRS);
     validateHeaderName(name);
-    validateHeaderValue(name, value);
+    const sent = validateHeaderValue(name, value);
     if (index !== -1) validateHeaderIndex(index, 'insert');
-    this.doAddheader(name, value, index);
+    this.doAddheader(name, sent, index);
   }
 
   chgheader(name: string, index: number, value: Bytes | null): void {
     this.ready('chgheader', C.CHGHDRS);
     validateHeaderName(name);
     validateHeaderIndex(index, 'change');
-    if (value !== null && value !== undefined) validateHeaderValue(name, value);
-    this.doChgheader(name, index, value === null || value === undefined || value.length === 0 ? null : value);
+    const sent = value === null || value === undefined ? value : validateHeaderValue(name, value);
+    this.doChgheader(name, index, sent === null || sent === undefined || sent.length === 0 ? null : sent);
   }
 
   addrcpt(rcpt: Bytes, params?: Bytes | null): void {

@@ -119,7 +119,7 @@ function ttlMs(seconds: number): number {
  * ```ts
  * import { Greylist, RedisStore } from 'nodemilter/greylist';
  * const store = new RedisStore({ url: 'redis://redis.internal:6379/2', prefix: 'mx:' });
- * const grey = new Greylist({ store });
+ * const grey = new Greylist(store);
  * ```
  */
 export class RedisStore implements Store {

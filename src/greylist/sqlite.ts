@@ -77,7 +77,7 @@ function toRecord(r: GreyRow): GreylistRecord {
  * @example
  * ```ts
  * import { Greylist, SqliteStore } from 'nodemilter/greylist';
- * const grey = new Greylist({ store: new SqliteStore('/var/lib/milter/greylist.db') });
+ * const grey = new Greylist(new SqliteStore('/var/lib/milter/greylist.db'));
  * ```
  */
 export class SqliteStore implements Store {

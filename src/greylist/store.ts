@@ -156,7 +156,7 @@ export function tripletKey(ip: string, from: string, to: string): string {
  *
  * @example
  * ```ts
- * const grey = new Greylist({ store: new MemoryStore() });
+ * const grey = new Greylist(new MemoryStore());
  * ```
  */
 export class MemoryStore implements Store {

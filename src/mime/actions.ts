@@ -37,10 +37,10 @@ export function milterActions(msg: MimePart): MimeAction[] {
  *
  * @example
  * ```ts
- * class Defang extends Base {
+ * class Defang extends CollectingMilter {
  *   static override flags = ADDHDRS | CHGHDRS | CHGBODY;
- *   override async eom() {
- *     const msg = parseMime(await this.collected.buffer());
+ *   override async checkmessage(collected: MessageCollector) {
+ *     const msg = parseMime(await collected.buffer());
  *     for (const p of msg.walk()) if (/\.exe$/i.test(p.filename ?? '')) p.defang();
  *     applyToContext(this, msg);
  *     return CONTINUE;

@@ -22,9 +22,9 @@ import { MimeError } from '../errors';
 import { MimePart } from './part';
 import type { ParseOptions } from './part';
 
-export { MimePart } from './part';
+export { MimePart, SCRIPT_REMOVED_MARKER } from './part';
 export type {
-  AttachmentInfo, CreatePartOptions, DefangOptions, MimeHeader, MimeHeaderChange, NamesOptions, ParseOptions,
+  AttachmentInfo, CreatePartOptions, DefangOptions, MimeHeader, MimeHeaderChange, NamesOptions, ParseOptions, StripScriptsOptions,
 } from './part';
 export { applyToContext, milterActions } from './actions';
 export type { MimeAction, MimeActionTarget } from './actions';

@@ -113,6 +113,15 @@ function show(value: unknown): string {
   return JSON.stringify(s.length > 60 ? s.slice(0, 60) + '...' : s);
 }
 
+/** The comment pymilter's `HTMLScriptFilter` leaves where it removed a script. */
+export const SCRIPT_REMOVED_MARKER = '<!-- WARNING: embedded script removed -->';
+
+/** Options of {@link MimePart.stripScripts}. */
+export interface StripScriptsOptions {
+  /** Leave a comment where each script was: `true` for {@link SCRIPT_REMOVED_MARKER}, or the text to leave. Default: nothing. */
+  marker?: boolean | string;
+}
+
 /**
  * One MIME part, or a whole message (the root part). Parse with
  * {@link parseMime}; look with `get`, `contentType`, `filename`, `parts`,
@@ -147,6 +156,7 @@ export class MimePart {
   readonly eol: string;
 
   #headers: MimeHeader[] = [];
+  #unixFrom = '';
   #sep = '';
   #body = '';
   #raw: string | undefined;
@@ -179,7 +189,7 @@ export class MimePart {
     part.parent = parent;
     part.#raw = raw;
     part.#digestChild = digest;
-    part.#parseHeaders(raw);
+    part.#parseHeaders(raw, parent === undefined || parent.#kind === 'message');
     const type = part.contentType;
     if (type.startsWith('multipart/')) {
       const boundary = part.#rawBoundary();
@@ -195,8 +205,16 @@ export class MimePart {
 
   #digestChild = false;
 
-  #parseHeaders(s: string): void {
+  #parseHeaders(s: string, isMessage: boolean): void {
     let pos = 0;
+    // An mbox envelope line ("From sender date") before the headers of a
+    // message, as Python's parser accepts it: kept apart (unixFrom), and in
+    // the bytes toBuffer() writes.
+    if (isMessage && s.startsWith('From ')) {
+      const nl = s.indexOf('\n');
+      pos = nl < 0 ? s.length : nl + 1;
+      this.#unixFrom = s.slice(0, pos);
+    }
     let current: { name: string; raw: string } | undefined;
     const flush = () => {
       if (current) this.#headers.push(MimePart.#header(current.name, current.raw));
@@ -220,7 +238,11 @@ export class MimePart {
       const colon = content.indexOf(':');
       const name = colon > 0 ? content.slice(0, colon).replace(/[ \t]+$/, '') : '';
       if (!HEADER_NAME.test(name)) {
-        if (pos > 0 || this.#headers.length > 0 || current) this.defects.push(`no blank line after the headers: body starts at ${show(content)}`);
+        this.defects.push(
+          this.#headers.length > 0 || current
+            ? `no blank line after the headers: body starts at ${show(content)}`
+            : `no header fields: the part starts with ${show(content)}, read as body`,
+        );
         break;
       }
       flush();
@@ -291,6 +313,16 @@ export class MimePart {
   /** The header fields, in order. */
   get headers(): readonly MimeHeader[] {
     return this.#headers;
+  }
+
+  /**
+   * The mbox envelope line before the headers (`From sender date`, without
+   * its line end), as Python's `get_unixfrom()`; undefined when the message
+   * has none. It is not a header field: not in {@link headers} nor in
+   * {@link headerBuffer}, but {@link toBuffer} writes it back.
+   */
+  get unixFrom(): string | undefined {
+    return this.#unixFrom ? this.#unixFrom.replace(/\r?\n$/, '') : undefined;
   }
 
   /** The first value of header `name` (any case), unfolded, RFC 2047 words not decoded; undefined if absent. */
@@ -593,8 +625,24 @@ export class MimePart {
    * every text/html part here and below, keeping charset and transfer
    * encoding. Returns how many were removed. This takes scripts out; it is
    * not a full HTML sanitizer (event attributes stay).
+   *
+   * With `marker`, each removed element is replaced by a comment, as
+   * pymilter's `HTMLScriptFilter` does: `true` writes pymilter's
+   * {@link SCRIPT_REMOVED_MARKER}, a string writes that string. An
+   * unclosed `<script` gets no marker (pymilter writes none either).
+   *
+   * @example
+   * ```ts
+   * const msg = parseMime('Content-Type: text/html\r\n\r\n<p>hi</p><script>alert(1)</script>\r\n');
+   * msg.stripScripts({ marker: true });   // 1
+   * msg.getText();                         // '<p>hi</p><!-- WARNING: embedded script removed -->\r\n'
+   * ```
    */
-  stripScripts(): number {
+  stripScripts(options: StripScriptsOptions = {}): number {
+    const marker = options.marker === true ? SCRIPT_REMOVED_MARKER : typeof options.marker === 'string' ? options.marker : '';
+    if (options.marker !== undefined && typeof options.marker !== 'boolean' && typeof options.marker !== 'string') {
+      throw new MimeError(`stripScripts: marker must be a boolean or a string, got ${typeof options.marker}`, 'bad-input');
+    }
     let count = 0;
     for (const part of this.walk()) {
       if (part.#kind !== 'leaf' || part.contentType !== 'text/html') continue;
@@ -605,7 +653,7 @@ export class MimePart {
         before = out;
         out = out.replace(/<script\b[^>]*>[\s\S]*?<\/script\s*>/gi, () => {
           count++;
-          return '';
+          return marker;
         });
         // only when no whole element is left: an unclosed one runs to the end
         if (out === before) {
@@ -679,7 +727,7 @@ export class MimePart {
 
   #text(): string {
     if (!this.ismodified() && this.#raw !== undefined) return this.#raw;
-    return this.#headerText() + this.#bodyText();
+    return this.#unixFrom + this.#headerText() + this.#bodyText();
   }
 
   #headerText(): string {

@@ -44,7 +44,8 @@ const TOO_MANY = new Error('too many entries');
 /**
  * List the members of a zip archive, opening nested zips (members whose
  * name ends in `.zip`) up to `maxDepth`. Never throws for bad data: a
- * corrupt archive gives one entry with `error` set.
+ * corrupt archive gives one entry with `error` set. An empty one (zero
+ * bytes) gives no entries and no error.
  *
  * @param data the archive's bytes
  * @param name the archive's name (the attachment's filename), used in `path`
@@ -54,6 +55,8 @@ export function listZip(data: Uint8Array, name: string, limits: ZipLimits = {}):
   const maxNested = limits.maxNestedSize ?? 32 * 1024 * 1024;
   const maxEntries = limits.maxEntries ?? 2000;
   const out: ZipEntry[] = [];
+  // An empty attachment named .zip (DSNs carry them) holds nothing: not an error, as in pymilter.
+  if (data.length === 0) return out;
   let truncated = false;
   const walk = (bytes: Uint8Array, path: string[], depth: number): string | undefined => {
     const infos: { name: string; originalSize: number }[] = [];

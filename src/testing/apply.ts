@@ -19,8 +19,7 @@ export interface RawHeader {
 
 /**
  * A header modification as the milter sent it. `value` is the value's bytes
- * as given to addheader/insheader/chgheader (folded lines joined with LF or
- * CRLF).
+ * as given to addheader/insheader/chgheader (folded lines joined with LF).
  */
 export type HeaderEdit =
   | { op: 'add'; name: string; value: Buffer }
@@ -72,6 +71,16 @@ export interface AppliedMessage {
 
 const toBuf = (b: Bytes) => (typeof b === 'string' ? Buffer.from(b, 'utf8') : Buffer.from(b));
 const crlf = (b: Buffer) => Buffer.from(b.toString('latin1').replace(/\r?\n/g, '\r\n'), 'latin1');
+/**
+ * A header value from a milter as Postfix 3.7 (and sendmail 8.17) writes it,
+ * measured behind both: each LF becomes CRLF and nothing else is removed, so
+ * a CRLF the milter sent comes out as CR CR LF and a bare CR stays; a line
+ * break not followed by a space or tab gets a tab after it (Postfix's
+ * choice; sendmail puts a space), so the next line stays a continuation.
+ * nodemilter's own milters send neither: validateHeaderValue turns CRLF into
+ * LF and refuses the rest.
+ */
+const asPostfixWrites = (b: Buffer) => Buffer.from(b.toString('latin1').replace(/\n(?![ \t])/g, '\n\t').replace(/\n/g, '\r\n'), 'latin1');
 
 /**
  * Split a message into {@link RawHeader}s and a CRLF body with the same rules
@@ -88,13 +97,16 @@ export function splitRawMessage(message: Bytes): { headers: RawHeader[]; body: B
  * puts the header at `index` counting from 0 among all headers (at the end
  * if there are fewer); `change` replaces the `index`-th (from 1) header of
  * that name, case-insensitively, or appends the header when there are fewer;
- * `delete` removes it (nothing when there are fewer). Values get CRLF line
- * ends; without `leadingSpace` a space is put before each new value.
+ * `delete` removes it (nothing when there are fewer). Values are written as
+ * Postfix writes them: each LF becomes CRLF (a CRLF in the value becomes
+ * CR CR LF, as Postfix delivers it), and a line break not followed by a
+ * space or tab gets a tab; without `leadingSpace` a space is put before each
+ * new value.
  * Returns new headers; the input is not changed.
  */
 export function applyHeaderEdits(headers: readonly RawHeader[], edits: readonly HeaderEdit[], options: ApplyOptions = {}): RawHeader[] {
   const out = headers.map((h) => ({ ...h }));
-  const rawOf = (value: Buffer) => (options.leadingSpace ? crlf(value) : Buffer.concat([Buffer.from(' '), crlf(value)]));
+  const rawOf = (value: Buffer) => (options.leadingSpace ? asPostfixWrites(value) : Buffer.concat([Buffer.from(' '), asPostfixWrites(value)]));
   const nth = (name: string, index: number) => {
     let seen = 0;
     const lower = name.toLowerCase();

@@ -471,10 +471,10 @@ export class TestCtx implements MilterContext {
     this.#pendingSymlists[stage] = names;
   }
 
-  addheader(name: string, value: Bytes, index?: number): void {
+  addheader(name: string, given: Bytes, index?: number): void {
     this.#modify('addheader', ADDHDRS);
     validateHeaderName(name);
-    validateHeaderValue(name, value);
+    const value = validateHeaderValue(name, given);
     if (index === undefined || index < 0) {
       this.#ops.push({ op: 'add', name, value: bytes(value) });
       this.headerChanges.push({ op: 'add', name, value: text(value) });
@@ -485,15 +485,15 @@ export class TestCtx implements MilterContext {
     }
   }
 
-  chgheader(name: string, index: number, value: Bytes | null): void {
+  chgheader(name: string, index: number, given: Bytes | null): void {
     this.#modify('chgheader', CHGHDRS);
     validateHeaderName(name);
     validateHeaderIndex(index, 'change');
-    if (value === null || value.length === 0) {
+    if (given === null || given.length === 0) {
       this.#ops.push({ op: 'delete', name, index });
       this.headerChanges.push({ op: 'delete', name, index });
     } else {
-      validateHeaderValue(name, value);
+      const value = validateHeaderValue(name, given);
       this.#ops.push({ op: 'change', name, value: bytes(value), index });
       this.headerChanges.push({ op: 'change', name, value: text(value), index });
     }

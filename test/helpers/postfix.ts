@@ -420,16 +420,27 @@ class SmtpConn {
   }
 }
 
+function connectLoopback(port: number): Promise<net.Socket> {
+  return new Promise<net.Socket>((resolve, reject) => {
+    const s = net.createConnection({ port, host: '127.0.0.1' });
+    s.once('connect', () => resolve(s));
+    s.once('error', reject);
+  });
+}
+
+/** The message as sent after DATA: CRLF line ends, dot-stuffed, ended by the dot line. */
+function dataOf(message: string | Buffer): string {
+  const text = (Buffer.isBuffer(message) ? message.toString('latin1') : message).replace(/\r?\n/g, '\r\n');
+  const stuffed = text.replace(/^\./gm, '..');
+  return `${stuffed}${stuffed.endsWith('\r\n') ? '' : '\r\n'}.\r\n`;
+}
+
 /** Submit one message to 127.0.0.1:port; the message gets CRLF line ends and dot-stuffing. */
 export async function smtpSend(
   port: number,
   msg: { from: string; rcpts: string[]; message: string | Buffer; helo?: string },
 ): Promise<SmtpTranscript> {
-  const sock = await new Promise<net.Socket>((resolve, reject) => {
-    const s = net.createConnection({ port, host: '127.0.0.1' });
-    s.once('connect', () => resolve(s));
-    s.once('error', reject);
-  });
+  const sock = await connectLoopback(port);
   const c = new SmtpConn(sock);
   try {
     const greeting = await c.reply();
@@ -441,9 +452,7 @@ export async function smtpSend(
     if (!t.rcpt.some((r) => r.code === 250)) return t;
     t.data = await c.cmd('DATA');
     if (t.data.code !== 354) return t;
-    const text = (Buffer.isBuffer(msg.message) ? msg.message.toString('latin1') : msg.message).replace(/\r?\n/g, '\r\n');
-    const stuffed = text.replace(/^\./gm, '..');
-    c.write(`${stuffed}${stuffed.endsWith('\r\n') ? '' : '\r\n'}.\r\n`);
+    c.write(dataOf(msg.message));
     t.end = await c.reply(60_000);
     const q = /queued as ([0-9A-Za-z]+)/.exec(t.end.raw);
     if (q) t.queueId = q[1];
@@ -454,6 +463,34 @@ export async function smtpSend(
     } catch {
       /* closed */
     }
+    c.end();
+    sock.destroy();
+  }
+}
+
+/** One step of {@link smtpDialog}: an SMTP command line, or a message to send after DATA's 354 (dot-stuffed, ended with a dot). */
+export type SmtpStep = string | { message: string };
+
+/**
+ * Run a scripted SMTP session on 127.0.0.1:port, for sessions {@link smtpSend}
+ * cannot express (several transactions, RSET): reads the greeting, then
+ * sends each step and reads its reply; closes the connection at the end.
+ * @returns the greeting, then one reply per step.
+ */
+export async function smtpDialog(port: number, steps: readonly SmtpStep[]): Promise<SmtpReplyLine[]> {
+  const sock = await connectLoopback(port);
+  const c = new SmtpConn(sock);
+  try {
+    const replies = [await c.reply()];
+    for (const step of steps) {
+      if (typeof step === 'string') replies.push(await c.cmd(step));
+      else {
+        c.write(dataOf(step.message));
+        replies.push(await c.reply(60_000));
+      }
+    }
+    return replies;
+  } finally {
     c.end();
     sock.destroy();
   }

@@ -81,6 +81,8 @@ export interface SendmailOptions {
   flags?: string;
   /** INPUT_MAIL_FILTER timeouts. Default `C:5s;S:10s;R:10s;E:1m`. */
   timeouts?: string;
+  /** Relay to this port of 127.0.0.1 (the caller's server, e.g. test/helpers/rawsink.ts) instead of a private smtp-sink; waitDelivered then finds nothing. */
+  relayPort?: number;
 }
 
 /** A message smtp-sink received from sendmail. */
@@ -168,7 +170,7 @@ export async function startSendmail(opts: SendmailOptions): Promise<SendmailInst
   fs.writeFileSync(path.join(dir, 'service.switch'), 'hosts files\naliases files\n');
   fs.writeFileSync(path.join(dir, 'hosts'), `127.0.0.1 ${SENDMAIL_HOSTNAME} localhost\n`);
   const smtpPort = await freePort();
-  const sinkPort = await freePort();
+  const sinkPort = opts.relayPort ?? (await freePort());
   const mc = sendmailMc({ dir, smtpPort, sinkPort, milter: opts.milter, flags: opts.flags ?? 'T', timeouts: opts.timeouts ?? 'C:5s;S:10s;R:10s;E:1m' });
   fs.writeFileSync(path.join(dir, 'sendmail.mc'), mc);
   const { stdout: cf } = await run(M4_BIN, [`-D_CF_DIR_=${CF_DIR}/`, path.join(CF_DIR, 'm4', 'cf.m4'), path.join(dir, 'sendmail.mc')], { maxBuffer: 8 << 20 });
@@ -228,11 +230,13 @@ export async function startSendmail(opts: SendmailOptions): Promise<SendmailInst
   };
   live.add(instance);
   try {
-    sink = await startProcess(SMTP_SINK_BIN, {
-      args: ['-u', 'postfix', '-d', `${sinkDir}/%H%M%S.`, `127.0.0.1:${sinkPort}`, '100'],
-      socket: `inet:${sinkPort}@127.0.0.1`,
-      stopSignal: 'SIGKILL',
-    });
+    if (opts.relayPort === undefined) {
+      sink = await startProcess(SMTP_SINK_BIN, {
+        args: ['-u', 'postfix', '-d', `${sinkDir}/%H%M%S.`, `127.0.0.1:${sinkPort}`, '100'],
+        socket: `inet:${sinkPort}@127.0.0.1`,
+        stopSignal: 'SIGKILL',
+      });
+    }
     // -bD: the daemon in the foreground (it still forks per connection and
     // per background delivery).
     mta = await startProcess('unshare', {
