@@ -39,11 +39,10 @@ import * as os from 'node:os';
 import { dkimVerify, spf } from 'mailauth';
 import type { DNSResolver } from 'mailauth';
 
-import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter } from '../src/index';
-import type { AuthResResult, Family, HostAddr } from '../src/index';
-import { InvalidArgumentError } from '../src/errors';
-import { CollectingMilter } from '../src/mime/index';
-import type { MessageCollector } from '../src/mime/index';
+import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter, InvalidArgumentError } from 'nodemilter';
+import type { AuthResResult, Family, HostAddr } from 'nodemilter';
+import { CollectingMilter } from 'nodemilter/mime';
+import type { MessageCollector } from 'nodemilter/mime';
 
 /** Settings of the auth milter; set by main() from the environment, or by a test. */
 export const config: {

@@ -27,9 +27,8 @@
  * `FROMGUARD_TRUSTED` (comma-separated addresses, CIDR ranges or host
  * names whose mail is trusted; loopback is always trusted).
  */
-import { ADDHDRS, Base, CHGHDRS, CONTINUE, REJECT, IpList, runmilter, symlist } from '../src/index';
-import type { Family, HostAddr } from '../src/index';
-import { InvalidArgumentError } from '../src/errors';
+import { ADDHDRS, Base, CHGHDRS, CONTINUE, REJECT, IpList, runmilter, symlist, InvalidArgumentError } from 'nodemilter';
+import type { Family, HostAddr } from 'nodemilter';
 import { isInternal, parseDomains } from './nomix';
 
 /** What to do with a From: that claims our domain without authentication. */

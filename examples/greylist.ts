@@ -22,12 +22,12 @@
  */
 import * as os from 'node:os';
 
-import { ADDHDRS, Base, CONTINUE, DISCARD, REJECT, TEMPFAIL, runmilter, symlist } from '../src/index';
-import type { Family, HostAddr } from '../src/index';
-import { Greylist, RedisStore, SqliteStore } from '../src/greylist/index';
-import type { Store } from '../src/greylist/index';
-import { AccessMap, dynipReason } from '../src/policy/index';
-import type { AccessDecision } from '../src/policy/index';
+import { ADDHDRS, Base, CONTINUE, DISCARD, REJECT, TEMPFAIL, runmilter, symlist } from 'nodemilter';
+import type { Family, HostAddr } from 'nodemilter';
+import { Greylist, RedisStore, SqliteStore } from 'nodemilter/greylist';
+import type { Store } from 'nodemilter/greylist';
+import { AccessMap, dynipReason } from 'nodemilter/policy';
+import type { AccessDecision } from 'nodemilter/policy';
 
 /** Per message: who sends, whether greylisting is skipped, and what passed. */
 interface GreyMessage {

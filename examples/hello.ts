@@ -5,7 +5,7 @@
  *
  * Postfix: `smtpd_milters = inet:127.0.0.1:8894` in main.cf.
  */
-import { ADDHDRS, Base, CONTINUE, runmilter } from '../src';
+import { ADDHDRS, Base, CONTINUE, runmilter } from 'nodemilter';
 
 /** Adds `X-Hello` naming the queue id (macro `i`) to every message. */
 export class Hello extends Base {

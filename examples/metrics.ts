@@ -13,9 +13,9 @@ import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import pino from 'pino';
 
-import { ADDHDRS, Base, CONTINUE, REJECT, runmilter } from '../src';
-import * as milter from '../src/milter';
-import { MilterMetrics } from '../src/metrics';
+import { ADDHDRS, Base, CONTINUE, REJECT, runmilter } from 'nodemilter';
+import * as milter from 'nodemilter/milter';
+import { MilterMetrics } from 'nodemilter/metrics';
 
 const logger = pino({ name: 'metrics-example' });
 

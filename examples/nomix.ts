@@ -18,8 +18,7 @@
  * Environment: `NOMIX_DOMAINS`, the internal domains, comma-separated
  * (required).
  */
-import { Base, CONTINUE, REJECT, parse_addr, runmilter } from '../src/index';
-import { InvalidArgumentError } from '../src/errors';
+import { Base, CONTINUE, REJECT, parse_addr, runmilter, InvalidArgumentError } from 'nodemilter';
 
 /** Settings of the nomix milter; set by main() from the environment, or by a test. */
 export const config: { domains: string[] } = { domains: [] };

@@ -25,10 +25,10 @@
  * Environment: `SAMPLE_SPOOL_DIR` (where large messages are spooled,
  * default the system temp directory).
  */
-import { ACCEPT, ADDHDRS, CHGBODY, CHGHDRS, CONTINUE, REJECT, noreply, runmilter, symlist } from '../src/index';
-import type { Family, HostAddr } from '../src/index';
-import { CollectingMilter, applyToContext, readMime } from '../src/mime/index';
-import type { MessageCollector } from '../src/mime/index';
+import { ACCEPT, ADDHDRS, CHGBODY, CHGHDRS, CONTINUE, REJECT, noreply, runmilter, symlist } from 'nodemilter';
+import type { Family, HostAddr } from 'nodemilter';
+import { CollectingMilter, applyToContext, readMime } from 'nodemilter/mime';
+import type { MessageCollector } from 'nodemilter/mime';
 
 /**
  * File names whose attachments are replaced by a notice: programs, scripts

@@ -26,8 +26,8 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   ADDHDRS, ADDRCPT, Base, CONTINUE, REJECT, param2dict, runmilter,
-} from '../src/index';
-import type { Family, HostAddr, NegotiateOffer } from '../src/index';
+} from 'nodemilter';
+import type { Family, HostAddr, NegotiateOffer } from 'nodemilter';
 
 /** Settings of the template milter; set by main() from the environment, or by a test. */
 export const config: { bcc?: string; hostnames: string[] } = { hostnames: [] };
