@@ -1,0 +1,145 @@
+// runmilter with `workers`, on both engines, over real sockets: a supervisor
+// opens the socket once, N worker processes serve it; a worker killed with
+// SIGKILL is replaced and costs only its own sessions; SIGHUP reloads from
+// the code on disk without a refused connection; a worker that dies at
+// start-up is retried with backoff until the supervisor gives up; SIGTERM
+// drains and removes the socket.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { ENGINES, checkEngine, stopAll, tmpDir, tmpSocketSpec } from '../helpers';
+import { lines, logs, sendOne, sleep, startRuntime, waitLine, workerPids, type Sent } from './lib';
+
+afterEach(() => stopAll());
+
+const stampPid = (s: Sent) => (s.stamp ? Number(s.stamp.split(' ')[0]) : undefined);
+
+describe.each(ENGINES)('workers (%s engine)', (engine) => {
+  it('two workers serve one socket: the kernel spreads the sessions, each worker is on the engine, the socket is owner- and group-only', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startRuntime(engine, { socket: spec, workers: 2, eomSleep: 150 });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    const pids = workerPids(p.pid);
+    expect(pids).toHaveLength(2);
+    for (const pid of pids) checkEngine(pid, engine);
+    // The supervisor never loads the milter's engine to serve: it holds the socket only.
+    expect((fs.statSync(spec.slice(5)).mode & 0o777).toString(8)).toBe('770');
+    const sent = await Promise.all(Array.from({ length: 24 }, (_, i) => sendOne(spec, i)));
+    expect(sent.map((s) => s.decision)).toEqual(sent.map(() => 'continue'));
+    const by = new Set(sent.map(stampPid));
+    expect([...by].sort()).toEqual([...pids].sort());
+    expect(logs(p).filter((l) => /listening on .*fd 3 from the supervisor/.test(l))).toHaveLength(2);
+  });
+
+  it('kill -9 of one worker: its open session fails, the others finish, a new worker replaces it (logged with why)', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startRuntime(engine, { socket: spec, workers: 2, eomSleep: 1500, restart: { initialDelay: 200 } });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    const pids = workerPids(p.pid);
+    // Sessions until both workers hold some in their 1.5 s eom (the kernel picks who accepts).
+    const inflight: Promise<Sent>[] = [];
+    const eoms = () => lines(p).filter((l) => l.ev === 'eom');
+    for (let i = 0; i < 40 && new Set(eoms().map((l) => l.pid)).size < 2; i++) {
+      inflight.push(sendOne(spec, i));
+      await sleep(60);
+    }
+    await sleep(200);
+    const holding = new Set(eoms().map((l) => l.pid));
+    expect([...holding].sort()).toEqual([...pids].sort());
+    const [victim, survivor] = pids;
+    process.kill(victim, 'SIGKILL');
+    const sent = await Promise.all(inflight);
+    const ok = sent.filter((s) => s.decision === 'continue');
+    const failed = sent.filter((s) => s.decision !== 'continue');
+    // Only the victim's sessions failed (the connection closed under them); every other one was answered by the survivor.
+    expect(failed.length).toBeGreaterThan(0);
+    expect(ok.length).toBeGreaterThan(0);
+    for (const s of ok) expect(stampPid(s)).toBe(survivor);
+    for (const s of failed) expect(s.decision).toBe('error');
+    await waitLine(p, (l) => /worker \d \(pid \d+\) was killed by SIGKILL .* after serving .*; starting a new worker \d in 200 ms/.test(l.msg ?? ''));
+    await waitLine(p, (l) => /serving again/.test(l.msg ?? ''));
+    const now = workerPids(p.pid);
+    expect(now).toHaveLength(2);
+    expect(now).toContain(survivor);
+    expect(now).not.toContain(victim);
+    const after = await Promise.all(Array.from({ length: 12 }, (_, i) => sendOne(spec, 100 + i)));
+    expect(after.map((s) => s.decision)).toEqual(after.map(() => 'continue'));
+    for (const s of after) expect(now).toContain(stampPid(s));
+  });
+
+  it('SIGHUP reloads from the code on disk under load: new workers serve before the old drain, no connection refused, the socket never closes', async () => {
+    const dir = tmpDir();
+    const verdictFile = path.join(dir, 'verdict');
+    const spec = tmpSocketSpec();
+    const p = await startRuntime(engine, { socket: spec, workers: 2, eomSleep: 300, verdictFile, drain: 10_000 });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    const old = workerPids(p.pid);
+    const sock = fs.statSync(spec.slice(5)).ino;
+    // Load: 6 senders back to back over new connections while the code changes and SIGHUP reloads.
+    let stop = false;
+    const results: Sent[] = [];
+    const senders = Array.from({ length: 6 }, async (_, k) => {
+      for (let i = 0; !stop; i++) results.push(await sendOne(spec, k * 1000 + i));
+    });
+    await sleep(500);
+    fs.writeFileSync(verdictFile, 'reject');
+    process.kill(p.pid, 'SIGHUP');
+    await waitLine(p, (l) => /reload done/.test(l.msg ?? ''), 30_000);
+    await sleep(500);
+    stop = true;
+    await Promise.all(senders);
+    const now = workerPids(p.pid);
+    expect(now).toHaveLength(2);
+    for (const pid of old) expect(now).not.toContain(pid);
+    expect(fs.statSync(spec.slice(5)).ino).toBe(sock);
+    // Every session was answered by a milter: old code (continue, stamped) or new (reject 550 from a new pid).
+    const errors = results.filter((r) => r.decision === 'error');
+    const tempfails = results.filter((r) => r.decision === 'tempfail');
+    const rejects = results.filter((r) => r.decision === 'reject');
+    if (engine === 'node') {
+      expect(errors).toEqual([]);
+      expect(tempfails).toEqual([]);
+    } else {
+      // libmilter cannot stop accepting while its sessions run: a draining old
+      // worker answers the connections it still accepts with 421 4.3.2, and
+      // smfi_stop abandons the one its listener takes last (docs/service.md).
+      // Those are temporary failures the MTA retries; nothing else may fail.
+      console.log(`[runtime] libmilter reload: of ${results.length} sessions, ${tempfails.length} refused 421 by a draining old worker, ${errors.length} closed unanswered`);
+      for (const r of tempfails) expect(r.reply).toMatch(/^421 4\.3\.2 /);
+      for (const r of errors) expect(r.error).toMatch(/closed the connection/);
+      expect(errors.length + tempfails.length).toBeLessThan(results.length / 4);
+    }
+    expect(rejects.length).toBeGreaterThan(0);
+    for (const r of rejects) expect(r.reply).toMatch(new RegExp(`^550 5\\.7\\.1 rejected by (${now.join('|')})$`));
+    for (const r of results.filter((x) => x.decision === 'continue')) expect(old).toContain(stampPid(r));
+    expect(logs(p).some((l) => /reload: 2 new workers \(generation 2\) serving; draining 2 old/.test(l))).toBe(true);
+  }, 60_000);
+
+  it('a worker that dies at start-up is retried with exponential backoff, then the supervisor gives up with a clear message', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startRuntime(engine, { socket: spec, workers: 1, crash: 'start', restart: { initialDelay: 100, limit: 3 } }, { wait: false });
+    const exit = await p.exited;
+    expect(exit.code).toBe(1);
+    const err = lines(p).find((l) => l.ev === 'error');
+    expect(err).toMatchObject({ name: 'WorkerCrashLoopError', code: 'ERR_MILTER_CRASH_LOOP' });
+    expect(err!.message).toMatch(/giving up: workers failed 4 times in a row, none serving 10000 ms \(restart\.limit 3\); last: worker 1 \(pid \d+\) exited with code 3; its stderr said: Error: the worker cannot start \(test fixture\) before it served/);
+    const delays = logs(p).flatMap((l) => /starting a new worker 1 in (\d+) ms \(failure (\d) of at most 3/.exec(l)?.slice(1, 3).map(Number) ?? []);
+    expect(delays).toEqual([100, 1, 200, 2, 400, 3]);
+    expect(fs.existsSync(spec.slice(5))).toBe(false);
+  });
+
+  it('a worker that crashes once at start-up is replaced and the milter serves; SIGTERM then drains every worker and removes the socket', async () => {
+    const dir = tmpDir();
+    const spec = tmpSocketSpec();
+    const p = await startRuntime(engine, { socket: spec, workers: 2, crash: 'start-once', crashMark: path.join(dir, 'mark'), restart: { initialDelay: 100 } }, { wait: false });
+    await waitLine(p, (l) => /serving again/.test(l.msg ?? ''));
+    const sent = await Promise.all(Array.from({ length: 6 }, (_, i) => sendOne(spec, i)));
+    expect(sent.map((s) => s.decision)).toEqual(sent.map(() => 'continue'));
+    process.kill(p.pid, 'SIGTERM');
+    expect(await p.exited).toEqual({ code: 0, signal: null });
+    expect(fs.existsSync(spec.slice(5))).toBe(false);
+    expect(logs(p).filter((l) => /\[worker \d\]: stopped/.test(l))).toHaveLength(2);
+    expect(lines(p).filter((l) => l.ev === 'done').length).toBe(3); // two workers and the supervisor
+  });
+});
