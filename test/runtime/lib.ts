@@ -29,7 +29,28 @@ export async function startRuntime(engine: Engine, cfg: Record<string, unknown> 
     readyTimeout: 30_000,
     stopSignal: 'SIGKILL',
   });
+  started.add(p);
   return Object.assign(p, { spec: cfg.socket });
+}
+
+const started = new Set<RunningProcess>();
+
+/**
+ * SIGKILL every runtime started here and its workers (killing only the
+ * supervisor would leave the workers to notice and drain by themselves).
+ */
+export async function stopRuntimes(): Promise<void> {
+  for (const p of started) {
+    for (const pid of p.hasExited ? [] : workerPids(p.pid)) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+  }
+  await Promise.all([...started].map((p) => p.stop('SIGKILL')));
+  started.clear();
 }
 
 export function lines(p: RunningProcess): Line[] {

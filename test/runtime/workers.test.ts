@@ -9,9 +9,12 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { ENGINES, checkEngine, stopAll, tmpDir, tmpSocketSpec } from '../helpers';
-import { lines, logs, sendOne, sleep, startRuntime, waitLine, workerPids, type Sent } from './lib';
+import { lines, logs, sendOne, sleep, startRuntime, stopRuntimes, waitLine, workerPids, type Sent } from './lib';
 
-afterEach(() => stopAll());
+afterEach(async () => {
+  await stopRuntimes();
+  await stopAll();
+});
 
 const stampPid = (s: Sent) => (s.stamp ? Number(s.stamp.split(' ')[0]) : undefined);
 
