@@ -67,7 +67,9 @@ export interface RunmilterOptions extends EngineOptions {
    * {@link reload} starts new workers from the code on disk and then drains
    * the old ones, without closing the socket. Each worker runs this script
    * again (`process.argv`), so everything up to this call runs in every
-   * worker. Default: no workers, one process. See docs/service.md.
+   * worker (and `onListening` in each worker as well as in the
+   * supervisor). Default: the `NODEMILTER_WORKERS` environment variable if
+   * set, else no workers: one process, as before. See docs/service.md.
    */
   workers?: number | 'auto';
   /** With `workers`: the signal that reloads (default `'SIGHUP'`; `null`: none). */
@@ -111,8 +113,9 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   const spec = parseSocketSpec(socket);
   const description = describeMilter(options.factory, { name });
   const worker = workerInfo();
-  const workers = worker ? undefined : checkWorkers(options.workers);
-  if (workers === undefined && options.workers === undefined) {
+  const workersOption = options.workers ?? workersFromEnv();
+  const workers = worker ? undefined : checkWorkers(workersOption);
+  if (workers === undefined && workersOption === undefined) {
     for (const o of ['reloadSignal', 'restart'] as const) {
       if (options[o] !== undefined) throw new InvalidArgumentError(`runmilter: ${o} needs the workers option`);
     }
@@ -176,6 +179,15 @@ export async function runmilter(name: string, socket: string, options: Runmilter
     metrics?.setEngine(undefined);
     await http?.close();
   }
+}
+
+/** `NODEMILTER_WORKERS` (`'auto'` or a number), the default of the `workers` option. */
+function workersFromEnv(): number | 'auto' | undefined {
+  const env = process.env.NODEMILTER_WORKERS;
+  if (env === undefined || env === '') return undefined;
+  if (env === 'auto') return 'auto';
+  if (!/^[0-9]+$/.test(env)) throw new InvalidArgumentError(`NODEMILTER_WORKERS must be 'auto' or a number of workers, got ${JSON.stringify(env)}`);
+  return Number(env);
 }
 
 /** The engine adapter for `kind`; the libmilter one is loaded only when it serves. */

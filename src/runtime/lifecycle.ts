@@ -13,6 +13,7 @@ import type { MetricsSnapshot } from '../metrics';
 import { removeUnixSocket } from '../socketspec';
 import type { Logger } from '../types';
 import type { DrainMode, MilterEngine } from './engine';
+import { notifyReady } from './notify';
 import type { FromWorker, ToWorker } from './protocol';
 
 /** How {@link serveEngine} runs the engine. */
@@ -100,6 +101,7 @@ export async function serveEngine(engine: MilterEngine, o: LifecycleOptions): Pr
   serving = true;
   log.info(`${who}: listening on ${o.socket}${engine.kind === 'node' ? ' (node engine)' : ''}`);
   if (o.worker) send({ type: 'ready', pid: process.pid });
+  else notifyReady(`listening on ${o.socket}`, log, o.name);
   if (early) beginStop(early.why, early.mode);
   o.onListening?.();
   try {

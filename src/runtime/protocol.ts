@@ -51,7 +51,7 @@ export function workerInfo(): WorkerInfo | undefined {
     throw new InvalidArgumentError(`${WORKER_ENV} must be the JSON the supervisor sets, got ${JSON.stringify(raw.slice(0, 80))}`);
   }
   if (!info || !Number.isInteger(info.id) || (info.engine !== 'libmilter' && info.engine !== 'node') || typeof process.send !== 'function') {
-    throw new InvalidArgumentError(`${WORKER_ENV} is set (${JSON.stringify(raw.slice(0, 80))}) but this process is not a worker started by a runmilter supervisor`);
+    throw new InvalidArgumentError(`${WORKER_ENV} is set (${raw.slice(0, 80)}) but this process is not a worker started by a runmilter supervisor`);
   }
   return info;
 }

@@ -25,6 +25,7 @@ import { formatPrometheus, mergeSnapshots, metricFamilies, type MetricFamily, ty
 import { parseSocketSpec, removeUnixSocket } from '../socketspec';
 import type { Logger } from '../types';
 import { serveMetrics, type MetricsEndpoint } from './metrics-http';
+import { notifyReady } from './notify';
 import { WORKER_ENV, WORKER_FD, type FromWorker, type ToWorker, type WorkerInfo } from './protocol';
 
 /** How the supervisor replaces workers that die. */
@@ -166,6 +167,7 @@ export class Supervisor {
       const ok = await Promise.all(first.map((w) => w.ready));
       if (ok.every(Boolean) && !this.stopping) {
         this.log.info(`${name}: ${this.o.workers} worker${this.o.workers === 1 ? '' : 's'} serving`);
+        notifyReady(`${this.o.workers} workers serving ${this.o.socket}`, this.log, name);
         this.o.onListening?.();
       }
       await this.done;
@@ -259,7 +261,8 @@ export class Supervisor {
     const args = this.o.workerArgs ?? [...process.execArgv, ...process.argv.slice(1)];
     const child = spawn(process.execPath, args, {
       stdio: ['ignore', 'inherit', 'pipe', this.listener!.fd, 'ipc'],
-      env: { ...process.env, [WORKER_ENV]: JSON.stringify(info) },
+      // NOTIFY_SOCKET: systemd hears from the supervisor only.
+      env: { ...process.env, NOTIFY_SOCKET: undefined, [WORKER_ENV]: JSON.stringify(info) },
     });
     let markReady!: (ok: boolean) => void;
     let markExited!: () => void;

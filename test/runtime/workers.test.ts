@@ -8,8 +8,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { ENGINES, checkEngine, stopAll, tmpDir, tmpSocketSpec } from '../helpers';
-import { lines, logs, sendOne, sleep, startRuntime, stopRuntimes, waitLine, workerPids, type Sent } from './lib';
+import { ENGINES, checkEngine, engineEnv, freeInetSpec, startProcess, stopAll, waitForSocket, tmpDir, tmpSocketSpec } from '../helpers';
+import { FIXTURE, lines, logs, sendOne, sleep, startRuntime, stopRuntimes, waitLine, workerPids, type Sent } from './lib';
 
 afterEach(async () => {
   await stopRuntimes();
@@ -144,5 +144,67 @@ describe.each(ENGINES)('workers (%s engine)', (engine) => {
     expect(fs.existsSync(spec.slice(5))).toBe(false);
     expect(logs(p).filter((l) => /\[worker \d\]: stopped/.test(l))).toHaveLength(2);
     expect(lines(p).filter((l) => l.ev === 'done').length).toBe(3); // two workers and the supervisor
+  });
+});
+
+describe('workers: sockets and settings', () => {
+  it('fd:3 from systemd-socket-activate: the supervisor hands the inherited socket to its workers; systemd hears READY=1 once all serve', async () => {
+    const spec = await freeInetSpec();
+    const port = /^inet:(\d+)@/.exec(spec)![1];
+    const dir = tmpDir();
+    // systemd's NOTIFY_SOCKET, played by a datagram socket that prints what it gets.
+    const notify = path.join(dir, 'notify');
+    const listener = await startProcess('/usr/bin/python3', {
+      args: ['-u', '-c', `import socket\ns=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.bind(${JSON.stringify(notify)})\nprint("bound", flush=True)\nwhile True:\n  print(repr(s.recv(4096).decode()), flush=True)`],
+    });
+    await listener.waitForOutput(/bound/);
+    const p = await startProcess('systemd-socket-activate', {
+      // It passes on only the environment named with -E.
+      args: ['-l', `127.0.0.1:${port}`, '-E', 'NODEMILTER_ENGINE', '-E', 'NOTIFY_SOCKET', '-E', 'RUNTIME_CONFIG', process.execPath, FIXTURE],
+      env: { ...engineEnv('node'), NOTIFY_SOCKET: notify, RUNTIME_CONFIG: JSON.stringify({ socket: 'fd:3', workers: 2, eomSleep: 100 }) },
+      stopSignal: 'SIGKILL',
+    });
+    // systemd-socket-activate starts the milter when the first connection waits (the probe).
+    await waitForSocket(spec, { timeout: 10_000 });
+    const sent = await Promise.all(Array.from({ length: 8 }, (_, i) => sendOne(spec, i)));
+    expect(sent.map((s) => s.decision)).toEqual(sent.map(() => 'continue'));
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    const supervisor = lines(p).find((l) => /supervisor \(pid \d+\) listening on fd:3/.test(l.msg ?? ''))!.pid;
+    expect(new Set(sent.map(stampPid)).size).toBeGreaterThanOrEqual(1);
+    for (const s of sent) expect(workerPids(supervisor)).toContain(stampPid(s));
+    await listener.waitForOutput(/READY=1/, { timeout: 10_000 });
+    // From the supervisor only: the workers do not see NOTIFY_SOCKET.
+    expect(listener.stdout.match(/READY=1/g)).toHaveLength(1);
+    expect(listener.stdout).toMatch(new RegExp(`MAINPID=${supervisor}|STATUS=2 workers serving fd:3`));
+    process.kill(supervisor, 'SIGTERM');
+    await waitLine(p, (l) => l.ev === 'done' && l.worker === undefined);
+  });
+
+  it('NODEMILTER_WORKERS is the default of workers; bad values are refused by name', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startProcess(process.execPath, {
+      args: [FIXTURE],
+      env: { ...engineEnv('node'), NODEMILTER_WORKERS: '2', RUNTIME_CONFIG: JSON.stringify({ socket: spec }) },
+      socket: spec,
+      stopSignal: 'SIGKILL',
+    });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    expect(workerPids(p.pid)).toHaveLength(2);
+    process.kill(p.pid, 'SIGTERM');
+    expect(await p.exited).toEqual({ code: 0, signal: null });
+    for (const [env, cfg, message] of [
+      [{ NODEMILTER_WORKERS: 'many' }, {}, `NODEMILTER_WORKERS must be 'auto' or a number of workers, got "many"`],
+      [{}, { workers: 0 }, `workers must be an integer 1-1024 or 'auto', got 0`],
+      [{}, { workers: 2, restart: { limit: 0 } }, 'restart.limit must be a positive integer, got 0'],
+      [{}, { restart: { limit: 2 } }, 'runmilter: restart needs the workers option'],
+      [{ NODEMILTER_WORKER: '{"id":1}' }, {}, 'NODEMILTER_WORKER is set ({"id":1}) but this process is not a worker started by a runmilter supervisor'],
+    ] as const) {
+      const bad = await startProcess(process.execPath, {
+        args: [FIXTURE],
+        env: { ...engineEnv('node'), ...env, RUNTIME_CONFIG: JSON.stringify({ socket: tmpSocketSpec(), ...cfg }) },
+      });
+      expect(await bad.exited).toEqual({ code: 1, signal: null });
+      expect(lines(bad).find((l) => l.ev === 'error')).toMatchObject({ name: 'InvalidArgumentError', message });
+    }
   });
 });
