@@ -374,6 +374,7 @@ function bump(m: Map<string, number>, key: string): void {
 
 /** The part of a prom-client `Registry` {@link registerPromClient} uses. */
 export interface PromClientRegistry {
+  /** prom-client's `Registry.registerMetric`. */
   registerMetric(metric: never): void;
 }
 
