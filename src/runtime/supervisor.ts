@@ -95,6 +95,8 @@ interface Worker {
   servingAt?: number;
   /** Set when the supervisor asked it to stop: its exit is no failure. */
   retiring: boolean;
+  /** Started by a reload that has not committed: if it dies, the reload fails (no restart). */
+  candidate: boolean;
   exited: Promise<void>;
   ready: Promise<boolean>;
   stderrTail: string;
@@ -197,12 +199,15 @@ export class Supervisor {
     const old = [...this.workers].filter((w) => w.state !== 'exited');
     const gen = ++this.generation;
     const fresh = Array.from({ length: this.o.workers }, (_, i) => this.startWorker(i + 1, gen));
+    for (const w of fresh) w.candidate = true;
     const ok = await Promise.all(fresh.map((w) => w.ready));
+    for (const w of fresh) w.candidate = false;
     if (!ok.every(Boolean) || this.stopping) {
       const err = new MilterStateError(`reload failed: ${this.lastFailure || 'the new workers did not start'}; the old workers keep serving`);
       this.log.error(`${name}: ${err.message}`);
       for (const w of fresh) this.retire(w, 'reload failed');
-      this.generation = gen - 1 > 0 ? gen - 1 : gen;
+      // The old workers are the current generation again: their crashes are replaced as before.
+      this.generation = old.length ? Math.max(...old.map((w) => w.generation)) : gen;
       throw err;
     }
     this.reloads++;
@@ -274,6 +279,7 @@ export class Supervisor {
       state: 'starting',
       startedAt: Date.now(),
       retiring: false,
+      candidate: false,
       stderrTail: '',
       ready: new Promise<boolean>((r) => (markReady = r)),
       exited: new Promise<void>((r) => (markExited = r)),
@@ -316,6 +322,10 @@ export class Supervisor {
       const when = wasServing ? `after serving ${(served / 1000).toFixed(1)} s` : 'before it served';
       this.lastFailure = `worker ${id} (pid ${w.pid}) ${why} ${when}`;
       if (this.stopping) return;
+      if (w.candidate) {
+        this.log.error(`${this.o.name}: reload: ${this.lastFailure}`);
+        return;
+      }
       if (wasServing && served >= this.policy.stableAfter) this.failures = 0;
       this.failures++;
       if (generation !== this.generation) {

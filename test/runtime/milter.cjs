@@ -16,6 +16,8 @@
 //   verdictFile   reading this file's content at eom ('reject' rejects): lets a
 //                 test change the "code on disk" for a reload
 //   dieAfter      a worker exits (process.exit(7)) after this many messages
+//   crash: 'reload'  workers of generation 2 and later exit with code 3 at start-up
+// SIGUSR2 to the supervisor calls reload() and prints {"ev":"reload","ok":...}.
 'use strict';
 const fs = require('node:fs');
 const nm = require('../../dist/src/index.js');
@@ -30,6 +32,18 @@ const logger = {
   error: (msg, err) => out({ ev: 'log', level: 'error', msg, err: err && err.message }),
 };
 
+if (worker && cfg.crash === 'reload' && worker.generation >= 2) {
+  process.stderr.write('Error: the new code does not start (test fixture)\n');
+  process.exit(3);
+}
+if (!worker) {
+  process.on('SIGUSR2', () => {
+    nm.reload().then(
+      () => out({ ev: 'reload', ok: true }),
+      (err) => out({ ev: 'reload', ok: false, name: err.name, message: err.message }),
+    );
+  });
+}
 if (worker && (cfg.crash === 'start' || (cfg.crash === 'start-once' && worker.generation === 1 && worker.id === 1 && !fs.existsSync(cfg.crashMark)))) {
   if (cfg.crashMark) fs.writeFileSync(cfg.crashMark, 'crashed');
   process.stderr.write('Error: the worker cannot start (test fixture)\n');

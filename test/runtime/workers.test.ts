@@ -119,6 +119,23 @@ describe.each(ENGINES)('workers (%s engine)', (engine) => {
     expect(logs(p).some((l) => /reload: 2 new workers \(generation 2\) serving; draining 2 old/.test(l))).toBe(true);
   }, 60_000);
 
+  it('reload() from code whose new workers cannot start rejects naming why, and the old workers keep serving', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startRuntime(engine, { socket: spec, workers: 2, crash: 'reload' });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    const old = workerPids(p.pid).sort();
+    process.kill(p.pid, 'SIGUSR2');
+    const r = await waitLine(p, (l) => l.ev === 'reload');
+    expect(r).toMatchObject({ ok: false, name: 'MilterStateError' });
+    expect(r.message).toMatch(/^reload failed: worker \d \(pid \d+\) exited with code 3; its stderr said: Error: the new code does not start \(test fixture\) before it served; the old workers keep serving$/);
+    expect(workerPids(p.pid).sort()).toEqual(old);
+    const sent = await Promise.all(Array.from({ length: 6 }, (_, i) => sendOne(spec, i)));
+    expect(sent.map((s) => s.decision)).toEqual(sent.map(() => 'continue'));
+    for (const s of sent) expect(old).toContain(stampPid(s));
+    // No restart was scheduled for the reload's workers.
+    expect(logs(p).filter((l) => /starting a new worker/.test(l))).toEqual([]);
+  });
+
   it('a worker that dies at start-up is retried with exponential backoff, then the supervisor gives up with a clear message', async () => {
     const spec = tmpSocketSpec();
     const p = await startRuntime(engine, { socket: spec, workers: 1, crash: 'start', restart: { initialDelay: 100, limit: 3 } }, { wait: false });
@@ -139,11 +156,20 @@ describe.each(ENGINES)('workers (%s engine)', (engine) => {
     await waitLine(p, (l) => /serving again/.test(l.msg ?? ''));
     const sent = await Promise.all(Array.from({ length: 6 }, (_, i) => sendOne(spec, i)));
     expect(sent.map((s) => s.decision)).toEqual(sent.map(() => 'continue'));
+    // reload() from code: resolves once the new workers serve and the old ones are gone.
+    const before = workerPids(p.pid);
+    process.kill(p.pid, 'SIGUSR2');
+    expect(await waitLine(p, (l) => l.ev === 'reload')).toMatchObject({ ok: true });
+    const after = workerPids(p.pid);
+    expect(after).toHaveLength(2);
+    for (const pid of before) expect(after).not.toContain(pid);
+    expect((await sendOne(spec, 99)).stamp).toMatch(/ g2$/);
     process.kill(p.pid, 'SIGTERM');
     expect(await p.exited).toEqual({ code: 0, signal: null });
     expect(fs.existsSync(spec.slice(5))).toBe(false);
-    expect(logs(p).filter((l) => /\[worker \d\]: stopped/.test(l))).toHaveLength(2);
-    expect(lines(p).filter((l) => l.ev === 'done').length).toBe(3); // two workers and the supervisor
+    // Two workers drained by the reload, two by the SIGTERM, then the supervisor.
+    expect(logs(p).filter((l) => /\[worker \d\]: stopped/.test(l))).toHaveLength(4);
+    expect(lines(p).filter((l) => l.ev === 'done').length).toBe(5);
   });
 });
 
