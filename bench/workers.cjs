@@ -11,23 +11,20 @@
 const fs = require('node:fs');
 const L = require('./lib.cjs');
 
+const list = (v) => v.split(',');
+const numbers = (v) => v.split(',').map(Number);
+/** --name VALUE options and how each value is read. */
+const OPTIONS = { rounds: Number, seconds: Number, shapes: list, conc: numbers, workers: numbers, engines: list, json: String };
+
 function parseArgs(argv) {
   const o = {};
   for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => {
-      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
-      return argv[++i];
-    };
-    if (a === '--quick') o.quick = true;
-    else if (a === '--rounds') o.rounds = Number(val());
-    else if (a === '--seconds') o.seconds = Number(val());
-    else if (a === '--shapes') o.shapes = val().split(',');
-    else if (a === '--conc') o.conc = val().split(',').map(Number);
-    else if (a === '--workers') o.workers = val().split(',').map(Number);
-    else if (a === '--engines') o.engines = val().split(',');
-    else if (a === '--json') o.json = val();
-    else throw new Error(`unknown option ${a}; see the comment at the top of bench/workers.cjs`);
+    const name = argv[i].replace(/^--/, '');
+    if (argv[i] === '--quick') o.quick = true;
+    else if (argv[i].startsWith('--') && OPTIONS[name]) {
+      if (i + 1 >= argv.length) throw new Error(`${argv[i]} needs a value`);
+      o[name] = OPTIONS[name](argv[++i]);
+    } else throw new Error(`unknown option ${argv[i]}; see the comment at the top of bench/workers.cjs`);
   }
   o.rounds ??= o.quick ? 1 : 5;
   o.seconds ??= o.quick ? 1 : 4;

@@ -57,16 +57,6 @@ export class LibmilterEngine implements MilterEngine {
   }
 
   diag(): EngineCounters {
-    const d = milter.getdiag();
-    return {
-      created: d.created,
-      deleted: d.deleted,
-      active: d.active,
-      deadlineExpired: d.deadlineExpired,
-      progressSent: d.progressSent,
-      lateAnswers: d.lateAnswers,
-      drainRefused: d.drainRefused,
-      running: d.running,
-    };
+    return milter.getdiag();
   }
 }

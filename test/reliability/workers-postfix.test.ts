@@ -1,21 +1,12 @@
 // The long runs of test/runtime/postfix.test.ts (npm run reliability): 10
 // reloads during 20 s of load through Postfix, and kill -9 of one of two
 // workers during 20 s of load, on both engines.
-import { afterEach, describe, it } from 'vitest';
+import { describe, it } from 'vitest';
 
-import { ENGINES, stopAll } from '../helpers';
-import { mayskipPostfix, postfixUnavailable, stopAllPostfix } from '../helpers/postfix';
-import { stopRuntimes } from '../runtime/lib';
-import { crashUnderLoad, reloadUnderLoad } from '../runtime/postfix-scenarios';
+import { ENGINES } from '../helpers';
+import { crashUnderLoad, postfixSuite, reloadUnderLoad } from '../runtime/postfix-scenarios';
 
-const unavailable = postfixUnavailable();
-const skip = unavailable !== undefined && mayskipPostfix();
-
-afterEach(async () => {
-  await stopAllPostfix();
-  await stopRuntimes();
-  await stopAll();
-});
+const { unavailable, skip } = postfixSuite();
 
 describe.skipIf(skip).each(ENGINES)('workers behind Postfix, %s engine', (engine) => {
   it('10 reloads during 20 s of load: 0 messages answered by anything but the milter (TypeScript engine), 0 lost, 0 unstamped', async () => {

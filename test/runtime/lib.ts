@@ -5,6 +5,7 @@ import * as path from 'node:path';
 
 import { MilterClient } from '../../src/testing/client';
 import { engineEnv, startProcess, type Engine, type RunningProcess } from '../helpers';
+import { lines as jsonLines } from '../reliability/lib';
 
 export const FIXTURE = path.join(__dirname, 'milter.cjs');
 
@@ -53,13 +54,8 @@ export async function stopRuntimes(): Promise<void> {
   started.clear();
 }
 
-export function lines(p: RunningProcess): Line[] {
-  return Buffer.from(p.stdout, 'latin1')
-    .toString('utf8')
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Line);
-}
+/** The fixture's JSON lines (the reliability fixture prints the same way). */
+export const lines = (p: RunningProcess): Line[] => jsonLines(p) as unknown as Line[];
 
 export const logs = (p: RunningProcess) => lines(p).filter((l) => l.ev === 'log').map((l) => `${l.level}: ${l.msg}`);
 

@@ -5,11 +5,22 @@
 // answered 4xx (or whose connection closed before the final answer) was not
 // accepted and is retried; one answered 250 must be delivered, once, with the
 // milter's X-Stamp.
-import { expect } from 'vitest';
+import { afterEach, expect } from 'vitest';
 
-import { freeInetSpec, type Engine } from '../helpers';
-import { startPostfix, type PostfixInstance, type SmtpTranscript } from '../helpers/postfix';
-import { lines, logs, sleep, startRuntime, waitLine, workerPids, type Runtime } from './lib';
+import { freeInetSpec, stopAll, type Engine } from '../helpers';
+import { mayskipPostfix, postfixUnavailable, startPostfix, stopAllPostfix, type PostfixInstance, type SmtpTranscript } from '../helpers/postfix';
+import { lines, logs, sleep, startRuntime, stopRuntimes, waitLine, workerPids, type Runtime } from './lib';
+
+/** Why Postfix cannot run (a test throws it), whether the suite may skip, and the clean-up after each test. */
+export function postfixSuite(): { unavailable: string | undefined; skip: boolean } {
+  const unavailable = postfixUnavailable();
+  afterEach(async () => {
+    await stopAllPostfix();
+    await stopRuntimes();
+    await stopAll();
+  });
+  return { unavailable, skip: unavailable !== undefined && mayskipPostfix() };
+}
 
 interface Outcome {
   accepted: { id: number; t: SmtpTranscript }[];
