@@ -173,7 +173,9 @@ export async function runmilter(name: string, socket: string, options: Runmilter
       signals: worker ? [...new Set<NodeJS.Signals>(['SIGTERM', 'SIGINT', ...(options.signals ?? [])])] : (options.signals ?? ['SIGTERM', 'SIGINT']),
       logger: log,
       onListening: options.onListening,
-      worker: worker ? { id: worker.id, snapshot: metrics ? () => metrics.snapshot() : undefined } : undefined,
+      worker: worker
+        ? { id: worker.id, snapshot: metrics ? () => metrics.snapshot() : undefined, reloadSignal: options.reloadSignal === undefined ? 'SIGHUP' : options.reloadSignal }
+        : undefined,
     });
   } finally {
     metrics?.setEngine(undefined);

@@ -29,8 +29,12 @@ export interface LifecycleOptions {
   signals: readonly NodeJS.Signals[];
   logger: Logger;
   onListening?: () => void;
-  /** Set in a worker: its number and the supervisor's channel (process.send). */
-  worker?: { id: number; snapshot?: () => MetricsSnapshot };
+  /**
+   * Set in a worker: its number, its metrics, and the supervisor's reload
+   * signal, which the worker ignores (a signal to the whole process group,
+   * such as a terminal's SIGHUP, is the supervisor's to act on).
+   */
+  worker?: { id: number; snapshot?: () => MetricsSnapshot; reloadSignal?: NodeJS.Signals | null };
 }
 
 /**
@@ -79,9 +83,12 @@ export async function serveEngine(engine: MilterEngine, o: LifecycleOptions): Pr
   };
   // The supervisor is gone: nobody replaces or reloads this worker any more.
   const onDisconnect = () => requestStop('the supervisor went away', 'refuse');
+  const ignore = () => undefined;
+  const ignored = o.worker?.reloadSignal && !o.signals.includes(o.worker.reloadSignal) ? o.worker.reloadSignal : undefined;
   if (o.worker) {
     process.on('message', onMessage);
     process.once('disconnect', onDisconnect);
+    if (ignored) process.on(ignored, ignore);
   }
   const cleanUp = () => {
     for (const s of o.signals) process.removeListener(s, onSignal);
@@ -89,6 +96,7 @@ export async function serveEngine(engine: MilterEngine, o: LifecycleOptions): Pr
     if (o.worker) {
       process.removeListener('message', onMessage);
       process.removeListener('disconnect', onDisconnect);
+      if (ignored) process.removeListener(ignored, ignore);
     }
   };
 

@@ -33,6 +33,10 @@ describe.each(ENGINES)('workers (%s engine)', (engine) => {
     const by = new Set(sent.map(stampPid));
     expect([...by].sort()).toEqual([...pids].sort());
     expect(logs(p).filter((l) => /listening on .*fd 3 from the supervisor/.test(l))).toHaveLength(2);
+    // A SIGHUP that reaches a worker (a terminal hanging up on the process group) is the supervisor's to act on.
+    process.kill(pids[0], 'SIGHUP');
+    await sleep(300);
+    expect(workerPids(p.pid).sort()).toEqual([...pids].sort());
   });
 
   it('kill -9 of one worker: its open session fails, the others finish, a new worker replaces it (logged with why)', async () => {
