@@ -106,6 +106,8 @@ interface Worker {
 /** An open listening socket held by the supervisor (never accepted on here). */
 interface Listener {
   fd: number;
+  /** The TCP port bound (for `inet:0`). */
+  port?: number;
   close(): void;
 }
 
@@ -162,7 +164,7 @@ export class Supervisor {
     if (this.o.reloadSignal) process.on(this.o.reloadSignal, onReload);
     try {
       this.listener = await openListener(this.o.socket, this.o.umask);
-      this.log.info(`${name}: supervisor (pid ${process.pid}) listening on ${this.o.socket}; starting ${this.o.workers} worker${this.o.workers === 1 ? '' : 's'} on the ${this.o.engine} engine`);
+      this.log.info(`${name}: supervisor (pid ${process.pid}) listening on ${this.o.socket}${this.listener.port !== undefined && /^inet6?:0(@|$)/i.test(this.o.socket) ? ` (port ${this.listener.port})` : ''}; starting ${this.o.workers} worker${this.o.workers === 1 ? '' : 's'} on the ${this.o.engine} engine`);
       if (this.o.metricsListen !== undefined) this.endpoint = await serveMetrics(this.o.metricsListen, () => this.prometheus(), this.log, name);
       this.generation = 1;
       const first = Array.from({ length: this.o.workers }, (_, i) => this.startWorker(i + 1, 1));
@@ -456,5 +458,7 @@ async function openListener(socket: string, umask: number): Promise<Listener> {
     throw new InvalidSocketError(`cannot listen on ${socket}: ${getSystemErrorName(handle)}`);
   }
   const h = handle;
-  return { fd: h.fd, close: () => h.close() };
+  const bound: { port?: number } = {};
+  (h as unknown as { getsockname?: (o: object) => number }).getsockname?.(bound);
+  return { fd: h.fd, port: bound.port, close: () => h.close() };
 }

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { ENGINES, checkEngine, engineEnv, freeInetSpec, startProcess, stopAll, waitForSocket, tmpDir, tmpSocketSpec } from '../helpers';
+import { ENGINES, checkEngine, engineEnv, freeInet6Spec, freeInetSpec, startProcess, stopAll, waitForSocket, tmpDir, tmpSocketSpec } from '../helpers';
 import { FIXTURE, lines, logs, sendOne, sleep, startRuntime, stopRuntimes, waitLine, workerPids, type Sent } from './lib';
 
 afterEach(async () => {
@@ -208,6 +208,30 @@ describe('workers: sockets and settings', () => {
     expect(listener.stdout).toMatch(new RegExp(`MAINPID=${supervisor}|STATUS=2 workers serving fd:3`));
     process.kill(supervisor, 'SIGTERM');
     await waitLine(p, (l) => l.ev === 'done' && l.worker === undefined);
+  });
+
+  it('inet6 and inet:0 sockets; a path that is not a socket is refused before any worker starts', async () => {
+    const v6 = await freeInet6Spec();
+    const specs = [v6, 'inet:0@127.0.0.1'].filter((x): x is string => x !== undefined);
+    if (!v6) console.log('[runtime] no IPv6 loopback here: inet6 not tested');
+    for (const socket of specs) {
+      const p = await startRuntime('node', { socket, workers: 2 }, { wait: false });
+      const l = await waitLine(p, (x) => /supervisor \(pid \d+\) listening on/.test(x.msg ?? ''));
+      await waitLine(p, (x) => x.ev === 'listening' && x.worker === undefined);
+      const port = socket === 'inet:0@127.0.0.1' ? /\(port (\d+)\)/.exec(l.msg!)![1] : undefined;
+      const target = port ? `inet:${port}@127.0.0.1` : socket;
+      const sent = await Promise.all(Array.from({ length: 4 }, (_, i) => sendOne(target, i)));
+      expect(sent.map((s) => s.decision)).toEqual(sent.map(() => 'continue'));
+      for (const s of sent) expect(workerPids(p.pid)).toContain(stampPid(s));
+    }
+    const dir = tmpDir();
+    const file = path.join(dir, 'not-a-socket');
+    fs.writeFileSync(file, 'keep me');
+    const bad = await startRuntime('node', { socket: `unix:${file}`, workers: 2 }, { wait: false });
+    expect(await bad.exited).toEqual({ code: 1, signal: null });
+    expect(lines(bad).find((l) => l.ev === 'error')).toMatchObject({ name: 'InvalidSocketError' });
+    expect(fs.readFileSync(file, 'utf8')).toBe('keep me');
+    expect(lines(bad).some((l) => l.worker !== undefined)).toBe(false);
   });
 
   it('NODEMILTER_WORKERS is the default of workers; bad values are refused by name', async () => {
