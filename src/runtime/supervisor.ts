@@ -128,7 +128,9 @@ export class Supervisor {
   private failed: Error | undefined;
   private reloading: Promise<void> | undefined;
   private readonly timers = new Set<NodeJS.Timeout>();
-  private retired: MetricsSnapshot[] = [];
+  private announced = false;
+  /** What the workers that are gone had counted (sessions open in them: none). */
+  private retired: MetricsSnapshot | undefined;
   private metricsSeq = 0;
   private endpoint: MetricsEndpoint | undefined;
   private finish!: (err?: Error) => void;
@@ -167,18 +169,23 @@ export class Supervisor {
       this.log.info(`${name}: supervisor (pid ${process.pid}) listening on ${this.o.socket}${this.listener.port !== undefined && /^inet6?:0(@|$)/i.test(this.o.socket) ? ` (port ${this.listener.port})` : ''}; starting ${this.o.workers} worker${this.o.workers === 1 ? '' : 's'} on the ${this.o.engine} engine`);
       if (this.o.metricsListen !== undefined) this.endpoint = await serveMetrics(this.o.metricsListen, () => this.prometheus(), this.log, name);
       this.generation = 1;
-      const first = Array.from({ length: this.o.workers }, (_, i) => this.startWorker(i + 1, 1));
-      const ok = await Promise.all(first.map((w) => w.ready));
-      if (ok.every(Boolean) && !this.stopping) {
-        this.log.info(`${name}: ${this.o.workers} worker${this.o.workers === 1 ? '' : 's'} serving`);
-        notifyReady(`${this.o.workers} workers serving ${this.o.socket}`, this.log, name);
-        this.o.onListening?.();
-      }
+      for (let i = 1; i <= this.o.workers; i++) this.startWorker(i, 1);
       await this.done;
     } finally {
       for (const s of this.o.signals) process.removeListener(s, onStop);
       if (this.o.reloadSignal) process.removeListener(this.o.reloadSignal, onReload);
     }
+  }
+
+  /** Once, when N workers serve for the first time (some may be replacements of workers that died starting). */
+  private announce(): void {
+    if (this.announced || this.stopping) return;
+    if ([...this.workers].filter((w) => w.state === 'serving').length < this.o.workers) return;
+    this.announced = true;
+    const { name } = this.o;
+    this.log.info(`${name}: ${this.o.workers} worker${this.o.workers === 1 ? '' : 's'} serving`);
+    notifyReady(`${this.o.workers} workers serving ${this.o.socket}`, this.log, name);
+    this.o.onListening?.();
   }
 
   /**
@@ -304,6 +311,7 @@ export class Supervisor {
         w.state = 'serving';
         w.servingAt = Date.now();
         markReady(true);
+        this.announce();
       } else if (m.type === 'metrics' || m.type === 'stopped') {
         if (m.snapshot) w.snapshot = m.snapshot;
         if (m.type === 'metrics') this.pending.get(m.seq)?.(w);
@@ -316,7 +324,10 @@ export class Supervisor {
       const served = wasServing ? Date.now() - w.servingAt! : 0;
       w.state = 'exited';
       this.workers.delete(w);
-      if (w.snapshot) this.retired.push(w.snapshot);
+      if (w.snapshot) {
+        const gone = w.snapshot.engine ? { ...w.snapshot, engine: { ...w.snapshot.engine, active: 0 } } : w.snapshot;
+        this.retired = mergeSnapshots(this.retired ? [this.retired, gone] : [gone]);
+      }
       markReady(false);
       markExited();
       if (w.retiring) return;
@@ -384,9 +395,7 @@ export class Supervisor {
       });
       this.pending.delete(seq);
     }
-    const snaps = [...this.retired, ...live.flatMap((w) => (w.snapshot ? [w.snapshot] : []))];
-    // Sessions open in a worker that is gone are not open any more.
-    const merged = mergeSnapshots(snaps.map((s, i) => (i < this.retired.length && s.engine ? { ...s, engine: { ...s.engine, active: 0 } } : s)));
+    const merged = mergeSnapshots([...(this.retired ? [this.retired] : []), ...live.flatMap((w) => (w.snapshot ? [w.snapshot] : []))]);
     return formatPrometheus([...metricFamilies(merged), ...this.families()]);
   }
 

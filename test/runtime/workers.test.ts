@@ -158,6 +158,9 @@ describe.each(ENGINES)('workers (%s engine)', (engine) => {
     const spec = tmpSocketSpec();
     const p = await startRuntime(engine, { socket: spec, workers: 2, crash: 'start-once', crashMark: path.join(dir, 'mark'), restart: { initialDelay: 100 } }, { wait: false });
     await waitLine(p, (l) => /serving again/.test(l.msg ?? ''));
+    // "Serving" (onListening, READY=1) waits for both slots, the replacement included.
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    expect(logs(p).filter((l) => /: 2 workers serving$/.test(l))).toHaveLength(1);
     const sent = await Promise.all(Array.from({ length: 6 }, (_, i) => sendOne(spec, i)));
     expect(sent.map((s) => s.decision)).toEqual(sent.map(() => 'continue'));
     // reload() from code: resolves once the new workers serve and the old ones are gone.
