@@ -140,6 +140,22 @@ describe.each(ENGINES)('workers (%s engine)', (engine) => {
     expect(logs(p).filter((l) => /starting a new worker/.test(l))).toEqual([]);
   });
 
+  it('the supervisor killed with SIGKILL: its workers notice the channel close, drain and exit by themselves', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startRuntime(engine, { socket: spec, workers: 2 });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    const pids = workerPids(p.pid);
+    expect((await sendOne(spec, 1)).decision).toBe('continue');
+    process.kill(p.pid, 'SIGKILL');
+    // p.exited waits for the workers too: they hold its stdout.
+    await p.exited;
+    // Gone, or a zombie waiting for whoever inherited it (this container's init may not reap).
+    const state = (pid: number) => (fs.existsSync(`/proc/${pid}/status`) ? /State:\s+(\S)/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1] : 'gone');
+    for (const pid of pids) expect(['gone', 'Z']).toContain(state(pid));
+    expect(logs(p).filter((l) => /\[worker \d\]: the supervisor went away: draining open sessions/.test(l))).toHaveLength(2);
+    expect(logs(p).filter((l) => /\[worker \d\]: stopped$/.test(l))).toHaveLength(2);
+  });
+
   it('a worker that dies at start-up is retried with exponential backoff, then the supervisor gives up with a clear message', async () => {
     const spec = tmpSocketSpec();
     const p = await startRuntime(engine, { socket: spec, workers: 1, crash: 'start', restart: { initialDelay: 100, limit: 3 } }, { wait: false });
