@@ -155,3 +155,17 @@ export class MissingDependencyError extends MilterError {
     this.packageName = packageName;
   }
 }
+
+/**
+ * runmilter's supervisor gave up: its workers kept dying without serving
+ * (`restart.limit` failures in a row). The message names the last one and
+ * why it died; `failures` is how many in a row.
+ */
+export class WorkerCrashLoopError extends MilterError {
+  /** Worker failures in a row when the supervisor gave up. */
+  readonly failures: number;
+  constructor(message: string, failures: number) {
+    super(message, 'ERR_MILTER_CRASH_LOOP');
+    this.failures = failures;
+  }
+}

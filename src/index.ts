@@ -21,7 +21,9 @@ export {
 } from './validate';
 export type { Reply } from './validate';
 export { param2dict } from './utils';
-export { runmilter } from './runmilter';
+export { runmilter, reload } from './runmilter';
 export type { RunmilterOptions, EngineName } from './runmilter';
+export type { EngineOptions } from './runtime/engine';
+export type { RestartPolicy } from './runtime/supervisor';
 export { parse_addr, parse_header, iniplist, IpList, formatAuthResults, parseAuthResults } from './utils';
 export type { AuthenticationResults, AuthResResult, AuthResProperty } from './utils';

@@ -273,48 +273,193 @@ export class MilterMetrics {
    * every name prefixed with `prefix` (default `nodemilter`).
    */
   prometheus(prefix = 'nodemilter'): string {
-    if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix)) throw new InvalidArgumentError(`metric prefix must match [a-zA-Z_:][a-zA-Z0-9_:]*, got ${JSON.stringify(prefix)}`);
-    const s = this.snapshot();
-    const lines: string[] = [];
-    const family = (name: string, type: string, help: string) => lines.push(`# HELP ${prefix}_${name} ${help}`, `# TYPE ${prefix}_${name} ${type}`);
-    const num = (v: number) => (Number.isInteger(v) ? String(v) : v.toPrecision(9).replace(/\.?0+$/, ''));
-    family('sessions_total', 'counter', 'Milter sessions seen by the callbacks.');
-    lines.push(`${prefix}_sessions_total ${s.sessions}`);
-    family('messages_total', 'counter', 'Messages (SMTP transactions) seen by the callbacks.');
-    lines.push(`${prefix}_messages_total ${s.messages}`);
-    family('callback_results_total', 'counter', 'Statuses returned by the handlers, per callback.');
-    for (const [cb, by] of Object.entries(s.results)) for (const [st, n] of Object.entries(by)) lines.push(`${prefix}_callback_results_total{callback="${cb}",status="${st}"} ${n}`);
-    family('verdicts_total', 'counter', "Message verdicts: eom's status, or a non-continue status at an earlier step.");
-    for (const [st, n] of Object.entries(s.verdicts)) lines.push(`${prefix}_verdicts_total{status="${st}"} ${n}`);
-    family('handler_errors_total', 'counter', 'Handlers that threw or rejected, per callback.');
-    for (const [cb, n] of Object.entries(s.errors)) lines.push(`${prefix}_handler_errors_total{callback="${cb}"} ${n}`);
-    family('callback_duration_seconds', 'histogram', 'Time from calling a handler to its settled result.');
+    return formatPrometheus(metricFamilies(this.snapshot(), prefix));
+  }
+}
+
+/** One sample of a {@link MetricFamily}. */
+export interface MetricSample {
+  /** The sample's name when it is not the family's (`_bucket`, `_sum`, `_count` of a histogram). */
+  metricName?: string;
+  labels: Record<string, string>;
+  value: number;
+}
+
+/** One metric family: what a Prometheus text block, or a prom-client metric, holds. */
+export interface MetricFamily {
+  name: string;
+  help: string;
+  type: 'counter' | 'gauge' | 'histogram';
+  values: MetricSample[];
+}
+
+/** Format a bucket bound as Prometheus writes it. */
+function num(v: number): string {
+  return Number.isInteger(v) ? String(v) : v.toPrecision(9).replace(/\.?0+$/, '');
+}
+
+/**
+ * A snapshot as metric families, every name prefixed with `prefix`: what
+ * {@link formatPrometheus} renders and {@link registerPromClient} hands to a
+ * prom-client Registry.
+ */
+export function metricFamilies(s: MetricsSnapshot, prefix = 'nodemilter'): MetricFamily[] {
+  if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix)) throw new InvalidArgumentError(`metric prefix must match [a-zA-Z_:][a-zA-Z0-9_:]*, got ${JSON.stringify(prefix)}`);
+  const out: MetricFamily[] = [];
+  const family = (name: string, type: MetricFamily['type'], help: string, values: MetricSample[] = []) => {
+    out.push({ name: `${prefix}_${name}`, help, type, values });
+    return values;
+  };
+  family('sessions_total', 'counter', 'Milter sessions seen by the callbacks.', [{ labels: {}, value: s.sessions }]);
+  family('messages_total', 'counter', 'Messages (SMTP transactions) seen by the callbacks.', [{ labels: {}, value: s.messages }]);
+  const results = family('callback_results_total', 'counter', 'Statuses returned by the handlers, per callback.');
+  for (const [callback, by] of Object.entries(s.results)) for (const [status, n] of Object.entries(by)) results.push({ labels: { callback, status }, value: n });
+  const verdicts = family('verdicts_total', 'counter', "Message verdicts: eom's status, or a non-continue status at an earlier step.");
+  for (const [status, n] of Object.entries(s.verdicts)) verdicts.push({ labels: { status }, value: n });
+  const errors = family('handler_errors_total', 'counter', 'Handlers that threw or rejected, per callback.');
+  for (const [callback, n] of Object.entries(s.errors)) errors.push({ labels: { callback }, value: n });
+  const hist = `${prefix}_callback_duration_seconds`;
+  const latency = family('callback_duration_seconds', 'histogram', 'Time from calling a handler to its settled result.');
+  for (const [callback, h] of Object.entries(s.latency)) {
+    h.buckets.forEach((b, i) => latency.push({ metricName: `${hist}_bucket`, labels: { callback, le: num(b) }, value: h.counts[i] }));
+    latency.push({ metricName: `${hist}_bucket`, labels: { callback, le: '+Inf' }, value: h.count });
+    latency.push({ metricName: `${hist}_sum`, labels: { callback }, value: h.sum });
+    latency.push({ metricName: `${hist}_count`, labels: { callback }, value: h.count });
+  }
+  if (s.engine) {
+    const e = s.engine;
+    family('engine_sessions_total', 'counter', 'Sessions the engine created.', [{ labels: {}, value: e.created }]);
+    family('engine_sessions_active', 'gauge', 'Sessions open now.', [{ labels: {}, value: e.active }]);
+    family('deadline_expired_total', 'counter', 'Callbacks answered by the fallback (451 4.3.0) because the handler missed its deadline.', [{ labels: {}, value: e.deadlineExpired }]);
+    family('late_answers_total', 'counter', 'Handler answers that arrived after their deadline.', [{ labels: {}, value: e.lateAnswers }]);
+    family('drain_refused_total', 'counter', 'Sessions refused while draining.', [{ labels: {}, value: e.drainRefused }]);
+    family('progress_sent_total', 'counter', 'Progress messages sent while eom was pending.', [{ labels: {}, value: e.progressSent }]);
+    for (const [k, name, help] of FLOW_COUNTERS) {
+      const v = (e as unknown as Record<string, number | undefined>)[k];
+      if (typeof v === 'number') family(name, 'counter', help, [{ labels: {}, value: v }]);
+    }
+  }
+  return out;
+}
+
+/**
+ * Metric families in Prometheus' text exposition format (version 0.0.4):
+ * what {@link MilterMetrics.prometheus} serves, and what a supervisor
+ * serves for the sum of its workers ({@link mergeSnapshots}).
+ */
+export function formatPrometheus(families: readonly MetricFamily[]): string {
+  const lines: string[] = [];
+  for (const f of families) {
+    lines.push(`# HELP ${f.name} ${f.help}`, `# TYPE ${f.name} ${f.type}`);
+    for (const v of f.values) {
+      const labels = Object.entries(v.labels).map(([k, x]) => `${k}="${x.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n')}"`);
+      lines.push(`${v.metricName ?? f.name}${labels.length ? `{${labels.join(',')}}` : ''} ${num(v.value)}`);
+    }
+  }
+  return lines.join('\n') + '\n';
+}
+
+/**
+ * The sum of several snapshots (one per worker process): counters and
+ * histograms add up, and so do the engines' counters (`active` included:
+ * sessions open now in all of them). Histograms must share their buckets.
+ *
+ * @throws InvalidArgumentError when two histograms of a callback have different buckets.
+ */
+export function mergeSnapshots(snapshots: readonly MetricsSnapshot[]): MetricsSnapshot {
+  const out: MetricsSnapshot = { sessions: 0, messages: 0, results: {}, verdicts: {}, errors: {}, latency: {} };
+  const add = (into: Record<string, number>, from: Record<string, number>) => {
+    for (const [k, v] of Object.entries(from)) into[k] = (into[k] ?? 0) + v;
+  };
+  for (const s of snapshots) {
+    out.sessions += s.sessions;
+    out.messages += s.messages;
+    for (const [cb, by] of Object.entries(s.results)) add((out.results[cb] ??= {}), by);
+    add(out.verdicts, s.verdicts);
+    add(out.errors, s.errors);
     for (const [cb, h] of Object.entries(s.latency)) {
-      h.buckets.forEach((b, i) => lines.push(`${prefix}_callback_duration_seconds_bucket{callback="${cb}",le="${num(b)}"} ${h.counts[i]}`));
-      lines.push(`${prefix}_callback_duration_seconds_bucket{callback="${cb}",le="+Inf"} ${h.count}`);
-      lines.push(`${prefix}_callback_duration_seconds_sum{callback="${cb}"} ${num(h.sum)}`);
-      lines.push(`${prefix}_callback_duration_seconds_count{callback="${cb}"} ${h.count}`);
+      const m = out.latency[cb];
+      if (!m) {
+        out.latency[cb] = { buckets: [...h.buckets], counts: [...h.counts], count: h.count, sum: h.sum };
+        continue;
+      }
+      if (m.buckets.length !== h.buckets.length || m.buckets.some((b, i) => b !== h.buckets[i])) {
+        throw new InvalidArgumentError(`cannot merge ${cb} histograms with different buckets: ${JSON.stringify(m.buckets)} and ${JSON.stringify(h.buckets)}`);
+      }
+      h.counts.forEach((c, i) => (m.counts[i] += c));
+      m.count += h.count;
+      m.sum += h.sum;
     }
     if (s.engine) {
-      const e = s.engine;
-      const engine: [string, string, string, number][] = [
-        ['engine_sessions_total', 'counter', 'Sessions the engine created.', e.created],
-        ['engine_sessions_active', 'gauge', 'Sessions open now.', e.active],
-        ['deadline_expired_total', 'counter', 'Callbacks answered by the fallback (451 4.3.0) because the handler missed its deadline.', e.deadlineExpired],
-        ['late_answers_total', 'counter', 'Handler answers that arrived after their deadline.', e.lateAnswers],
-        ['drain_refused_total', 'counter', 'Sessions refused while draining.', e.drainRefused],
-        ['progress_sent_total', 'counter', 'Progress messages sent while eom was pending.', e.progressSent],
-      ];
-      for (const [k, name, help] of FLOW_COUNTERS) if (typeof e[k] === 'number') engine.push([name, 'counter', help, e[k] as number]);
-      for (const [name, type, help, v] of engine) {
-        family(name, type, help);
-        lines.push(`${prefix}_${name} ${v}`);
-      }
+      // The base counters, and the optional flow counters an engine reports.
+      const e = (out.engine ??= { created: 0, active: 0, deadlineExpired: 0, lateAnswers: 0, drainRefused: 0, progressSent: 0 }) as unknown as Record<string, number>;
+      for (const [k, v] of Object.entries(s.engine)) if (typeof v === 'number') e[k] = (e[k] ?? 0) + v;
     }
-    return lines.join('\n') + '\n';
   }
+  return out;
 }
 
 function bump(m: Map<string, number>, key: string): void {
   m.set(key, (m.get(key) ?? 0) + 1);
+}
+
+/** The part of a prom-client `Registry` {@link registerPromClient} uses. */
+export interface PromClientRegistry {
+  /** prom-client's `Registry.registerMetric`. */
+  registerMetric(metric: never): void;
+}
+
+/**
+ * Register the milter's metrics into a prom-client `Registry` (prom-client
+ * is an optional peer: nothing here imports it), so an application that
+ * already serves prom-client metrics gets the milter's in the same scrape.
+ * `source` is a {@link MilterMetrics}, or a function returning a snapshot
+ * (or a promise of one). One snapshot is taken per scrape, however many
+ * families the registry reads. Returns the names registered.
+ *
+ * @example
+ * ```ts
+ * import { Registry } from 'prom-client';
+ * import { MilterMetrics, registerPromClient } from 'nodemilter/metrics';
+ * const metrics = new MilterMetrics();
+ * const registry = new Registry();
+ * registerPromClient(registry, metrics);
+ * runmilter('mymilter', 'inet:8894@127.0.0.1', { factory: MyMilter, metrics });
+ * // registry.metrics() now includes nodemilter_sessions_total, ...
+ * ```
+ */
+export function registerPromClient(
+  registry: PromClientRegistry,
+  source: MilterMetrics | (() => MetricsSnapshot | Promise<MetricsSnapshot>),
+  prefix = 'nodemilter',
+): string[] {
+  if (!registry || typeof registry.registerMetric !== 'function') throw new InvalidArgumentError('registerPromClient needs a prom-client Registry (with registerMetric)');
+  const take = source instanceof MilterMetrics ? () => source.snapshot() : source;
+  if (typeof take !== 'function') throw new InvalidArgumentError('registerPromClient needs a MilterMetrics or a function returning a snapshot');
+  // The families present in any snapshot: the empty one has every family but the engine's.
+  const names = metricFamilies({ sessions: 0, messages: 0, results: {}, verdicts: {}, errors: {}, latency: {}, engine: { created: 0, active: 0, deadlineExpired: 0, lateAnswers: 0, drainRefused: 0, progressSent: 0 } }, prefix);
+  let current: Promise<MetricFamily[]> | undefined;
+  const families = (): Promise<MetricFamily[]> => {
+    if (!current) {
+      current = Promise.resolve(take()).then((s) => metricFamilies(s, prefix));
+      // One snapshot for the families read in one scrape (they are read in one turn of the loop).
+      setImmediate(() => (current = undefined));
+    }
+    return current;
+  };
+  for (const f of names) {
+    const metric = {
+      name: f.name,
+      help: f.help,
+      type: f.type,
+      aggregator: 'sum',
+      get: async () => {
+        const found = (await families()).find((x) => x.name === f.name);
+        return { name: f.name, help: f.help, type: f.type, aggregator: 'sum', values: found ? found.values : [] };
+      },
+      reset: () => undefined,
+    };
+    registry.registerMetric(metric as never);
+  }
+  return names.map((f) => f.name);
 }

@@ -1,75 +1,40 @@
 /**
- * runmilter: serve a {@link Base} subclass on the libmilter engine, the way
- * pymilter's `Milter.runmilter` does, plus what a deployment needs: socket
- * permissions, a graceful drain on SIGTERM/SIGINT, and clean-up of the unix
- * socket.
+ * runmilter: serve a {@link Base} subclass the way pymilter's
+ * `Milter.runmilter` does, plus what a deployment needs: socket
+ * permissions, a graceful drain on SIGTERM/SIGINT, clean-up of the unix
+ * socket, metrics, and optionally several worker processes on one socket
+ * under a supervisor (crash isolation, zero-downtime reload). One life
+ * cycle (src/runtime/lifecycle.ts) over either engine.
  *
  * @module
  */
-import { describe as describeMilter, type MilterFactory } from './base';
-import { InvalidArgumentError, NativeLoadError } from './errors';
-import { checkDrain, checkSessionCap, type SessionCapOptions } from './engine/dispatch';
-import type { FlowOptions } from './engine/server';
-import { loadNative } from './native';
-import * as milter from './milter';
-import { runOnNodeEngine } from './engine/run';
-import { parseSocketSpec, refuseNonSocket, removeUnixSocket } from './socketspec';
-import type { Logger } from './types';
+import { describe as describeMilter } from './base';
+import type { MilterFactory } from './base';
+import { InvalidArgumentError, MilterStateError } from './errors';
+import { checkDrain, checkSessionCap } from './engine/dispatch';
+import { MilterMetrics } from './metrics';
+import { parseSocketSpec, refuseNonSocket } from './socketspec';
+import type { Logger, MilterDescription } from './types';
+import { chooseEngine, resolveEngine, type EngineName, type EngineOptions, type EngineSetup, type MilterEngine } from './runtime/engine';
+import { serveEngine } from './runtime/lifecycle';
+import { serveMetrics } from './runtime/metrics-http';
+import { WORKER_FD, workerInfo } from './runtime/protocol';
+import { Supervisor, checkWorkers, type RestartPolicy } from './runtime/supervisor';
 
-/** The engines {@link runmilter} can serve on. */
-export type EngineName = 'libmilter' | 'node' | 'auto';
+export { chooseEngine };
+export type { EngineName };
 
-const ENGINES: readonly EngineName[] = ['libmilter', 'node', 'auto'];
-
-/**
- * The engine `options.engine` (or `NODEMILTER_ENGINE`) asks for, checked.
- * @internal
- */
-export function chooseEngine(option: unknown): EngineName {
-  const env = process.env.NODEMILTER_ENGINE || undefined;
-  const engine = option ?? env;
-  if (engine === undefined) return 'libmilter';
-  if (!ENGINES.includes(engine as EngineName)) {
-    const from = option !== undefined ? 'engine' : 'NODEMILTER_ENGINE';
-    throw new InvalidArgumentError(`${from} must be 'libmilter', 'node' or 'auto', got ${JSON.stringify(engine)}`);
-  }
-  return engine as EngineName;
-}
-
-/**
- * Options of {@link runmilter}. The admission options (`maxSessions`,
- * `sessionCapAction`) apply on both engines; the other {@link FlowOptions}
- * (negotiation, frame and write timeouts, the output cap, event-loop
- * shedding) on the TypeScript engine (docs/reliability.md).
- */
-export interface RunmilterOptions extends FlowOptions {
+/** Options of {@link runmilter}: the engine's settings ({@link EngineOptions}) and the life cycle's. */
+export interface RunmilterOptions extends EngineOptions {
   /** The milter: a Base subclass (one instance per connection) or a function returning an instance. */
   factory: MilterFactory;
-  /** Seconds an idle MTA connection may wait (smfi_settimeout; default libmilter's 7210). */
-  timeout?: number;
-  /** Listen backlog (smfi_setbacklog). */
-  backlog?: number;
-  /**
-   * The umask while the unix socket is created. Default `0o007`: the socket
-   * is usable by its owner and group only (put the MTA's user in the
-   * milter's group, e.g. `postfix`), whatever the process umask is.
-   */
-  umask?: number;
-  /** Per-message limits on headers and body, as in `milter.register` (defaults there). */
-  limits?: milter.RegisterOptions['limits'];
   /** Milliseconds to let open sessions finish after SIGTERM/SIGINT before stopping (default 30000). */
   drain?: number;
   /** Signals that stop the milter gracefully (default SIGTERM and SIGINT). `[]`: install no handler. */
   signals?: NodeJS.Signals[];
   /** Where to log (console by default; pino fits). */
   logger?: Logger;
-  /** Per-callback deadlines, as in `milter.register`. */
-  deadline?: milter.RegisterOptions['deadline'];
-  /** Progress interval during a pending eom, as in `milter.register`. */
-  progressInterval?: number;
-  /** What to answer when a handler fails: TEMPFAIL (default), REJECT, CONTINUE or ACCEPT. */
-  exceptionPolicy?: number;
-  /** Called once the socket is open and the milter serves. */
+  /** Called once the socket is open and the milter serves (with workers: once every worker serves). */
   onListening?: () => void;
   /**
    * Which engine serves: `'libmilter'` (the native addon on libmilter),
@@ -81,14 +46,47 @@ export interface RunmilterOptions extends FlowOptions {
    * when the addon cannot load. See docs/engine.md.
    */
   engine?: EngineName;
+  /**
+   * Count and time the callbacks, and read the engine's counters, in this
+   * {@link MilterMetrics} (either engine, the same way). With `workers`,
+   * each worker keeps its own and the supervisor merges them.
+   */
+  metrics?: MilterMetrics;
+  /**
+   * Serve the metrics in Prometheus' text format over HTTP at
+   * `http://HOST:PORT/metrics`: `'PORT'`, `'HOST:PORT'` or `'[v6]:PORT'`.
+   * Without `metrics`, a {@link MilterMetrics} is made. With `workers`, the
+   * supervisor serves the sum over its workers.
+   */
+  metricsListen?: string;
+  /**
+   * Serve with N worker processes (`'auto'`: one per CPU) under a
+   * supervisor that opens the socket once and hands it to each worker; the
+   * kernel spreads connections among them. A worker that dies is replaced
+   * (with backoff, up to the `restart` limit); SIGHUP (`reloadSignal`) or
+   * {@link reload} starts new workers from the code on disk and then drains
+   * the old ones, without closing the socket. Each worker runs this script
+   * again (`process.argv`), so everything up to this call runs in every
+   * worker (and `onListening` in each worker as well as in the
+   * supervisor). Default: the `NODEMILTER_WORKERS` environment variable if
+   * set, else no workers: one process, as before. See docs/service.md.
+   */
+  workers?: number | 'auto';
+  /** With `workers`: the signal that reloads (default `'SIGHUP'`; `null`: none). */
+  reloadSignal?: NodeJS.Signals | null;
+  /** With `workers`: how dead workers are replaced. */
+  restart?: RestartPolicy;
 }
+
+/** The supervisor of the {@link runmilter} call running in this process, if it has workers. */
+let supervisor: Supervisor | undefined;
 
 /**
  * Register `factory` as milter `name`, listen on `socket` (`unix:/path`,
  * `inet:PORT@HOST`, `inet6:PORT@HOST`, `fd:N`), and serve until a stop
  * signal: then drain open sessions (new ones get TEMPFAIL) for up to
- * `drain` ms, stop libmilter, and remove the unix socket. Resolves when
- * stopped. One milter per process.
+ * `drain` ms, stop the engine, and remove the unix socket. Resolves when
+ * stopped. One milter per process; with `workers`, one per worker process.
  *
  * A stale unix socket at the path (left by a milter that died) is
  * replaced; anything else there (a regular file, a directory) is left
@@ -101,6 +99,8 @@ export interface RunmilterOptions extends FlowOptions {
  *   override eom() { this.addheader('X-Hello', 'world'); return CONTINUE; }
  * }
  * await runmilter('hello', 'inet:8894@127.0.0.1', { factory: Hello });
+ * // or, on every core, reloadable with SIGHUP:
+ * await runmilter('hello', 'inet:8894@127.0.0.1', { factory: Hello, workers: 'auto' });
  * ```
  */
 export async function runmilter(name: string, socket: string, options: RunmilterOptions): Promise<void> {
@@ -112,92 +112,107 @@ export async function runmilter(name: string, socket: string, options: Runmilter
   checkDrain(drain);
   checkSessionCap(options);
   const spec = parseSocketSpec(socket);
-  if (spec.kind === 'unix') refuseNonSocket(spec.path, socket);
   const description = describeMilter(options.factory, { name });
-  let engine = chooseEngine(options.engine);
-  if (engine !== 'node') {
+  const worker = workerInfo();
+  const workersOption = options.workers ?? workersFromEnv();
+  const workers = worker ? undefined : checkWorkers(workersOption);
+  if (workers === undefined && workersOption === undefined) {
+    for (const o of ['reloadSignal', 'restart'] as const) {
+      if (options[o] !== undefined) throw new InvalidArgumentError(`runmilter: ${o} needs the workers option`);
+    }
+  }
+  if (spec.kind === 'unix' && !worker) refuseNonSocket(spec.path, socket);
+  const kind = worker ? worker.engine : resolveEngine(chooseEngine(options.engine), name, log);
+
+  if (workers !== undefined) {
+    if (supervisor) throw new MilterStateError('runmilter with workers is already running in this process');
+    const sup = new Supervisor({
+      name,
+      socket,
+      workers,
+      engine: kind,
+      drain,
+      logger: log,
+      signals: options.signals ?? ['SIGTERM', 'SIGINT'],
+      reloadSignal: options.reloadSignal === undefined ? 'SIGHUP' : options.reloadSignal,
+      umask: options.umask ?? 0o007,
+      backlog: options.backlog,
+      restart: options.restart,
+      metricsListen: options.metricsListen,
+      metrics: options.metrics !== undefined || options.metricsListen !== undefined,
+      onListening: options.onListening,
+    });
+    supervisor = sup;
     try {
-      loadNative();
-      engine = 'libmilter';
-    } catch (err) {
-      if (!(err instanceof NativeLoadError)) throw err;
-      if (engine === 'libmilter') throw err; // its message offers the TypeScript engine
-      const cut = err.message.indexOf(' The TypeScript engine serves');
-      const why = cut >= 0 ? err.message.slice(0, cut) : err.message;
-      log.warn(`${name}: the native addon did not load (${why}); serving on the TypeScript engine instead (engine 'auto')`);
-      engine = 'node';
+      await sup.run();
+    } finally {
+      supervisor = undefined;
     }
+    return;
   }
-  if (engine === 'node') return runOnNodeEngine(name, socket, description, { ...options, drain, logger: log });
 
-  milter.setLogger(log);
-  const onHandlerError = (err: Error, info: milter.HandlerErrorInfo) => {
-    log.error(`${name}: ${info.callback} failed on connection ${info.connection}: ${err.message}`, err);
+  const metrics = options.metrics ?? (options.metricsListen !== undefined || worker?.metrics ? new MilterMetrics() : undefined);
+  const served: MilterDescription = metrics ? { ...description, callbacks: metrics.instrument(description.callbacks) } : description;
+  const { factory: _f, drain: _d, signals: _s, logger: _l, onListening: _o, engine: _e, metrics: _m, metricsListen: _ml, workers: _w, reloadSignal: _r, restart: _rs, ...engineOptions } = options;
+  const setup: EngineSetup = {
+    description: served,
+    socket: worker ? `fd:${WORKER_FD}` : socket,
+    umask: options.umask ?? 0o007, // runmilter's default, on both engines
+    logger: log,
+    options: engineOptions,
   };
-  milter.events.on('handlerError', onHandlerError);
-  if (options.exceptionPolicy !== undefined) milter.set_exception_policy(options.exceptionPolicy);
-  const registerOptions: milter.RegisterOptions & SessionCapOptions = {
-    deadline: options.deadline,
-    progressInterval: options.progressInterval,
-    limits: options.limits,
-    maxSessions: options.maxSessions,
-    sessionCapAction: options.sessionCapAction,
-  };
-  milter.register(description, registerOptions);
-  milter.setconn(socket);
-  if (options.timeout !== undefined) milter.settimeout(options.timeout);
-  if (options.backlog !== undefined) milter.setbacklog(options.backlog);
-
-  // Signal handlers go in before the socket opens: a client (or a test) may
-  // signal the moment it can connect. A signal before main() is kept and
-  // acted on as soon as the milter runs.
-  const signals = options.signals ?? ['SIGTERM', 'SIGINT'];
-  let stopping = false;
-  let serving = false;
-  let early: NodeJS.Signals | undefined;
-  const beginStop = (sig: NodeJS.Signals) => {
-    // Refuse new sessions first, then say so: whoever reads the log line may connect at once.
-    const stopped = milter.stop({ drain });
-    log.info(`${name}: ${sig}: draining open sessions for up to ${drain} ms, then stopping`);
-    stopped.catch((err: Error) => log.error(`${name}: stop failed: ${err.message}`, err));
-  };
-  const onSignal = (sig: NodeJS.Signals) => {
-    if (stopping) {
-      log.warn(`${name}: ${sig} again, still draining`);
-      return;
-    }
-    stopping = true;
-    if (serving) beginStop(sig);
-    else early = sig;
-  };
-  for (const s of signals) process.on(s, onSignal);
-
-  const oldMask = spec.kind === 'unix' ? process.umask(options.umask ?? 0o007) : undefined;
+  const engine = await createEngine(kind, setup);
+  metrics?.setEngine(() => engine.diag());
+  const http = options.metricsListen !== undefined && !worker ? await serveMetrics(options.metricsListen, async () => metrics!.prometheus(), log, name) : undefined;
   try {
-    // Removes a stale unix socket, and only if it is a socket.
-    milter.opensocket(true);
-  } catch (err) {
-    for (const s of signals) process.removeListener(s, onSignal);
-    milter.events.removeListener('handlerError', onHandlerError);
-    throw err;
+    await serveEngine(engine, {
+      name,
+      socket: worker ? `${socket} (fd ${WORKER_FD} from the supervisor)` : socket,
+      unixPath: spec.kind === 'unix' && !worker ? spec.path : undefined,
+      drain,
+      // A worker always answers the supervisor's SIGTERM.
+      signals: worker ? [...new Set<NodeJS.Signals>(['SIGTERM', 'SIGINT', ...(options.signals ?? [])])] : (options.signals ?? ['SIGTERM', 'SIGINT']),
+      logger: log,
+      onListening: options.onListening,
+      worker: worker
+        ? { id: worker.id, snapshot: metrics ? () => metrics.snapshot() : undefined, reloadSignal: options.reloadSignal === undefined ? 'SIGHUP' : options.reloadSignal }
+        : undefined,
+    });
   } finally {
-    if (oldMask !== undefined) process.umask(oldMask);
+    metrics?.setEngine(undefined);
+    await http?.close();
   }
+}
 
-  const running = milter.main();
-  serving = true;
-  log.info(`${name}: listening on ${socket}`);
-  if (early) beginStop(early);
-  options.onListening?.();
-  try {
-    await running;
-  } finally {
-    for (const s of signals) process.removeListener(s, onSignal);
-    milter.events.removeListener('handlerError', onHandlerError);
-    if (spec.kind === 'unix') {
-      const err = removeUnixSocket(spec.path);
-      if (err) log.warn(`could not remove socket ${spec.path}: ${err.message}`);
-    }
-    log.info(`${name}: stopped`);
+/** `NODEMILTER_WORKERS` (`'auto'` or a number), the default of the `workers` option. */
+function workersFromEnv(): number | 'auto' | undefined {
+  const env = process.env.NODEMILTER_WORKERS;
+  if (env === undefined || env === '') return undefined;
+  if (env === 'auto') return 'auto';
+  if (!/^[0-9]+$/.test(env)) throw new InvalidArgumentError(`NODEMILTER_WORKERS must be 'auto' or a number of workers, got ${JSON.stringify(env)}`);
+  return Number(env);
+}
+
+/** The engine adapter for `kind`; the libmilter one is loaded only when it serves. */
+async function createEngine(kind: 'libmilter' | 'node', setup: EngineSetup): Promise<MilterEngine> {
+  if (kind === 'libmilter') {
+    const { LibmilterEngine } = await import('./runtime/libmilter');
+    return new LibmilterEngine(setup);
   }
+  const { NodeEngine } = await import('./runtime/node');
+  return new NodeEngine(setup);
+}
+
+/**
+ * Reload the workers of the {@link runmilter} call running in this process,
+ * as its reload signal (SIGHUP) does: start new workers from the code on
+ * disk, and once every one of them serves, drain the old ones. The socket
+ * stays open throughout. Resolves once the old workers have stopped;
+ * rejects (and keeps the old workers) if the new ones do not come up.
+ *
+ * @throws MilterStateError when runmilter is not running with `workers` here.
+ */
+export function reload(): Promise<void> {
+  if (!supervisor) return Promise.reject(new MilterStateError('reload(): runmilter is not running with workers in this process'));
+  return supervisor.reload();
 }
