@@ -29,3 +29,4 @@ export type { SpfCheck, SpfInput, DmarcOutcome, DmarcDisposition, VerifyOptions,
 export { Srs, SrsError } from './srs';
 export type { SrsOptions, SrsErrorReason } from './srs';
 export { ownAuthResults } from './authres';
+export { readSettings, listSetting, flagSetting, intSetting } from './config';
