@@ -159,6 +159,15 @@ export class Srs {
     if (!parts) return undefined;
     const [local, host] = parts;
     if (this.isExcluded(host)) return undefined;
+    if (isTag(local, 'SRS0') || isTag(local, 'SRS1')) {
+      // One of ours already (any domain), as postsrsd says: "Already rewritten".
+      try {
+        this.#reverseLocal(local, host, address);
+        return undefined;
+      } catch {
+        /* another forwarder's: wrap it */
+      }
+    }
     const secret = this.#secrets[0];
     const sep = this.separator;
     if (isTag(local, 'SRS1')) {
@@ -197,7 +206,10 @@ export class Srs {
   reverse(address: string): string {
     const parts = splitAddress(address);
     if (!parts || !(isTag(parts[0], 'SRS0') || isTag(parts[0], 'SRS1'))) throw new SrsError(`${JSON.stringify(address)} is not an SRS address`, 'not-srs');
-    const [local] = parts;
+    return this.#reverseLocal(parts[0], parts[1], address);
+  }
+
+  #reverseLocal(local: string, _host: string, address: string): string {
     const fields = local.slice(5).split('=');
     if (isTag(local, 'SRS1')) {
       // HASH=host=<rest, which starts with the SRS0 separator>
