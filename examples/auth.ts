@@ -32,7 +32,9 @@
  *
  * DNS: `config.resolver` takes any function shaped like Node's
  * `dns.promises.resolve(name, rrtype)`; the tests give it
- * {@link staticResolver} over fixture records so they run offline.
+ * `staticResolver` (from `nodemilter/auth`) over fixture records so they
+ * run offline. `examples/dmarc.ts` is the fuller verifier (DMARC, ARC, a
+ * DNS timeout and cache).
  */
 import * as os from 'node:os';
 
@@ -41,7 +43,6 @@ import type { DNSResolver } from 'mailauth';
 
 import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter } from '../src/index';
 import type { AuthResResult, Family, HostAddr } from '../src/index';
-import { InvalidArgumentError } from '../src/errors';
 import { CollectingMilter } from '../src/mime/index';
 import type { MessageCollector } from '../src/mime/index';
 
@@ -55,34 +56,8 @@ export const config: {
   resolver?: DNSResolver;
 } = {};
 
-/**
- * A resolver over fixed records, for tests and offline runs. Keys are
- * `"name TYPE"` (`"example.org TXT"`); TXT values are strings (one chunk
- * each). A name with no entry fails like Node's resolver does for a missing
- * name (`ENOTFOUND`), and a name with other types only gives `ENODATA`.
- *
- * @example
- * ```ts
- * config.resolver = staticResolver({ 'example.org TXT': ['v=spf1 ip4:192.0.2.0/24 -all'] });
- * ```
- */
-export function staticResolver(records: Record<string, string[]>): DNSResolver {
-  const keyOf = (name: string, rrtype: string) => `${name.toLowerCase().replace(/\.$/, '')} ${rrtype.toUpperCase()}`;
-  const zone = new Map<string, string[]>();
-  for (const [key, values] of Object.entries(records)) {
-    const m = /^(\S+)\s+([A-Za-z]+)$/.exec(key.trim());
-    if (!m) throw new InvalidArgumentError(`staticResolver: record key ${JSON.stringify(key)} is invalid: expected "name TYPE", e.g. "example.org TXT"`);
-    zone.set(keyOf(m[1], m[2]), values);
-  }
-  return async (name: string, rrtype: string) => {
-    const found = zone.get(keyOf(name, rrtype));
-    if (found) return rrtype.toUpperCase() === 'TXT' ? found.map((s) => [s]) : found;
-    const known = [...zone.keys()].some((k) => k.startsWith(`${name.toLowerCase().replace(/\.$/, '')} `));
-    const err: NodeJS.ErrnoException = new Error(`${rrtype} ${name}: ${known ? 'no data' : 'not found'}`);
-    err.code = known ? 'ENODATA' : 'ENOTFOUND';
-    throw err;
-  };
-}
+/** A resolver over fixed records, for tests and offline runs (see `nodemilter/auth`). */
+export { staticResolver } from '../src/auth/index';
 
 /** What one message collects before its Authentication-Results header is written. */
 interface AuthMessage {

@@ -33,7 +33,7 @@
  * Settings (environment, or `NAME=value` lines in the file `DMARC_CONFIG`;
  * docs/auth.md has them all, with OpenDMARC's names): `DMARC_AUTHSERV_ID`,
  * `DMARC_REJECT`, `DMARC_QUARANTINE`, `DMARC_TEMPFAIL`, `SPF_REJECT_FAIL`,
- * `DMARC_INTERNAL_HOSTS`, `DNS_TIMEOUT` (ms, default 5000), `DNS_SERVERS`,
+ * `DMARC_INTERNAL_HOSTS`, `DMARC_MIN_KEY_BITS`, `DNS_TIMEOUT` (ms, default 5000), `DNS_SERVERS`,
  * `DNS_CACHE_SIZE`, `DNS_METRICS_PORT` (serve DNS metrics on
  * 127.0.0.1:PORT/metrics), `ARC_SEAL_DOMAIN`, `ARC_SEAL_SELECTOR`,
  * `ARC_SEAL_KEYFILE`.
@@ -74,6 +74,8 @@ export const config: {
   internal?: IpList;
   resolver?: DnsResolve;
   seal?: SigningKey;
+  /** Smallest RSA key accepted for DKIM and ARC, in bits (mailauth's default 1024). */
+  minKeyBits?: number;
   /** Random numbers for DMARC's pct (tests fix it). */
   random: () => number;
 } = { rejectDmarc: false, quarantineDmarc: false, tempfailDns: false, rejectSpfFail: false, random: Math.random };
@@ -154,6 +156,7 @@ export class DmarcMilter extends CollectingMilter<DmarcMessage> {
       authUser: m.user,
       resolver: config.resolver,
       seal: config.seal,
+      minBitLength: config.minKeyBits,
     });
     // Delete from the last, so the indexes of the others stay right.
     for (const n of [...m.forged].reverse()) this.chgheader('Authentication-Results', n, null);
@@ -186,6 +189,7 @@ export function configure(env: Record<string, string | undefined> = process.env)
   config.quarantineDmarc = flagSetting('DMARC_QUARANTINE', s.DMARC_QUARANTINE);
   config.tempfailDns = flagSetting('DMARC_TEMPFAIL', s.DMARC_TEMPFAIL);
   config.rejectSpfFail = flagSetting('SPF_REJECT_FAIL', s.SPF_REJECT_FAIL);
+  config.minKeyBits = s.DMARC_MIN_KEY_BITS ? intSetting('DMARC_MIN_KEY_BITS', s.DMARC_MIN_KEY_BITS, 1024, 512, 16384) : undefined;
   if (s.DMARC_INTERNAL_HOSTS) config.internal = new IpList(listSetting(s.DMARC_INTERNAL_HOSTS));
   config.resolver = createResolver({
     resolve: config.resolver, // a test's fixture zone stays the upstream

@@ -18,6 +18,7 @@ export interface HeaderField {
 export interface HeaderInserter {
   /** The negotiated protocol steps (for SMFIP_HDR_LEADSPC). */
   readonly steps: number;
+  /** Base.addheader: with an index, insert there (0 is the top). */
   addheader(name: string, value: string, idx?: number): unknown;
 }
 

@@ -36,7 +36,7 @@ const CANON = /^(simple|relaxed)(\/(simple|relaxed))?$/;
  * CRLF), one signature per key, in key order, as `DKIM-Signature: ...\r\n`
  * lines folded with CRLF. The message must be byte for byte what the
  * recipient will see for the signed fields and the body; a milter gets
- * that with `headerLeadingSpace` and a {@link CollectingMilter}.
+ * that with `headerLeadingSpace` and a `CollectingMilter` (nodemilter/mime).
  * Throws {@link DkimSignError} when a key cannot sign.
  *
  * @example
