@@ -94,7 +94,7 @@ export class DkimSignMilter extends CollectingMilter<SignMessage> {
     const keys = m.from && m.fromCount === 1 && config.table ? config.table.keysFor(m.from) : [];
     if (!keys.length) return CONTINUE;
     try {
-      insertOnTop(this, await dkimSign(await collected.buffer(), keys, config.sign));
+      insertOnTop(this, await dkimSign(collected.stream(), keys, config.sign));
       this.log('signed', m.from, 'for', m.who, 'with', keys.map((k) => `${k.selector}._domainkey.${k.domain}`).join(' '));
     } catch (err) {
       this.log('signing failed:', (err as Error).message);

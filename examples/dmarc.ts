@@ -149,7 +149,7 @@ export class DmarcMilter extends CollectingMilter<DmarcMessage> {
 
   protected override async checkmessage(collected: MessageCollector) {
     const m = this.message;
-    const v = await verifyMessage(await collected.buffer(), {
+    const v = await verifyMessage(collected.stream(), {
       authservId: this.authservId(),
       spf: m.spf,
       sender: m.sender,

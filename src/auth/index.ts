@@ -29,4 +29,5 @@ export type { SpfCheck, SpfInput, DmarcOutcome, DmarcDisposition, VerifyOptions,
 export { Srs, SrsError } from './srs';
 export type { SrsOptions, SrsErrorReason } from './srs';
 export { ownAuthResults } from './authres';
+export type { MessageInput } from './mailauth';
 export { readSettings, listSetting, flagSetting, intSetting } from './config';

@@ -9,6 +9,7 @@ import { headerFields } from './headers';
 import type { HeaderField } from './headers';
 import type { SigningKey } from './keys';
 import { mailauth } from './mailauth';
+import type { MessageInput } from './mailauth';
 
 /** Options of {@link dkimSign}. */
 export interface DkimSignOptions {
@@ -45,7 +46,7 @@ const CANON = /^(simple|relaxed)(\/(simple|relaxed))?$/;
  * insertOnTop(this, text);
  * ```
  */
-export async function dkimSign(message: Buffer | string, keys: readonly SigningKey[], options: DkimSignOptions = {}): Promise<string> {
+export async function dkimSign(message: MessageInput, keys: readonly SigningKey[], options: DkimSignOptions = {}): Promise<string> {
   if (!keys.length) return '';
   const canonicalization = options.canonicalization ?? 'relaxed/relaxed';
   if (!CANON.test(canonicalization)) {
@@ -70,6 +71,6 @@ export async function dkimSign(message: Buffer | string, keys: readonly SigningK
 }
 
 /** {@link dkimSign}'s text as header fields for addheader (see {@link headerFields}). */
-export async function dkimSignatureFields(message: Buffer | string, keys: readonly SigningKey[], leadingSpace: boolean, options: DkimSignOptions = {}): Promise<HeaderField[]> {
+export async function dkimSignatureFields(message: MessageInput, keys: readonly SigningKey[], leadingSpace: boolean, options: DkimSignOptions = {}): Promise<HeaderField[]> {
   return headerFields(await dkimSign(message, keys, options), leadingSpace);
 }

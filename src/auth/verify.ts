@@ -11,6 +11,7 @@ import type { AuthResProperty, AuthResResult } from '../utils';
 import type { DnsResolve } from './dns';
 import type { SigningKey } from './keys';
 import { mailauth } from './mailauth';
+import type { MessageInput } from './mailauth';
 
 /** One SPF check: of the MAIL FROM identity or of the HELO name. */
 export interface SpfCheck {
@@ -167,7 +168,7 @@ function prop(type: string, name: string, value: string | undefined): AuthResPro
  * if (dmarcDisposition(v.dmarc).action === 'reject') return REJECT;
  * ```
  */
-export async function verifyMessage(message: Buffer | string, options: VerifyOptions): Promise<Verification> {
+export async function verifyMessage(message: MessageInput, options: VerifyOptions): Promise<Verification> {
   if (!options || typeof options.authservId !== 'string' || !options.authservId) {
     throw new InvalidArgumentError(`verifyMessage needs an authservId (the host name the header speaks for), got ${JSON.stringify(options?.authservId)}`);
   }
@@ -207,6 +208,14 @@ export async function verifyMessage(message: Buffer | string, options: VerifyOpt
         ...prop('header', 'b', typeof r.signature === 'string' ? r.signature.slice(0, 8) : undefined),
       ],
     });
+  }
+
+  // mailauth skips a DKIM-Signature it cannot parse; say so rather than let it vanish.
+  const sigHeaders = ((dkimRes.headers?.parsed ?? []) as Array<{ key: string }>).filter((h) => h.key === 'dkim-signature').length;
+  const judged = (dkimRes.results as any[]).filter((r) => r.status.result !== 'none').length;
+  for (let i = judged; i < sigHeaders; i++) {
+    dkim.push({ result: 'permerror', comment: 'unparseable DKIM-Signature' });
+    results.push({ method: 'dkim', result: 'permerror', comment: 'unparseable DKIM-Signature', properties: [] });
   }
 
   let arcRes: any;
@@ -257,7 +266,7 @@ export async function verifyMessage(message: Buffer | string, options: VerifyOpt
         };
       }
     }
-    if (dmarc) results.push({ method: 'dmarc', result: dmarc.result, comment: dmarc.comment, properties: [{ type: 'header', name: 'from', value: dmarc.fromDomain }] });
+    if (dmarc) results.push({ method: 'dmarc', result: dmarc.result, comment: dmarc.comment, properties: prop('header', 'from', dmarc.fromDomain) });
   }
 
   const authResults = formatAuthResults({ authservId: mta, results }, { fold: true });
@@ -294,7 +303,7 @@ export interface ArcSealOptions {
  * the `ARC-Seal`, `ARC-Message-Signature` and `ARC-Authentication-Results`
  * text (CRLF), to put on top.
  */
-export async function arcSeal(message: Buffer | string, options: ArcSealOptions): Promise<string> {
+export async function arcSeal(message: MessageInput, options: ArcSealOptions): Promise<string> {
   if (!['none', 'pass', 'fail'].includes(options.cv)) throw new InvalidArgumentError(`ARC cv ${JSON.stringify(options.cv)} is invalid: expected none, pass or fail`);
   if (options.key.algorithm !== 'rsa-sha256') throw new InvalidArgumentError(`ARC sealing needs an RSA key, got ${options.key.algorithm} for ${options.key.selector}._domainkey.${options.key.domain}`);
   const out = await mailauth('ARC sealing').sealMessage(message, {

@@ -67,6 +67,15 @@ describe('dkim-sign with TestCtx', () => {
     await two.close();
   });
 
+  it('signs a message larger than the collector keeps in memory (streamed from the spool file)', async () => {
+    const body = 'x'.repeat(998) + '\r\n';
+    const big = OUTGOING.replace('Hello Bob,', body.repeat(3 * 1024)); // ~3 MiB, past the 1 MiB threshold
+    const t = new TestCtx(sign.DkimSignMilter);
+    expect(await t.feedMessage(big, {})).toBe(CONTINUE);
+    expect(await dkimOf(t.resultMessage())).toEqual(['rsa2026=pass', 'ed2026=pass']);
+    await t.close();
+  });
+
   it('refuses incomplete settings with a message naming them', () => {
     expect(() => sign.configure({ DKIM_KEYTABLE: '/x' })).toThrow(/DKIM_KEYTABLE and DKIM_SIGNINGTABLE go together/);
     expect(() => sign.configure({ DKIM_DOMAIN: 'example.com', DKIM_SELECTOR: 'a,b', DKIM_KEYFILE: '/x' })).toThrow(/as many selectors as key files/);
@@ -171,6 +180,24 @@ describe('dmarc with TestCtx (fixture DNS)', () => {
     expect(f.reply).toEqual({ rcode: '451', xcode: '4.4.3', lines: ['DMARC check of bank.example failed temporarily (DNS), try again later'] });
     await f.close();
     expect(dmarc.dnsMetrics.snapshot().lookups.TXT.timeout).toBeGreaterThan(0);
+  });
+
+  it('hostile input: broken DKIM-Signature, ARC and From headers, 8-bit bytes, a bare LF; one header, no exception', async () => {
+    const hostile =
+      'DKIM-Signature: v=1; a=rsa-sha256; d=bank.example; s=sel; b=!!!; bh=???\r\n' +
+      'DKIM-Signature: garbage\r\n' +
+      'ARC-Seal: i=1; cv=pass; b=x\r\n' +
+      'ARC-Message-Signature: i=9; h=from\r\n' +
+      'From: <<<@@@>>>, "\xff\xfe" <ceo@bank.example>\r\n' +
+      'Subject: \x01 bad\n\tfolded with a bare LF\r\n\r\nbody\r\n';
+    const t = new TestCtx(dmarc.DmarcMilter);
+    expect(await t.feedMessage(Buffer.from(hostile, 'latin1'), { ...OUTSIDE, from: '<x@evil.example>' })).toBe(CONTINUE);
+    const ar = arOf(t);
+    expect(summary(ar)).toEqual(['spf=none', 'spf=none', 'dkim=neutral', 'dkim=permerror', 'arc=fail', 'dmarc=permerror']);
+    expect(ar.results[3].comment).toBe('unparseable DKIM-Signature');
+    expect(ar.results[5].comment).toBe('more than one From address');
+    expect(ar.results.find((r: { method: string }) => r.method === 'arc')?.result).toBe('fail');
+    await t.close();
   });
 
   it('with an ARC key, seals: ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results above Authentication-Results; the next hop validates it', async () => {
