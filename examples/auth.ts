@@ -38,12 +38,13 @@
  */
 import * as os from 'node:os';
 
-import { dkimVerify, spf } from 'mailauth';
+import { dkimVerify } from 'mailauth';
 import type { DNSResolver } from 'mailauth';
 
 import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter } from '../src/index';
 import type { AuthResResult, Family, HostAddr } from '../src/index';
 import { CollectingMilter } from '../src/mime/index';
+import { checkSpf, clientIp, ownAuthResults, spfAuthResults } from '../src/auth/index';
 import type { MessageCollector } from '../src/mime/index';
 
 /** Settings of the auth milter; set by main() from the environment, or by a test. */
@@ -84,10 +85,7 @@ export class AuthMilter extends CollectingMilter<AuthMessage> {
   }
 
   override connect(hostname: string, family: Family, hostaddr: HostAddr) {
-    // SPF needs the client's IP; a local (unix socket) client has none.
-    if ((family === 'inet' || family === 'inet6') && hostaddr && 'address' in hostaddr) {
-      this.ip = hostaddr.address.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, '');
-    }
+    this.ip = clientIp(family, hostaddr); // SPF needs it; a local client has none
     return CONTINUE;
   }
 
@@ -103,41 +101,23 @@ export class AuthMilter extends CollectingMilter<AuthMessage> {
     const user = this.getsymval('{auth_authen}');
     if (user) m.results.push({ method: 'auth', result: 'pass', properties: [{ type: 'smtp', name: 'auth', value: user }] });
     if (!this.ip) return CONTINUE;
-    const mta = this.authservId();
-    const heloIsName = /^[a-z0-9-]+(\.[a-z0-9-]+)+$/i.test(this.helo);
-    // RFC 7208 §2.3/§2.4: check the HELO identity when it is a name, and
-    // MAIL FROM (postmaster@HELO for the null sender).
-    if (heloIsName) {
-      const r = await this.checkSpf(`postmaster@${this.helo}`, mta);
-      m.results.push({ method: 'spf', result: r.result, comment: r.comment, properties: [{ type: 'smtp', name: 'helo', value: this.helo }] });
-    }
-    if (address) {
-      const r = await this.checkSpf(address, mta);
-      m.results.push({ method: 'spf', result: r.result, comment: r.comment, properties: [{ type: 'smtp', name: 'mailfrom', value: address }] });
-      if (r.result === 'fail' && config.rejectSpfFail && !user) {
-        this.log('refused', from, 'from', this.ip, r.comment ?? '');
-        this.setreply('550', '5.7.23', `SPF: ${this.ip} may not send mail for ${address}`.replace(/%/g, '%%'));
-        return REJECT;
-      }
+    // RFC 7208 §2.3/§2.4: the HELO identity when it is a name, and MAIL FROM
+    // (postmaster@HELO for the null sender).
+    const spf = await checkSpf({ ip: this.ip, helo: this.helo, sender: address, authservId: this.authservId(), resolver: config.resolver });
+    m.results.push(...spfAuthResults(spf));
+    const mf = spf.find((r) => r.identity === 'mailfrom');
+    if (mf?.result === 'fail' && config.rejectSpfFail && !user) {
+      this.log('refused', from, 'from', this.ip, mf.comment ?? '');
+      this.setreply('550', '5.7.23', `SPF: ${this.ip} may not send mail for ${address}`.replace(/%/g, '%%'));
+      return REJECT;
     }
     return CONTINUE;
-  }
-
-  /** SPF of one identity; a failure of the check itself is a `temperror`, never an exception. */
-  async checkSpf(sender: string, mta: string): Promise<{ result: string; comment?: string }> {
-    try {
-      const r = await spf({ sender, ip: this.ip!, helo: this.helo, mta, resolver: config.resolver });
-      return { result: r.status.result, comment: r.status.comment };
-    } catch (err) {
-      return { result: 'temperror', comment: (err as Error).message };
-    }
   }
 
   override header(name: string, value: string) {
     if (name.toLowerCase() === 'authentication-results') {
       const n = ++this.message.seen;
-      const id = value.trim().split(/[\s;]/, 1)[0].toLowerCase();
-      if (id === this.authservId().toLowerCase()) this.message.forged.push(n);
+      if (ownAuthResults(value, this.authservId())) this.message.forged.push(n);
     }
     return super.header(name, value); // collect it for DKIM
   }

@@ -34,7 +34,7 @@ import { ACCEPT, ADDHDRS, CONTINUE, TEMPFAIL, IpList, parse_addr, runmilter } fr
 import type { Family, HostAddr } from '../src/index';
 import { CollectingMilter } from '../src/mime/index';
 import type { MessageCollector } from '../src/mime/index';
-import { SigningTable, dkimSign, flagSetting, insertOnTop, intSetting, listSetting, readSettings, signingKey } from '../src/auth/index';
+import { SigningTable, clientIp, dkimSign, flagSetting, insertOnTop, intSetting, listSetting, readSettings, signingKey } from '../src/auth/index';
 import type { DkimSignOptions } from '../src/auth/index';
 import { InvalidArgumentError } from '../src/errors';
 import { readFileSync } from 'node:fs';
@@ -66,7 +66,7 @@ export class DkimSignMilter extends CollectingMilter<SignMessage> {
   }
 
   override connect(hostname: string, family: Family, hostaddr: HostAddr) {
-    if ((family === 'inet' || family === 'inet6') && hostaddr && 'address' in hostaddr) this.ip = hostaddr.address;
+    this.ip = clientIp(family, hostaddr);
     return CONTINUE;
   }
 

@@ -50,6 +50,7 @@ import type { MessageCollector } from '../src/mime/index';
 import {
   DnsMetrics,
   checkSpf,
+  clientIp,
   createResolver,
   dmarcDisposition,
   flagSetting,
@@ -113,9 +114,7 @@ export class DmarcMilter extends CollectingMilter<DmarcMessage> {
   }
 
   override connect(hostname: string, family: Family, hostaddr: HostAddr) {
-    if ((family === 'inet' || family === 'inet6') && hostaddr && 'address' in hostaddr) {
-      this.ip = hostaddr.address.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, '');
-    }
+    this.ip = clientIp(family, hostaddr); // SPF needs it; a local client has none
     return CONTINUE;
   }
 

@@ -62,6 +62,11 @@ export async function checkSpf(input: SpfInput): Promise<SpfCheck[]> {
   return out;
 }
 
+/** SPF checks as Authentication-Results entries (`spf=RESULT (comment) smtp.mailfrom=...`). */
+export function spfAuthResults(checks: readonly SpfCheck[]): AuthResResult[] {
+  return checks.map((s) => ({ method: 'spf', result: s.result, comment: s.comment, properties: [{ type: 'smtp', name: s.identity, value: s.value }] }));
+}
+
 /** A DMARC evaluation (RFC 7489) of the From domain. */
 export interface DmarcOutcome {
   /** `pass`, `fail`, `none` (no record), `temperror`, `permerror`. */
@@ -180,7 +185,7 @@ export async function verifyMessage(message: MessageInput, options: VerifyOption
 
   let spf = options.spf;
   if (!spf) spf = options.ip ? await checkSpf({ ip: options.ip, helo: options.helo ?? '', sender: options.sender ?? '', authservId: mta, resolver }) : [];
-  for (const s of spf) results.push({ method: 'spf', result: s.result, comment: s.comment, properties: [{ type: 'smtp', name: s.identity, value: s.value }] });
+  results.push(...spfAuthResults(spf));
 
   const seal = options.seal
     ? { signingDomain: options.seal.domain, selector: options.seal.selector, privateKey: options.seal.privateKey, algorithm: options.seal.algorithm }
