@@ -22,7 +22,8 @@
  *
  * Clients that authenticated (`{auth_authen}`) or connect from
  * `DMARC_INTERNAL_HOSTS` are not judged (OpenDMARC's IgnoreAuthenticatedClients
- * and IgnoreHosts); their message still gets the header with `auth=pass`.
+ * and IgnoreHosts): no SPF, no DMARC, no action; their message still gets
+ * the header, with `auth=pass` and the DKIM results.
  *
  * Run it (after `npm run build:ts`):
  *
@@ -156,6 +157,8 @@ export class DmarcMilter extends CollectingMilter<DmarcMessage> {
       resolver: config.resolver,
       seal: config.seal,
       minBitLength: config.minKeyBits,
+      // Our own clients' mail is not judged (OpenDMARC's IgnoreAuthenticatedClients, IgnoreHosts).
+      disableDmarc: this.trusted(),
     });
     // Delete from the last, so the indexes of the others stay right.
     for (const n of [...m.forged].reverse()) this.chgheader('Authentication-Results', n, null);
