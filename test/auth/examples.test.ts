@@ -281,15 +281,20 @@ describe.each(ENGINES)('auth examples over the wire (%s engine, MilterClient)', 
 
   it('dmarc: rejects a p=reject failure with 550 5.7.1 (DMARC_REJECT=1)', async () => {
     const spec = await freeInetSpec();
-    await startExample('dmarc', spec, {
+    const p = await startExample('dmarc', spec, {
       script: OFFLINE,
-      env: { AUTH_TEST_EXAMPLE: 'dmarc', AUTH_TEST_ZONE: JSON.stringify(ZONE), DMARC_AUTHSERV_ID: 'mx.example.org', DMARC_REJECT: '1' },
+      env: { AUTH_TEST_EXAMPLE: 'dmarc', AUTH_TEST_ZONE: JSON.stringify(ZONE), DMARC_AUTHSERV_ID: 'mx.example.org', DMARC_REJECT: '1', DNS_METRICS_PORT: '0' },
       engine,
     });
     const c = await MilterClient.connect(spec);
     const r = await c.sendMessage({ client: { hostname: 'mx.evil.example', address: '203.0.113.5', port: 5000 }, helo: 'mx.evil.example', from: '<x@evil.example>', rcpt: ['<victim@example.org>'], message: PHISH, quit: true });
     expect(r.decision).toBe('reject');
     expect(r.eom?.reply).toMatchObject({ rcode: '550', xcode: '5.7.1' });
+    // The DNS metrics, as an operator scrapes them (DNS_METRICS_PORT).
+    const url = (await p.waitForOutput(/DNS metrics on (http:\S+)/, { timeout: 5000, stream: 'stdout' }))[1];
+    const text = await (await fetch(url)).text();
+    expect(text).toMatch(/^nodemilter_dns_lookups_total\{type="TXT",outcome="ok"\} [1-9]\d*$/m);
+    expect(text).toMatch(/^nodemilter_dns_lookup_duration_seconds_count [1-9]\d*$/m);
   });
 
   it('srs: chgfrom to an SRS0 address; a bounce to it becomes delrcpt + addrcpt of the sender', async () => {

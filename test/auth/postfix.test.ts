@@ -1,6 +1,7 @@
 // The auth examples behind a real Postfix (test/helpers/postfix.ts), on both
 // engines: a message signed by dkim-sign verifies, as smtp-sink received it,
-// with mailauth; dmarc refuses a DMARC failure with DMARC_REJECT=1; srs gives
+// with mailauth; dmarc refuses a DMARC failure with DMARC_REJECT=1, holds one
+// with DMARC_QUARANTINE=1 and tempfails a DNS outage with DMARC_TEMPFAIL=1; srs gives
 // a forwarded message an SRS sender, and a bounce to that address reaches
 // the original sender.
 //
@@ -83,6 +84,35 @@ describe.skipIf(skip).each(ENGINES)('auth examples behind Postfix, %s engine', (
     const [d] = await pf.waitDelivered(t.queueId!);
     expect(d.message.match(/^Authentication-Results:/gm)).toHaveLength(1);
     expect(d.message).toMatch(/^Authentication-Results: mta\.test\.example;\r\n\tspf=none .*\r\n\tspf=none .*\r\n\tdkim=none \(message not signed\);\r\n\tdmarc=none header\.from=nodmarc\.example\r\n/);
+  });
+
+  it('dmarc: a p=quarantine failure goes to the hold queue (DMARC_QUARANTINE=1); a DNS outage gives 451 4.4.3 (DMARC_TEMPFAIL=1)', async () => {
+    const spec = await freeInetSpec();
+    await startExample('dmarc', spec, {
+      script: OFFLINE,
+      env: { AUTH_TEST_EXAMPLE: 'dmarc', AUTH_TEST_ZONE: JSON.stringify(ZONE), DMARC_AUTHSERV_ID: 'mta.test.example', DMARC_QUARANTINE: '1' },
+      engine,
+    });
+    const pf = await startPostfix({ milter: spec });
+    const q = await pf.send({ from: '<x@evil.example>', rcpts: ['<victim@example.org>'], message: PHISH.replace(/bank\.example/g, 'shop.example') });
+    expect(q.end?.code).toBe(250);
+    const until = Date.now() + 10_000;
+    while (!(await pf.heldQueueIds()).includes(q.queueId!) && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
+    expect(await pf.heldQueueIds()).toContain(q.queueId);
+    expect(pf.log()).toMatch(new RegExp(`${q.queueId}: milter-hold: END-OF-MESSAGE from localhost\\[127\\.0\\.0\\.1\\]: milter triggers HOLD action`));
+
+    const outage = await freeInetSpec();
+    await startExample('dmarc', outage, {
+      script: OFFLINE,
+      env: { AUTH_TEST_EXAMPLE: 'dmarc', AUTH_TEST_DNS: 'hang', DNS_TIMEOUT: '300', DMARC_AUTHSERV_ID: 'mta.test.example', DMARC_REJECT: '1', DMARC_TEMPFAIL: '1' },
+      engine,
+    });
+    const pf2 = await startPostfix({ milter: outage });
+    const t0 = Date.now();
+    const r = await pf2.send({ from: '<x@evil.example>', rcpts: ['<victim@example.org>'], message: PHISH });
+    expect(r.end?.code).toBe(451);
+    expect(r.end?.lines[0]).toBe('4.4.3 DMARC check of bank.example failed temporarily (DNS), try again later');
+    expect(Date.now() - t0).toBeLessThan(10_000); // each lookup is cut at 300 ms
   });
 
   it('srs: a forwarded message leaves with an SRS0 sender; a bounce to it reaches the original sender', async () => {
