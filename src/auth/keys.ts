@@ -178,7 +178,7 @@ export class SigningTable {
     return SigningTable.parse(read(kt, 'KeyTable'), read(st, 'SigningTable'), { ...options, baseDir: path.dirname(path.resolve(kt)) });
   }
 
-  /** Keys for every address at one domain (and its subdomains with `*.domain`), without tables. */
+  /** All `keys` for every address at `domain` (not its subdomains), without tables. */
   static forDomain(domain: string, keys: SigningKey[]): SigningTable {
     const named = Object.fromEntries(keys.map((k, i) => [`k${i}`, k]));
     return new SigningTable(named, keys.map((_, i) => [domain, `k${i}`]), { multiple: true });

@@ -76,6 +76,23 @@ describe('dkim-sign with TestCtx', () => {
     await t.close();
   });
 
+  it('reads an OpenDKIM KeyTable and SigningTable named in a DKIM_CONFIG file', async () => {
+    const fs = await import('node:fs');
+    const path = await import('node:path');
+    const { KEY_DIR, RSA_KEYFILE, ED_KEYFILE } = await import('./common');
+    fs.writeFileSync(path.join(KEY_DIR, 'KeyTable'), `rsa example.com:rsa2026:${RSA_KEYFILE}\ned %:ed2026:${ED_KEYFILE}\n`);
+    fs.writeFileSync(path.join(KEY_DIR, 'SigningTable'), '*@example.com rsa\n*@example.com ed\n');
+    const conf = path.join(KEY_DIR, 'dkim.conf');
+    fs.writeFileSync(conf, `# dkim-sign\nDKIM_KEYTABLE=refile:${path.join(KEY_DIR, 'KeyTable')}\nDKIM_SIGNINGTABLE=${path.join(KEY_DIR, 'SigningTable')}\nDKIM_MULTIPLE=yes\n`);
+    sign.configure({ DKIM_CONFIG: conf });
+    const t = new TestCtx(sign.DkimSignMilter);
+    await t.feedMessage(OUTGOING, {});
+    expect(await dkimOf(t.resultMessage())).toEqual(['rsa2026=pass', 'ed2026=pass']);
+    await t.close();
+    fs.writeFileSync(conf, 'DKIM_MULTIPLE=maybe\n');
+    expect(() => sign.configure({ DKIM_CONFIG: conf, ...SIGNER_ENV })).toThrow(/DKIM_MULTIPLE="maybe" is invalid/);
+  });
+
   it('refuses incomplete settings with a message naming them', () => {
     expect(() => sign.configure({ DKIM_KEYTABLE: '/x' })).toThrow(/DKIM_KEYTABLE and DKIM_SIGNINGTABLE go together/);
     expect(() => sign.configure({ DKIM_DOMAIN: 'example.com', DKIM_SELECTOR: 'a,b', DKIM_KEYFILE: '/x' })).toThrow(/as many selectors as key files/);
