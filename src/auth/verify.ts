@@ -5,6 +5,8 @@
  *
  * @module
  */
+import { promises as dnsPromises } from 'node:dns';
+
 import { InvalidArgumentError } from '../errors';
 import { formatAuthResults } from '../utils';
 import type { AuthResProperty, AuthResResult } from '../utils';
@@ -136,6 +138,36 @@ export interface VerifyOptions {
   seal?: SigningKey;
   /** The time of the ARC seal (default now). */
   signTime?: Date;
+  /**
+   * DNS work one message may cause in DKIM, ARC and DMARC (SPF has RFC
+   * 7208's own limit of 10): at most `lookups` lookups (default 32) within
+   * `ms` milliseconds (default 15000). Past it every lookup fails as a
+   * timeout, so a message with hundreds of signatures gets `temperror`s, not
+   * hundreds of sequential lookups.
+   */
+  dnsBudget?: { lookups?: number; ms?: number };
+}
+
+/** `resolver` (or Node's) limited to `lookups` calls within `ms` from now; past that, lookups fail with ETIMEOUT. */
+function budgeted(resolver: DnsResolve | undefined, lookups: number, ms: number): DnsResolve {
+  const resolve = resolver ?? ((name: string, rrtype: string) => dnsPromises.resolve(name, rrtype));
+  const end = Date.now() + ms;
+  let used = 0;
+  const spent = (name: string, rrtype: string) => {
+    const err: NodeJS.ErrnoException = new Error(`DNS ${rrtype} ${name}: this message's DNS budget (${lookups} lookups in ${ms} ms) is spent`);
+    err.code = 'ETIMEOUT';
+    return err;
+  };
+  return async (name: string, rrtype: string) => {
+    const left = end - Date.now();
+    if (++used > lookups || left <= 0) throw spent(name, rrtype);
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      return await Promise.race([resolve(name, rrtype), new Promise<never>((_, reject) => (timer = setTimeout(() => reject(spent(name, rrtype)), left)))]);
+    } finally {
+      clearTimeout(timer);
+    }
+  };
 }
 
 /** Everything {@link verifyMessage} found. */
@@ -178,13 +210,18 @@ export async function verifyMessage(message: MessageInput, options: VerifyOption
     throw new InvalidArgumentError(`verifyMessage needs an authservId (the host name the header speaks for), got ${JSON.stringify(options?.authservId)}`);
   }
   const ma = mailauth('DKIM, DMARC and ARC verification');
-  const resolver = options.resolver;
+  const lookups = options.dnsBudget?.lookups ?? 32;
+  const ms = options.dnsBudget?.ms ?? 15_000;
+  if (!Number.isInteger(lookups) || lookups < 1 || !Number.isFinite(ms) || ms <= 0) {
+    throw new InvalidArgumentError(`verifyMessage dnsBudget ${JSON.stringify(options.dnsBudget)} is invalid: expected lookups (a whole number >= 1) and ms (> 0)`);
+  }
   const mta = options.authservId;
   const results: AuthResResult[] = [];
   if (options.authUser) results.push({ method: 'auth', result: 'pass', properties: [{ type: 'smtp', name: 'auth', value: options.authUser }] });
 
   let spf = options.spf;
-  if (!spf) spf = options.ip ? await checkSpf({ ip: options.ip, helo: options.helo ?? '', sender: options.sender ?? '', authservId: mta, resolver }) : [];
+  if (!spf) spf = options.ip ? await checkSpf({ ip: options.ip, helo: options.helo ?? '', sender: options.sender ?? '', authservId: mta, resolver: options.resolver }) : [];
+  const resolver = budgeted(options.resolver, lookups, ms);
   results.push(...spfAuthResults(spf));
 
   const seal = options.seal

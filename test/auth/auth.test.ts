@@ -283,6 +283,25 @@ describe('resolver: timeout, cache, metrics', () => {
     expect(metrics.snapshot()).toMatchObject({ cacheHits: 2, shared: 1, lookups: { TXT: { ok: 3, nxdomain: 2, error: 2 } } });
   });
 
+  it("a message with 200 DKIM signatures costs at most the DNS budget (32 lookups), not 200 lookups", async () => {
+    const sigs = Array.from({ length: 200 }, (_, i) => `DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=flood${i}.example; s=s${i}; h=from; bh=${V.RFC_BODY_HASH}; b=AAAA\r\n`).join('');
+    let calls = 0;
+    const slow = async () => {
+      calls++;
+      await new Promise((r) => setTimeout(r, 20));
+      throw Object.assign(new Error('servfail'), { code: 'ESERVFAIL' });
+    };
+    const t0 = Date.now();
+    const v = await verifyMessage(sigs + V.RFC8463_UNSIGNED, { authservId: 'mx.test', resolver: slow });
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(calls).toBeLessThanOrEqual(32);
+    expect(v.dkim).toHaveLength(200);
+    expect(v.dkim.every((d) => d.result === 'temperror')).toBe(true);
+    const b = await verifyMessage(sigs + V.RFC8463_UNSIGNED, { authservId: 'mx.test', resolver: slow, dnsBudget: { lookups: 1000, ms: 300 } });
+    expect(b.dkim.every((d) => d.result === 'temperror')).toBe(true);
+    await expect(verifyMessage(V.RFC8463_UNSIGNED, { authservId: 'mx.test', dnsBudget: { lookups: 0 } })).rejects.toThrow(/dnsBudget .* is invalid/);
+  });
+
   it('refuses bad options', () => {
     expect(() => createResolver({ timeout: 0 })).toThrow(/timeout 0 is invalid/);
     expect(() => createResolver({ cacheSize: -1 })).toThrow(/cacheSize -1 is invalid/);
