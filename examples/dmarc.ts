@@ -96,6 +96,9 @@ interface DmarcMessage {
 
 export class DmarcMilter extends CollectingMilter<DmarcMessage> {
   static override flags = ADDHDRS | CHGHDRS | QUARANTINE;
+  // Raw header values: a signature with simple canonicalization covers the
+  // exact bytes after the colon, which the MTA otherwise trims.
+  static override headerLeadingSpace = true;
 
   ip?: string;
   helo = '';
@@ -162,7 +165,7 @@ export class DmarcMilter extends CollectingMilter<DmarcMessage> {
     });
     // Delete from the last, so the indexes of the others stay right.
     for (const n of [...m.forged].reverse()) this.chgheader('Authentication-Results', n, null);
-    this.addheader('Authentication-Results', v.authResults, 0);
+    insertOnTop(this, `Authentication-Results: ${v.authResults.replace(/\n/g, '\r\n')}\r\n`);
     if (v.arcSet) insertOnTop(this, v.arcSet);
     if (this.trusted() || !v.dmarc) return CONTINUE;
     if (v.dmarc.result === 'temperror' && config.tempfailDns) {

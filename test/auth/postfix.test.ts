@@ -14,10 +14,11 @@ import * as path from 'node:path';
 
 import { mayskipPostfix, postfixUnavailable, readSink, startPostfix, stopAllPostfix } from '../helpers/postfix';
 import type { DeliveredMessage, PostfixInstance } from '../helpers/postfix';
-import { dist, startExample } from '../examples/common';
+import { dist, startExample, testing } from '../examples/common';
 import { OFFLINE, OUTGOING, PHISH, SIGNER_ENV, ZONE } from './common';
 
 const auth = dist<typeof import('../../src/auth/index')>('src/auth/index');
+const sign = dist('examples/dkim-sign');
 const skip = postfixUnavailable() !== undefined && mayskipPostfix();
 
 /**
@@ -76,6 +77,18 @@ describe.skipIf(skip).each(ENGINES)('auth examples behind Postfix, %s engine', (
     const r = await pf.send({ from: '<x@evil.example>', rcpts: ['<victim@example.org>'], message: PHISH });
     expect(r.end?.code).toBe(550);
     expect(r.end?.lines[0]).toBe('5.7.1 Message rejected: DMARC policy of bank.example is reject');
+
+    // Signed simple/simple over headers with odd spacing (dkim-sign, in process): dmarc sees the raw bytes and passes it.
+    sign.configure({ ...SIGNER_ENV, DKIM_CANONICALIZATION: 'simple/simple' });
+    const st = new testing.TestCtx(sign.DkimSignMilter);
+    await st.feedMessage(OUTGOING, {});
+    const signed = st.resultMessage();
+    await st.close();
+    const sp = await pf.send({ from: '<x@evil.example>', rcpts: ['<victim@example.org>'], message: signed });
+    expect(sp.end?.code).toBe(250);
+    const [sd] = await pf.waitDelivered(sp.queueId!);
+    const sar = /^Authentication-Results: (.*(?:\r\n\t.*)*)\r\n/m.exec(sd.message)![1];
+    expect(sar).toMatch(/\tdkim=pass header\.d=example\.com header\.s=rsa2026 [^\r]*;\r\n\tdkim=pass header\.d=example\.com header\.s=ed2026 [^\r]*;\r\n\tdmarc=pass /);
 
     const ok = PHISH.replace(/bank\.example/g, 'nodmarc.example');
     const forged = `Authentication-Results: mta.test.example; dmarc=pass header.from=nodmarc.example\r\n${ok}`;
