@@ -44,7 +44,7 @@ import type { DNSResolver } from 'mailauth';
 import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter } from '../src/index';
 import type { AuthResResult, Family, HostAddr } from '../src/index';
 import { CollectingMilter } from '../src/mime/index';
-import { checkSpf, clientIp, ownAuthResults, spfAuthResults } from '../src/auth/index';
+import { checkSpf, clientIp, insertOnTop, ownAuthResults, spfAuthResults } from '../src/auth/index';
 import type { MessageCollector } from '../src/mime/index';
 
 /** Settings of the auth milter; set by main() from the environment, or by a test. */
@@ -71,6 +71,8 @@ interface AuthMessage {
 
 export class AuthMilter extends CollectingMilter<AuthMessage> {
   static override flags = ADDHDRS | CHGHDRS;
+  // Raw header values, so that DKIM with simple canonicalization sees the signed bytes.
+  static override headerLeadingSpace = true;
 
   ip?: string;
   helo = '';
@@ -137,7 +139,8 @@ export class AuthMilter extends CollectingMilter<AuthMessage> {
     }
     // Delete from the last, so the indexes of the others stay right.
     for (const n of [...m.forged].reverse()) this.chgheader('Authentication-Results', n, null);
-    this.addheader('Authentication-Results', formatAuthResults({ authservId: this.authservId(), results: m.results }, { fold: true }), 0);
+    const value = formatAuthResults({ authservId: this.authservId(), results: m.results }, { fold: true });
+    insertOnTop(this, `Authentication-Results: ${value.replace(/\n/g, '\r\n')}\r\n`);
     return CONTINUE;
   }
 }
