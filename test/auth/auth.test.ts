@@ -302,6 +302,19 @@ describe('resolver: timeout, cache, metrics', () => {
     await expect(verifyMessage(V.RFC8463_UNSIGNED, { authservId: 'mx.test', dnsBudget: { lookups: 0 } })).rejects.toThrow(/dnsBudget .* is invalid/);
   });
 
+  it("the default upstream (Node's resolver, one try) against a server that does not answer fails within the timeout", async () => {
+    const metrics = new DnsMetrics();
+    const r = createResolver({ servers: ['127.0.0.1:9'], timeout: 300, metrics });
+    const t0 = Date.now();
+    const err = await r('example.com', 'TXT').then(
+      () => undefined,
+      (e: NodeJS.ErrnoException) => e,
+    );
+    expect(err?.code).toMatch(/^(ETIMEOUT|ECONNREFUSED|ESERVFAIL)$/);
+    expect(Date.now() - t0).toBeLessThan(2000);
+    expect(Object.values(metrics.snapshot().lookups.TXT).reduce((a, b) => a + (b ?? 0), 0)).toBe(1);
+  });
+
   it('refuses bad options', () => {
     expect(() => createResolver({ timeout: 0 })).toThrow(/timeout 0 is invalid/);
     expect(() => createResolver({ cacheSize: -1 })).toThrow(/cacheSize -1 is invalid/);
