@@ -151,8 +151,9 @@ export class Srs {
 
   /**
    * The rewritten sender, or undefined when it stays as it is (the null
-   * sender, an address without a domain, an excluded domain). An SRS0 or
-   * SRS1 address of another forwarder becomes SRS1.
+   * sender, an address without a domain, an excluded domain, one of our own
+   * SRS addresses, a malformed SRS1 address). An SRS0 or SRS1 address of
+   * another forwarder becomes SRS1.
    */
   forward(address: string): string | undefined {
     const parts = splitAddress(address);
@@ -175,7 +176,8 @@ export class Srs {
       const body = local.slice(5);
       const a = body.indexOf('=');
       const b = a < 0 ? -1 : body.indexOf('=', a + 1);
-      if (a < 0 || b < 0) return this.#srs0(secret, local, host);
+      // Malformed (no host or no user part): left alone, as postsrsd does ("No host in SRS1 address").
+      if (a < 0 || b < 0) return undefined;
       const srsHost = body.slice(a + 1, b);
       const srsUser = body.slice(b + 1);
       return `SRS1${sep}${this.#hash(secret, [srsHost, srsUser])}=${srsHost}=${srsUser}@${this.domain}`;

@@ -72,6 +72,10 @@ export const POSTSRSD_FORWARD: [{ domain: string; secrets: string[]; separator?:
   [{ domain: 'fwd2.example', secrets: ['tops3cr3t'], separator: '+' }, 'SRS0=mWRv=JU=example.com=alice@srs.example', undefined],
   [{ domain: 'srs.example', secrets: ['n3w-s3cret', 'tops3cr3t'] }, 'alice@example.com', 'SRS0=oslY=JU=example.com=alice@srs.example'],
   [{ domain: 'srs.example', secrets: ['n3w-s3cret', 'tops3cr3t'] }, 'SRS0=mWRv=JU=example.com=alice@other.example', undefined],
+  [{ domain: 'srs.example', secrets: ['tops3cr3t'] }, 'SRS1=abc@first.example', undefined], // "No host in SRS1 address."
+  [{ domain: 'srs.example', secrets: ['tops3cr3t'] }, 'SRS1=abc=first.example@x.example', undefined], // "No user in SRS1 address."
+  [{ domain: 'srs.example', secrets: ['tops3cr3t'] }, 'SRS0=@x.example', 'SRS1=HHFQ=x.example==@srs.example'],
+  [{ domain: 'srs.example', secrets: ['tops3cr3t'] }, 'srs0=abcd=JU=a.example=u@x.example', 'SRS1=hNUQ=x.example==abcd=JU=a.example=u@srs.example'],
 ];
 /** [settings, input, reversed address | error reason]. */
 export const POSTSRSD_REVERSE: [{ domain: string; secrets: string[] }, string, string | { reason: string }][] = [
