@@ -32,16 +32,19 @@
  *
  * DNS: `config.resolver` takes any function shaped like Node's
  * `dns.promises.resolve(name, rrtype)`; the tests give it
- * {@link staticResolver} over fixture records so they run offline.
+ * `staticResolver` (from `nodemilter/auth`) over fixture records so they
+ * run offline. `examples/dmarc.ts` is the fuller verifier (DMARC, ARC, a
+ * DNS timeout and cache).
  */
 import * as os from 'node:os';
 
-import { dkimVerify, spf } from 'mailauth';
+import { dkimVerify } from 'mailauth';
 import type { DNSResolver } from 'mailauth';
 
-import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter, InvalidArgumentError } from 'nodemilter';
+import { ADDHDRS, CHGHDRS, CONTINUE, REJECT, formatAuthResults, runmilter } from 'nodemilter';
 import type { AuthResResult, Family, HostAddr } from 'nodemilter';
 import { CollectingMilter } from 'nodemilter/mime';
+import { checkSpf, clientIp, insertOnTop, ownAuthResults, spfAuthResults } from 'nodemilter/auth';
 import type { MessageCollector } from 'nodemilter/mime';
 
 /** Settings of the auth milter; set by main() from the environment, or by a test. */
@@ -54,34 +57,8 @@ export const config: {
   resolver?: DNSResolver;
 } = {};
 
-/**
- * A resolver over fixed records, for tests and offline runs. Keys are
- * `"name TYPE"` (`"example.org TXT"`); TXT values are strings (one chunk
- * each). A name with no entry fails like Node's resolver does for a missing
- * name (`ENOTFOUND`), and a name with other types only gives `ENODATA`.
- *
- * @example
- * ```ts
- * config.resolver = staticResolver({ 'example.org TXT': ['v=spf1 ip4:192.0.2.0/24 -all'] });
- * ```
- */
-export function staticResolver(records: Record<string, string[]>): DNSResolver {
-  const keyOf = (name: string, rrtype: string) => `${name.toLowerCase().replace(/\.$/, '')} ${rrtype.toUpperCase()}`;
-  const zone = new Map<string, string[]>();
-  for (const [key, values] of Object.entries(records)) {
-    const m = /^(\S+)\s+([A-Za-z]+)$/.exec(key.trim());
-    if (!m) throw new InvalidArgumentError(`staticResolver: record key ${JSON.stringify(key)} is invalid: expected "name TYPE", e.g. "example.org TXT"`);
-    zone.set(keyOf(m[1], m[2]), values);
-  }
-  return async (name: string, rrtype: string) => {
-    const found = zone.get(keyOf(name, rrtype));
-    if (found) return rrtype.toUpperCase() === 'TXT' ? found.map((s) => [s]) : found;
-    const known = [...zone.keys()].some((k) => k.startsWith(`${name.toLowerCase().replace(/\.$/, '')} `));
-    const err: NodeJS.ErrnoException = new Error(`${rrtype} ${name}: ${known ? 'no data' : 'not found'}`);
-    err.code = known ? 'ENODATA' : 'ENOTFOUND';
-    throw err;
-  };
-}
+/** A resolver over fixed records, for tests and offline runs (see `nodemilter/auth`). */
+export { staticResolver } from 'nodemilter/auth';
 
 /** What one message collects before its Authentication-Results header is written. */
 interface AuthMessage {
@@ -94,6 +71,8 @@ interface AuthMessage {
 
 export class AuthMilter extends CollectingMilter<AuthMessage> {
   static override flags = ADDHDRS | CHGHDRS;
+  // Raw header values, so that DKIM with simple canonicalization sees the signed bytes.
+  static override headerLeadingSpace = true;
 
   ip?: string;
   helo = '';
@@ -108,10 +87,7 @@ export class AuthMilter extends CollectingMilter<AuthMessage> {
   }
 
   override connect(hostname: string, family: Family, hostaddr: HostAddr) {
-    // SPF needs the client's IP; a local (unix socket) client has none.
-    if ((family === 'inet' || family === 'inet6') && hostaddr && 'address' in hostaddr) {
-      this.ip = hostaddr.address.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, '');
-    }
+    this.ip = clientIp(family, hostaddr); // SPF needs it; a local client has none
     return CONTINUE;
   }
 
@@ -127,41 +103,23 @@ export class AuthMilter extends CollectingMilter<AuthMessage> {
     const user = this.getsymval('{auth_authen}');
     if (user) m.results.push({ method: 'auth', result: 'pass', properties: [{ type: 'smtp', name: 'auth', value: user }] });
     if (!this.ip) return CONTINUE;
-    const mta = this.authservId();
-    const heloIsName = /^[a-z0-9-]+(\.[a-z0-9-]+)+$/i.test(this.helo);
-    // RFC 7208 §2.3/§2.4: check the HELO identity when it is a name, and
-    // MAIL FROM (postmaster@HELO for the null sender).
-    if (heloIsName) {
-      const r = await this.checkSpf(`postmaster@${this.helo}`, mta);
-      m.results.push({ method: 'spf', result: r.result, comment: r.comment, properties: [{ type: 'smtp', name: 'helo', value: this.helo }] });
-    }
-    if (address) {
-      const r = await this.checkSpf(address, mta);
-      m.results.push({ method: 'spf', result: r.result, comment: r.comment, properties: [{ type: 'smtp', name: 'mailfrom', value: address }] });
-      if (r.result === 'fail' && config.rejectSpfFail && !user) {
-        this.log('refused', from, 'from', this.ip, r.comment ?? '');
-        this.setreply('550', '5.7.23', `SPF: ${this.ip} may not send mail for ${address}`.replace(/%/g, '%%'));
-        return REJECT;
-      }
+    // RFC 7208 §2.3/§2.4: the HELO identity when it is a name, and MAIL FROM
+    // (postmaster@HELO for the null sender).
+    const spf = await checkSpf({ ip: this.ip, helo: this.helo, sender: address, authservId: this.authservId(), resolver: config.resolver });
+    m.results.push(...spfAuthResults(spf));
+    const mf = spf.find((r) => r.identity === 'mailfrom');
+    if (mf?.result === 'fail' && config.rejectSpfFail && !user) {
+      this.log('refused', from, 'from', this.ip, mf.comment ?? '');
+      this.setreply('550', '5.7.23', `SPF: ${this.ip} may not send mail for ${address}`.replace(/%/g, '%%'));
+      return REJECT;
     }
     return CONTINUE;
-  }
-
-  /** SPF of one identity; a failure of the check itself is a `temperror`, never an exception. */
-  async checkSpf(sender: string, mta: string): Promise<{ result: string; comment?: string }> {
-    try {
-      const r = await spf({ sender, ip: this.ip!, helo: this.helo, mta, resolver: config.resolver });
-      return { result: r.status.result, comment: r.status.comment };
-    } catch (err) {
-      return { result: 'temperror', comment: (err as Error).message };
-    }
   }
 
   override header(name: string, value: string) {
     if (name.toLowerCase() === 'authentication-results') {
       const n = ++this.message.seen;
-      const id = value.trim().split(/[\s;]/, 1)[0].toLowerCase();
-      if (id === this.authservId().toLowerCase()) this.message.forged.push(n);
+      if (ownAuthResults(value, this.authservId())) this.message.forged.push(n);
     }
     return super.header(name, value); // collect it for DKIM
   }
@@ -181,7 +139,8 @@ export class AuthMilter extends CollectingMilter<AuthMessage> {
     }
     // Delete from the last, so the indexes of the others stay right.
     for (const n of [...m.forged].reverse()) this.chgheader('Authentication-Results', n, null);
-    this.addheader('Authentication-Results', formatAuthResults({ authservId: this.authservId(), results: m.results }, { fold: true }), 0);
+    const value = formatAuthResults({ authservId: this.authservId(), results: m.results }, { fold: true });
+    insertOnTop(this, `Authentication-Results: ${value.replace(/\n/g, '\r\n')}\r\n`);
     return CONTINUE;
   }
 }
