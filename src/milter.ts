@@ -177,6 +177,16 @@ function mainThreadOnly(what: string): void {
   }
 }
 
+/** The calls that configure or run libmilter: refused when another load of the addon (a reload) runs it. */
+function ownerOnly(what: string): void {
+  mainThreadOnly(what);
+  if (addon().getdiag().owner === 'other') {
+    throw new MilterStateError(
+      `${what}: libmilter is already configured by another load of nodemilter in this process (a second load after require.cache was cleared); libmilter runs one milter per process, use the module that started it`,
+    );
+  }
+}
+
 function notStarted(what: string): void {
   if (started) throw new MilterStateError(`${what} after main(): libmilter runs one milter per process and cannot be reconfigured while running`);
 }
@@ -266,7 +276,7 @@ export function set_flags(flags: number): void {
  * Throws InvalidSocketError for a malformed spec.
  */
 export function setconn(spec: string): void {
-  mainThreadOnly('setconn()');
+  ownerOnly('setconn()');
   notStarted('setconn()');
   parseSocketSpec(spec);
   addon().setconn(spec);
@@ -299,7 +309,7 @@ export function setdbg(level: number): void {
  * is a socket). Needs register() and setconn() first.
  */
 export function opensocket(rmsocket = false): void {
-  mainThreadOnly('opensocket()');
+  ownerOnly('opensocket()');
   notStarted('opensocket()');
   if (!connSpec) throw new MilterStateError('opensocket() needs setconn() first');
   commit();
@@ -414,7 +424,7 @@ function commit(): void {
  * once per process: a second main() throws MilterStateError.
  */
 export function main(): Promise<void> {
-  mainThreadOnly('main()');
+  ownerOnly('main()');
   if (started) throw new MilterStateError('main() was already called: libmilter runs once per process and cannot be restarted');
   if (!connSpec) throw new MilterStateError('main() needs setconn() first');
   commit();
