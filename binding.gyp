@@ -18,8 +18,8 @@
           "libraries": ["-lmilter", "-lpthread", "-ldl"]
         }],
         ["'<!(node -p \"process.env.NODEMILTER_SANITIZE || 0\")'=='1'", {
-          "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"],
-          "ldflags": ["-fsanitize=address,undefined"]
+          "cflags_cc": ["-fsanitize=address,undefined", "-fsanitize-recover=address", "-fno-omit-frame-pointer", "-g", "-O1"],
+          "ldflags": ["-fsanitize=address,undefined", "-fsanitize-recover=address"]
         }]
       ]
     }

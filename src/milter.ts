@@ -279,6 +279,7 @@ export function setconn(spec: string): void {
   ownerOnly('setconn()');
   notStarted('setconn()');
   parseSocketSpec(spec);
+  if (socketOpen) throw new MilterStateError(`setconn() after opensocket(): the listening socket is already open on ${connSpec}; libmilter keeps it`);
   addon().setconn(spec);
   connSpec = spec;
 }

@@ -190,6 +190,19 @@ describe('the write path: a stalled MTA holds only its own worker', () => {
   }, 90_000);
 });
 
+describe('configuration', () => {
+  it('refuses setconn() after opensocket() instead of silently keeping the old socket', async () => {
+    const other = await freeInetSpec();
+    const p = await startMilter({ setconnAfterOpen: other });
+    const ev = events(p).find((e) => e.ev === 'setconn-after-open')!;
+    expect(ev.module).toBe(`MilterStateError: setconn() after opensocket(): the listening socket is already open on ${p.spec}; libmilter keeps it`);
+    expect(ev.addon).toBe(`Error: setconn() after opensocket(): the listening socket is already open on ${p.spec}`);
+    // Still serving where it was.
+    await flow(p.spec, 4, 1);
+    await stopMilter(p);
+  });
+});
+
 describe('stop', () => {
   it('answers a MAIL pipelined behind an eom pending at stop at once, not a deadline later', async () => {
     const p = await startMilter({ eomDelay: 1500, keepAlive: true });
