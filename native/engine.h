@@ -48,6 +48,7 @@ enum EventType : uint8_t {
   // could not write the actions JavaScript recorded.
   EV_STOPPED = 100,
   EV_ACTION_FAILED = 101,
+  EV_WARNING = 102,  // something JavaScript's logger must hear about, once
 };
 
 inline uint32_t Bit(int ev) { return 1u << ev; }
@@ -245,6 +246,8 @@ bool Enqueue(Event* ev);
 bool MacrosSafe(SMFICTX* ctx);
 // Stages found in libmilter's context for MacrosSafe; -2 not yet known, -1 unknown layout.
 int MacroLayout();
+// Why the guard is off (empty while it is on or not yet calibrated).
+std::string MacroGuardProblem();
 void WakeAllParked(int status);
 void InitDispatch(Napi::Env env, Napi::Object exports);
 // The owner environment is going away.

@@ -351,6 +351,14 @@ export interface Diag extends EngineCounters {
    * from libmilter), -2 before the first session.
    */
   macroLayout: number;
+  /**
+   * Which guard keeps malformed macro lists from crashing libmilter:
+   * `'layout'` (libmilter's context layout was recognised and checked),
+   * `'not calibrated'` (before the first session), or `'off: <why>'` (not
+   * recognised: macros are not read from libmilter; a warning went to the
+   * logger once).
+   */
+  macroGuard: string;
   /** Sessions refused because {@link RegisterOptions.maxSessions} were being served. */
   sessionsRefused: number;
   /** Recorded actions that libmilter could not write to the MTA (reported as `handlerError` with an ActionFailedError). */
@@ -375,6 +383,7 @@ export function getdiag(): Diag {
     jsSessions: sessions.size,
     running: d.running,
     macroLayout: d.macroLayout,
+    macroGuard: d.macroGuard,
     sessionsRefused: d.sessionsRefused,
     actionsFailed: d.actionsFailed,
     queueWaits: d.queueWaits,
@@ -639,6 +648,10 @@ class Session extends SessionCore {
 function onEvent(type: number, connId: number, seq: number, handle: ConnHandle | undefined, a0: any, a1: any, a2: any, a3: any, macros: (string | Buffer)[] | undefined): void {
   if (type === Ev.STOPPED) {
     onStopped(a0 as string);
+    return;
+  }
+  if (type === Ev.WARNING) {
+    logger.warn(`nodemilter: ${a0 as string}`);
     return;
   }
   if (type === Ev.ACTION_FAILED) {

@@ -30,6 +30,8 @@ export const Ev = {
   STOPPED: 100,
   /** A session's worker could not write the actions JavaScript recorded (native/context.cc WriteActions). */
   ACTION_FAILED: 101,
+  /** A notice for the logger (native/dispatch.cc: the macro guard is off). */
+  WARNING: 102,
 } as const;
 
 /** Result codes of the context actions (native/context.cc ActionCode). */
@@ -74,6 +76,8 @@ export interface NativeDiag extends EngineCounters {
   usedSmfiMain: boolean;
   /** Macro stages found in libmilter's context (guard against malformed macro lists); -1 unknown, -2 not yet. */
   macroLayout: number;
+  /** Which macro guard is active: 'layout', 'not calibrated', or 'off: <why>'. */
+  macroGuard: string;
   /** Sessions refused because `maxSessions` were being served. */
   sessionsRefused: number;
   /** Recorded actions a session's worker could not write to the MTA. */

@@ -327,6 +327,7 @@ describe('hostile input', () => {
     const stopped = await waitEvent(p, 'stopped');
     // The guard found libmilter's seven macro stages in its context.
     expect((stopped.diag as { macroLayout: number }).macroLayout).toBe(7);
+    expect((stopped.diag as { macroGuard: string }).macroGuard).toBe('layout');
     expect((await p.exited).code).toBe(0);
   });
 });
