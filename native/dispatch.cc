@@ -87,6 +87,12 @@ Conn* GetConn(SMFICTX* ctx, bool negotiating = false) {
       c->steps = it->second.steps;
       c->negotiated = true;
     }
+    // A session after QUIT_NC skips negotiation: it counts against the cap
+    // (it was admitted with the connection), though it cannot be refused.
+    if (a.reg.max_sessions > 0) {
+      a.sessions_live.fetch_add(1);
+      c->counted = true;
+    }
   }
   smfi_setpriv(ctx, c);
   Link(c);

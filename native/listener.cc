@@ -69,6 +69,24 @@ void AsyncSignals(sigset_t* set) {
 
 }  // namespace
 
+namespace {
+
+struct ThreadStart {
+  void* (*fn)(void*);
+  void* arg;
+};
+
+// Names the thread before it runs anything, so that threads it starts
+// (libmilter's pool) inherit the name.
+void* NamedThread(void* p) {
+  ThreadStart start = *static_cast<ThreadStart*>(p);
+  delete static_cast<ThreadStart*>(p);
+  pthread_setname_np(pthread_self(), "nodemilter");
+  return start.fn(start.arg);
+}
+
+}  // namespace
+
 bool StartThread(void* (*fn)(void*), void* arg) {
   // The new thread starts with the creator's mask: block around the create
   // so that not even its first instruction can take a signal meant for Node.
@@ -79,15 +97,16 @@ bool StartThread(void* (*fn)(void*), void* arg) {
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
   pthread_t t;
-  const int rc = pthread_create(&t, &attr, fn, arg);
+  ThreadStart* start = new ThreadStart{fn, arg};
+  const int rc = pthread_create(&t, &attr, NamedThread, start);
   pthread_attr_destroy(&attr);
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
   if (rc != 0) {
+    delete start;
     State().threads_failed.fetch_add(1);
     errno = rc;
     return false;
   }
-  pthread_setname_np(t, "nodemilter");
   return true;
 }
 

@@ -203,6 +203,20 @@ describe('configuration', () => {
   });
 });
 
+describe('deadlines', () => {
+  it('a negotiate that misses its deadline answers the defaults (ALL_OPTS), as the JS failure path does, not TEMPFAIL', async () => {
+    const p = await startMilter({ negotiateDelay: 1500, deadline: { negotiate: 300 } });
+    const c = await MilterClient.connect(p.spec);
+    // libmilter's defaults: the version 6 actions offered, and no NR_* steps.
+    expect(c.negotiation.actions).toBe(0x1ff);
+    const r = await c.sendMessage(MESSAGE);
+    expect(r.decision).toBe('continue');
+    await c.quit();
+    const stopped = await stopMilter(p);
+    expect(stopped.diag.deadlineExpired).toBe(1);
+  });
+});
+
 describe('stop', () => {
   it('answers a MAIL pipelined behind an eom pending at stop at once, not a deadline later', async () => {
     const p = await startMilter({ eomDelay: 1500, keepAlive: true });
