@@ -4,9 +4,12 @@
       "target_name": "nodemilter",
       "sources": [
         "native/addon.cc",
+        "native/channel.cc",
         "native/context.cc",
         "native/dispatch.cc",
-        "native/listener.cc"
+        "native/guard.cc",
+        "native/listener.cc",
+        "native/marshal.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],

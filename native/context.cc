@@ -91,7 +91,7 @@ Napi::Value Record(const Napi::CallbackInfo& info, uint32_t flag, Action&& act) 
 
 Napi::Value Code(const Napi::CallbackInfo& info, int code) { return Napi::Number::New(info.Env(), code); }
 
-inline int R(int mi) { return mi == MI_SUCCESS ? OK : FAILURE; }
+inline int FromMi(int mi) { return mi == MI_SUCCESS ? OK : FAILURE; }
 
 // getsymval(conn, seq, name): the value (a Buffer when it holds 8-bit
 // bytes), null when the MTA did not send it, undefined when libmilter
@@ -125,10 +125,10 @@ Napi::Value SetReply(const Napi::CallbackInfo& info) {
     if (!GetCString(arr.Get(i), lines[i])) return Code(info, BAD_ARGUMENT);
   return Code(info, WithParked(info, ANY, [&](Conn* c) {
                 char* x = has_x ? CStr(xcode) : nullptr;
-                if (n <= 1) return R(smfi_setreply(c->ctx, CStr(rcode), x, n ? CStr(lines[0]) : nullptr));
+                if (n <= 1) return FromMi(smfi_setreply(c->ctx, CStr(rcode), x, n ? CStr(lines[0]) : nullptr));
                 const char* l[33] = {nullptr};
                 for (uint32_t i = 0; i < n; i++) l[i] = lines[i].c_str();
-                return R(smfi_setmlreply(c->ctx, rcode.c_str(), x, l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7],
+                return FromMi(smfi_setmlreply(c->ctx, rcode.c_str(), x, l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7],
                                          l[8], l[9], l[10], l[11], l[12], l[13], l[14], l[15], l[16], l[17], l[18],
                                          l[19], l[20], l[21], l[22], l[23], l[24], l[25], l[26], l[27], l[28], l[29],
                                          l[30], l[31], nullptr));
@@ -140,7 +140,7 @@ Napi::Value SetSymlist(const Napi::CallbackInfo& info) {
   std::string list;
   if (!info[2].IsNumber() || !GetCString(info[3], list)) return Code(info, BAD_ARGUMENT);
   const int stage = info[2].As<Napi::Number>().Int32Value();
-  return Code(info, WithParked(info, IN_NEGOTIATE, [&](Conn* c) { return R(smfi_setsymlist(c->ctx, stage, CStr(list))); }));
+  return Code(info, WithParked(info, IN_NEGOTIATE, [&](Conn* c) { return FromMi(smfi_setsymlist(c->ctx, stage, CStr(list))); }));
 }
 
 // addheader(conn, seq, name, value)
@@ -298,18 +298,6 @@ bool WriteActions(Conn* c, SMFICTX* ctx, uint32_t seq, std::vector<Action>& acti
     return false;
   }
   return true;
-}
-
-// ASCII arrives as a string (the common case, and cheap); anything with
-// 8-bit bytes arrives as a Buffer so nothing is lost on the way. The
-// TypeScript layer decodes according to what the callback asked for.
-Napi::Value Text(Napi::Env env, const char* s, size_t len) {
-  for (size_t i = 0; i < len; i++) {
-    if (static_cast<unsigned char>(s[i]) >= 0x80) return Napi::Buffer<char>::Copy(env, s, len);
-  }
-  napi_value v;
-  napi_create_string_latin1(env, s, len, &v);
-  return Napi::Value(env, v);
 }
 
 // The tag that marks Externals made by WrapConn: any other External (from

@@ -1,20 +1,16 @@
-// libmilter's callbacks, and how each one reaches JavaScript.
+// libmilter's callbacks, and how each one reaches JavaScript and back.
 //
 // Every callback runs on a libmilter worker thread. It copies what libmilter
-// handed it into an Event and appends it to one process-wide queue; the
-// first event into an empty queue wakes the JavaScript thread through a
-// thread-safe function, which then drains the whole queue in one go (many
-// events per event-loop wake-up). An event the MTA needs an answer for parks
+// handed it into an Event and queues it for JavaScript (channel.cc; the
+// values are turned into JavaScript ones in marshal.cc). An event the MTA needs an answer for parks
 // its worker thread on the session's condition variable until JavaScript
 // answers or the deadline passes; an event the MTA does not wait for
 // (no-reply steps, abort, close) is queued and the worker returns at once.
 // A session's callbacks never overlap, so the queue keeps each session's
 // events in protocol order.
 
-#include <cstddef>
 #include <cstring>
 #include <chrono>
-#include <unordered_map>
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -110,137 +106,6 @@ void Attach(Conn* c, Event* ev) {
     ev->first = true;
   }
 }
-
-// smfi_getsymval walks a stage's macro list two entries at a time. A MACRO
-// command with an odd number of strings (a broken or hostile MTA) makes it
-// step over the list's terminating NULL and read past the allocation, which
-// can crash the process. libmilter offers no way to see the lists, so the
-// guard reads them from libmilter's struct smfi_str, mirrored below from
-// sendmail 8.14+'s libmilter.h up to the private-data pointer. Only the
-// number of macro stages (MAX_MACROS_ENTRIES: 7 in 8.14 to 8.18) is not
-// fixed; calibration finds it from where our private-data pointer sits, and
-// then checks what it can: the word there equals smfi_getpriv(), ctx_smfi
-// points to a descriptor with our callbacks, and every stage's mac_ptr and
-// mac_buf are both set or both NULL, the first entry pointing into the
-// buffer. If any check fails the guard is off: macros are then not read
-// from libmilter at all (getsymval answers undefined), and JavaScript is
-// told once, loudly (EV_WARNING).
-constexpr int kMaxStages = 8;
-struct MirroredCtx {
-  unsigned int ctx_id;
-  int ctx_sd;  // socket_t
-  int ctx_dbg;
-  time_t ctx_timeout;
-  int ctx_state;
-  smfiDesc_ptr ctx_smfi;
-  int ctx_prot_vers;
-  unsigned long ctx_aflags;
-  unsigned long ctx_pflags;
-  unsigned long ctx_pflags2mta;
-  int ctx_prot_vers2mta;
-  char** ctx_mac_ptr[1];  // [stages], then ctx_mac_buf[stages], ctx_mac_list[stages], ctx_reply, ctx_privdata
-};
-constexpr size_t kMacPtrOffset = offsetof(MirroredCtx, ctx_mac_ptr);
-static_assert(sizeof(void*) != 8 || (sizeof(time_t) == 8 && sizeof(long) == 8 && kMacPtrOffset == 80),
-              "LP64: libmilter's ctx_mac_ptr follows 80 bytes of fixed fields");
-static_assert(sizeof(void*) != 4 || sizeof(time_t) != 4 || kMacPtrOffset == 44,
-              "ILP32 with a 32-bit time_t: ctx_mac_ptr follows 44 bytes of fixed fields");
-
-// -2: not calibrated; -1: layout not recognised (guard off); else the stage count.
-std::atomic<int> g_stages{-2};
-std::mutex g_calmu;
-std::string g_guard_problem;
-
-inline char** Word(SMFICTX* ctx, size_t off) {
-  char** v;
-  memcpy(&v, reinterpret_cast<const char*>(ctx) + off, sizeof(v));
-  return v;
-}
-
-// Returns the stage count, or -1 with `why` set.
-int Calibrate(SMFICTX* ctx, const void* priv, std::string& why) {
-  const size_t ptr = sizeof(void*);
-  int stages = -1;
-  for (int n = 4; n <= kMaxStages; n++) {
-    if (Word(ctx, kMacPtrOffset + (3 * n + 1) * ptr) == priv) {
-      stages = n;
-      break;
-    }
-  }
-  if (stages < 0) {
-    why = "the private-data pointer is not where sendmail 8.14+'s struct smfi_str has it";
-    return -1;
-  }
-  smfiDesc_ptr desc;
-  memcpy(&desc, reinterpret_cast<const char*>(ctx) + offsetof(MirroredCtx, ctx_smfi), sizeof(desc));
-  if (desc == nullptr || desc->xxfi_negotiate != Callbacks().xxfi_negotiate || desc->xxfi_body != Callbacks().xxfi_body) {
-    why = "ctx_smfi does not point to this milter's descriptor";
-    return -1;
-  }
-  for (int i = 0; i < stages; i++) {
-    char** list = Word(ctx, kMacPtrOffset + i * ptr);
-    char* buf = reinterpret_cast<char*>(Word(ctx, kMacPtrOffset + (stages + i) * ptr));
-    if ((list == nullptr) != (buf == nullptr) || (list != nullptr && list[0] != nullptr && list[0] < buf)) {
-      why = "ctx_mac_ptr and ctx_mac_buf disagree for stage " + std::to_string(i);
-      return -1;
-    }
-  }
-  return stages;
-}
-
-void WarnGuardOff(const std::string& why) {
-  Event* ev = new Event();
-  ev->type = EV_WARNING;
-  ev->error = "libmilter's context layout was not recognised (" + why +
-              "): the guard against malformed macro lists is off, so macros are not read from libmilter and "
-              "getsymval() answers undefined except for the macros captured with no-reply events; see "
-              "docs/native.md, \"The macro guard\"";
-  Enqueue(ev);
-}
-
-}  // namespace
-
-int MacroLayout() { return g_stages.load(); }
-
-std::string MacroGuardProblem() {
-  std::lock_guard<std::mutex> lk(g_calmu);
-  return g_guard_problem;
-}
-
-bool MacrosSafe(SMFICTX* ctx) {
-  if (ctx == nullptr) return false;
-  int stages = g_stages.load();
-  if (stages == -2) {
-    const void* priv = smfi_getpriv(ctx);
-    if (priv == nullptr) return false;
-    std::string why;
-    bool warn = false;
-    {
-      std::lock_guard<std::mutex> lk(g_calmu);
-      stages = g_stages.load();
-      if (stages == -2) {
-        stages = Calibrate(ctx, priv, why);
-        g_stages.store(stages);
-        if (stages < 0) {
-          g_guard_problem = why;
-          warn = true;
-        }
-      }
-    }
-    if (warn) WarnGuardOff(why);
-  }
-  if (stages < 0) return false;
-  for (int i = 0; i < stages; i++) {
-    char** list = Word(ctx, kMacPtrOffset + i * sizeof(void*));
-    if (list == nullptr) continue;
-    size_t n = 0;
-    while (list[n] != nullptr && n < 100000) n++;
-    if (n % 2 != 0) return false;
-  }
-  return true;
-}
-
-namespace {
 
 void CaptureMacros(SMFICTX* ctx, Event* ev) {
   if (!MacrosSafe(ctx)) return;
@@ -618,196 +483,7 @@ sfsistat OnClose(SMFICTX* ctx) {
   return SMFIS_CONTINUE;
 }
 
-// ---- Delivery on the JavaScript thread.
-
-void DeliverOne(napi_env raw, napi_value fn, Event* ev) {
-  Napi::Env env(raw);
-  Napi::HandleScope scope(env);
-  napi_value args[9];
-  napi_value undef = env.Undefined();
-  for (napi_value& v : args) v = undef;
-  args[0] = Napi::Number::New(env, ev->type);
-  args[1] = Napi::Number::New(env, static_cast<double>(ev->conn_id));
-  args[2] = Napi::Number::New(env, ev->seq);
-  if (ev->first && ev->conn) {
-    args[3] = WrapConn(env, ev->conn);
-    ev->first = false;  // the External holds the reference now
-  }
-  switch (ev->type) {
-    case EV_NEGOTIATE:
-      args[4] = Napi::Number::New(env, static_cast<double>(ev->n0));
-      args[5] = Napi::Number::New(env, static_cast<double>(ev->n1));
-      break;
-    case EV_CONNECT: {
-      args[4] = Text(env, ev->strs[0]);
-      args[5] = Napi::Number::New(env, static_cast<double>(ev->n0));
-      args[6] = Text(env, ev->strs[1]);
-      args[7] = Napi::Number::New(env, static_cast<double>(ev->n1));
-      break;
-    }
-    case EV_ENVFROM:
-    case EV_ENVRCPT: {
-      Napi::Array arr = Napi::Array::New(env, ev->n0);
-      for (size_t i = 0; i < ev->n0; i++) arr.Set(static_cast<uint32_t>(i), Text(env, ev->strs[i]));
-      args[4] = arr;
-      break;
-    }
-    case EV_HEADER:
-      args[4] = Text(env, ev->strs[0]);
-      args[5] = Text(env, ev->strs[1]);
-      break;
-    case EV_HELO:
-    case EV_UNKNOWN:
-      args[4] = Text(env, ev->strs[0]);
-      break;
-    case EV_BODY: {
-      char* data = ev->body;
-      ev->body = nullptr;
-      args[4] = Napi::Buffer<char>::New(env, data, ev->body_len, [](Napi::Env, char* p) { free(p); });
-      break;
-    }
-    case EV_STOPPED:
-    case EV_WARNING:
-      args[4] = Napi::String::New(env, ev->error);
-      break;
-    case EV_ACTION_FAILED:
-      args[4] = Napi::String::New(env, ev->strs[0]);
-      args[5] = Napi::String::New(env, ev->strs[1]);
-      args[6] = Napi::Number::New(env, static_cast<double>(ev->n0));
-      args[7] = Napi::Number::New(env, static_cast<double>(ev->n1));
-      break;
-    default:
-      break;
-  }
-  if (!ev->macros.empty()) {
-    Napi::Array m = Napi::Array::New(env, ev->macros.size());
-    for (size_t i = 0; i < ev->macros.size(); i++) m.Set(static_cast<uint32_t>(i), Text(env, ev->macros[i]));
-    args[8] = m;
-  }
-  napi_value result;
-  napi_status st = napi_call_function(env, env.Undefined(), fn, 9, args, &result);
-  if (st == napi_pending_exception) {
-    napi_value err;
-    napi_get_and_clear_last_exception(env, &err);
-    napi_fatal_exception(env, err);
-  }
-}
-
-// An event nobody will deliver: give back the Conn reference it holds.
-void Drop(Event* ev) {
-  if (ev->first && ev->conn) ConnUnref(ev->conn);
-  delete ev;
-}
-
-// Takes queued events off the count (under qmu) and wakes workers waiting
-// for room.
-void Uncount(Addon& a, const std::vector<Event*>& batch) {
-  bool freed = false;
-  for (Event* ev : batch) {
-    if (!ev->bytes) continue;
-    a.queued_bytes -= ev->bytes;
-    if (ev->conn) ev->conn->queued_bytes -= ev->bytes;
-    freed = true;
-  }
-  if (freed) a.qcv.notify_all();
-}
-
-void ReleaseChannel(Addon& a) {
-  if (a.tsfn_live) {
-    a.tsfn_live = false;
-    napi_release_threadsafe_function(a.tsfn, napi_tsfn_release);
-  }
-  a.qcv.notify_all();
-}
-
-void CallJs(napi_env env, napi_value fn, void*, void*) {
-  Addon& a = State();
-  std::vector<Event*> batch;
-  if (env == nullptr) {
-    std::lock_guard<std::mutex> lk(a.qmu);
-    Uncount(a, a.queue);
-    for (Event* ev : a.queue) Drop(ev);
-    a.queue.clear();
-    a.wake_pending = false;
-    return;
-  }
-  // wake_pending stays set while this loop drains the queue, so workers that
-  // enqueue meanwhile do not wake the event loop again: their events are
-  // picked up by the next round. A few rounds at most, so that promise
-  // callbacks and timers get their turn.
-  for (int round = 0;; round++) {
-    {
-      std::lock_guard<std::mutex> lk(a.qmu);
-      if (a.queue.empty() || round == 4) {
-        if (!a.queue.empty() && a.tsfn_live) napi_call_threadsafe_function(a.tsfn, nullptr, napi_tsfn_nonblocking);
-        else a.wake_pending = false;
-        return;
-      }
-      batch.swap(a.queue);
-      Uncount(a, batch);
-    }
-    bool stopped = false;
-    for (Event* ev : batch) {
-      if (ev->type == EV_STOPPED) stopped = true;
-      if (a.closing.load()) Drop(ev);
-      else {
-        DeliverOne(env, fn, ev);
-        delete ev;
-      }
-    }
-    batch.clear();
-    if (stopped) {
-      std::lock_guard<std::mutex> lk(a.qmu);
-      ReleaseChannel(a);
-      a.wake_pending = false;
-      return;
-    }
-  }
-}
-
-// The thread-safe function is gone (released, or its environment torn down).
-void ChannelFinalized(napi_env, void*, void*) {
-  Addon& a = State();
-  std::lock_guard<std::mutex> lk(a.qmu);
-  a.tsfn_live = false;
-  a.tsfn = nullptr;
-  a.qcv.notify_all();
-}
-
 }  // namespace
-
-bool Enqueue(Event* ev) {
-  Addon& a = State();
-  std::unique_lock<std::mutex> lk(a.qmu);
-  if (ev->bytes) {
-    // Bounded memory: a worker queueing a no-reply event waits while the
-    // queue is over either mark, until JavaScript takes events off it.
-    Conn* c = ev->conn;
-    bool counted_wait = false;
-    while (a.tsfn_live && !a.closing.load() &&
-           (a.queued_bytes >= kQueueHighWater || c->queued_bytes >= kSessionQueueHighWater)) {
-      if (!counted_wait) a.queue_waits.fetch_add(1);
-      counted_wait = true;
-      a.qcv.wait_for(lk, std::chrono::milliseconds(100));
-    }
-  }
-  if (!a.tsfn_live) {
-    lk.unlock();
-    Drop(ev);
-    return false;
-  }
-  if (ev->bytes) {
-    a.queued_bytes += ev->bytes;
-    ev->conn->queued_bytes += ev->bytes;
-    if (a.queued_bytes > a.queue_peak.load()) a.queue_peak.store(a.queued_bytes);
-  }
-  a.queue.push_back(ev);
-  if (!a.wake_pending) {
-    a.wake_pending = true;
-    napi_call_threadsafe_function(a.tsfn, nullptr, napi_tsfn_nonblocking);
-  }
-  return true;
-}
 
 void ConnUnref(Conn* c) {
   if (c->refs.fetch_sub(1) == 1) delete c;
@@ -825,19 +501,6 @@ void WakeAllParked(int status) {
       c->cv.notify_all();
     }
   }
-}
-
-void CloseChannel() {
-  Addon& a = State();
-  a.closing.store(true);
-  {
-    std::lock_guard<std::mutex> lk(a.qmu);
-    // The environment's teardown finalizes the thread-safe function itself;
-    // from here on nothing may call it.
-    a.tsfn_live = false;
-    a.qcv.notify_all();
-  }
-  WakeAllParked(a.reg.fallback_status);
 }
 
 const struct smfiDesc& Callbacks() {
@@ -863,44 +526,6 @@ const struct smfiDesc& Callbacks() {
 }
 
 namespace {
-
-// openChannel(onEvent): create the thread-safe function that carries events.
-Napi::Value OpenChannel(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Addon& a = State();
-  if (!ClaimOwner(env, "openChannel()")) return env.Undefined();
-  if (!info[0].IsFunction()) {
-    Napi::TypeError::New(env, "event handler must be a function").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  std::lock_guard<std::mutex> lk(a.qmu);
-  if (a.tsfn_live || a.tsfn) {
-    Napi::Error::New(env, "event channel already open").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  napi_threadsafe_function tsfn;
-  napi_status st = napi_create_threadsafe_function(env, info[0], nullptr, Napi::String::New(env, "nodemilter"), 0, 1,
-                                                   nullptr, ChannelFinalized, nullptr, CallJs, &tsfn);
-  if (st != napi_ok) {
-    Napi::Error::New(env, "could not create the event channel").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  a.tsfn = tsfn;
-  a.tsfn_live = true;
-  return env.Undefined();
-}
-
-Napi::Value RefChannel(const Napi::CallbackInfo& info) {
-  Addon& a = State();
-  const bool ref = info[0].ToBoolean();
-  if (State().owner != Env(info.Env())) return info.Env().Undefined();
-  std::lock_guard<std::mutex> lk(a.qmu);
-  if (a.tsfn_live) {
-    if (ref) napi_ref_threadsafe_function(info.Env(), a.tsfn);
-    else napi_unref_threadsafe_function(info.Env(), a.tsfn);
-  }
-  return info.Env().Undefined();
-}
 
 // reply(conn, seq, status[, actions, steps]) -> true if the answer was taken.
 Napi::Value Reply(const Napi::CallbackInfo& info) {
@@ -932,8 +557,6 @@ Napi::Value Reply(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void InitDispatch(Napi::Env env, Napi::Object exports) {
-  exports.Set("openChannel", Napi::Function::New(env, OpenChannel, "openChannel"));
-  exports.Set("refChannel", Napi::Function::New(env, RefChannel, "refChannel"));
   exports.Set("reply", Napi::Function::New(env, Reply, "reply"));
 }
 

@@ -239,19 +239,29 @@ bool ClaimOwner(Napi::Env env, const char* what);
 // listener.cc); false when the system refused to create it.
 bool StartThread(void* (*fn)(void*), void* arg);
 
-// dispatch.cc
+// dispatch.cc: libmilter's callbacks, parking a worker, reply().
 const struct smfiDesc& Callbacks();
+void WakeAllParked(int status);
+void InitDispatch(Napi::Env env, Napi::Object exports);
+
+// channel.cc: the queue of events and the thread-safe function.
+// Queues an event for JavaScript; false (and the event freed) when nobody
+// will deliver it (after stop, or while the owner environment goes away).
 bool Enqueue(Event* ev);
+// The owner environment is going away.
+void CloseChannel();
+void InitChannel(Napi::Env env, Napi::Object exports);
+
+// marshal.cc: an event into one call of the JavaScript handler.
+void DeliverOne(napi_env env, napi_value fn, Event* ev);
+
+// guard.cc: the libmilter layout guard.
 // Whether smfi_getsymval can be called safely on this context now.
 bool MacrosSafe(SMFICTX* ctx);
 // Stages found in libmilter's context for MacrosSafe; -2 not yet known, -1 unknown layout.
 int MacroLayout();
 // Why the guard is off (empty while it is on or not yet calibrated).
 std::string MacroGuardProblem();
-void WakeAllParked(int status);
-void InitDispatch(Napi::Env env, Napi::Object exports);
-// The owner environment is going away.
-void CloseChannel();
 
 // listener.cc
 void InitListener(Napi::Env env, Napi::Object exports);
@@ -263,7 +273,7 @@ Napi::Value WrapConn(Napi::Env env, Conn* c);
 // Writes the recorded actions on the session's worker; the first failure
 // stops the rest and is reported to JavaScript.
 bool WriteActions(Conn* c, SMFICTX* ctx, uint32_t seq, std::vector<Action>& actions);
-// Macro values: ASCII as strings, anything else as a Buffer of its bytes.
+// marshal.cc: ASCII as a string, anything else as a Buffer of its bytes.
 Napi::Value Text(Napi::Env env, const char* s, size_t len);
 inline Napi::Value Text(Napi::Env env, const std::string& s) { return Text(env, s.data(), s.size()); }
 

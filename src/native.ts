@@ -30,7 +30,7 @@ export const Ev = {
   STOPPED: 100,
   /** A session's worker could not write the actions JavaScript recorded (native/context.cc WriteActions). */
   ACTION_FAILED: 101,
-  /** A notice for the logger (native/dispatch.cc: the macro guard is off). */
+  /** A notice for the logger (native/guard.cc: the macro guard is off). */
   WARNING: 102,
 } as const;
 
