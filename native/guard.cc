@@ -48,9 +48,13 @@ static_assert(sizeof(void*) != 4 || sizeof(time_t) != 4 || kMacPtrOffset == 44,
               "ILP32 with a 32-bit time_t: ctx_mac_ptr follows 44 bytes of fixed fields");
 
 // -2: not calibrated; -1: layout not recognised (guard off); else the stage count.
+// Trivially destructible or never destroyed: a worker may calibrate during exit().
 std::atomic<int> g_stages{-2};
 std::mutex g_calmu;
-std::string g_guard_problem;
+std::string& GuardProblem() {
+  static std::string* why = new std::string();
+  return *why;
+}
 
 inline char** Word(SMFICTX* ctx, size_t off) {
   char** v;
@@ -105,7 +109,7 @@ int MacroLayout() { return g_stages.load(); }
 
 std::string MacroGuardProblem() {
   std::lock_guard<std::mutex> lk(g_calmu);
-  return g_guard_problem;
+  return GuardProblem();
 }
 
 bool MacrosSafe(SMFICTX* ctx) {
@@ -123,7 +127,7 @@ bool MacrosSafe(SMFICTX* ctx) {
         stages = Calibrate(ctx, priv, why);
         g_stages.store(stages);
         if (stages < 0) {
-          g_guard_problem = why;
+          GuardProblem() = why;
           warn = true;
         }
       }
