@@ -284,8 +284,11 @@ describe('the session cap', () => {
       expect((await again.sendMessage(MESSAGE)).decision).toBe('continue');
       await again.quit();
       await Promise.all(open.slice(1).map((c) => c.quit()));
+      await new Promise((r) => setTimeout(r, 200));
       const stopped = await stopMilter(p);
       expect(stopped.diag.sessionsRefused).toBe(1);
+      // Every session was closed, the refused one too (no slot or Conn leaked).
+      expect(stopped.diag.active).toBe(0);
     });
   }
 });
