@@ -4,9 +4,12 @@
       "target_name": "nodemilter",
       "sources": [
         "native/addon.cc",
+        "native/channel.cc",
         "native/context.cc",
         "native/dispatch.cc",
-        "native/listener.cc"
+        "native/guard.cc",
+        "native/listener.cc",
+        "native/marshal.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
@@ -18,8 +21,8 @@
           "libraries": ["-lmilter", "-lpthread", "-ldl"]
         }],
         ["'<!(node -p \"process.env.NODEMILTER_SANITIZE || 0\")'=='1'", {
-          "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"],
-          "ldflags": ["-fsanitize=address,undefined"]
+          "cflags_cc": ["-fsanitize=address,undefined", "-fsanitize-recover=address", "-fno-omit-frame-pointer", "-g", "-O1"],
+          "ldflags": ["-fsanitize=address,undefined", "-fsanitize-recover=address"]
         }]
       ]
     }

@@ -7,6 +7,7 @@ namespace nodemilter {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitListener(env, exports);
   InitDispatch(env, exports);
+  InitChannel(env, exports);
   InitContext(env, exports);
   return exports;
 }

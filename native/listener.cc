@@ -1,16 +1,24 @@
-// Running libmilter: configuration, the listener thread, stop and drain.
+// Running libmilter: configuration, the listener thread, stop and drain,
+// and which environment owns all of it.
 //
-// The listener runs on a std::thread of its own, not on an AsyncWorker: the
-// libuv pool has four threads shared with fs and dns, and the listener holds
-// its thread for the milter's whole life. The thread blocks every signal
-// before entering libmilter, and libmilter's worker threads inherit that
-// mask, so no signal meant for Node is ever taken by them. We call Debian's
-// exported mi_listener() directly, which serves without smfi_main's signal
-// thread (that thread sigwait()s SIGHUP/SIGTERM/SIGINT and would steal them
-// from Node); if the symbol is missing we fall back to smfi_main() from the
-// same fully blocked thread and report a return nobody asked for.
+// The listener runs on a thread of its own (pthread_create, so a failure
+// becomes a JavaScript error rather than std::thread's abort under
+// -fno-exceptions), not on an AsyncWorker: the libuv pool has four threads
+// shared with fs and dns, and the listener holds its thread for the milter's
+// whole life. The thread blocks every asynchronous signal before entering
+// libmilter, and libmilter's worker threads inherit that mask, so no signal
+// meant for Node (TERM, INT, HUP, USR1, USR2, PIPE, CHLD, WINCH, ALRM...) is
+// ever taken by them; the synchronous fault signals (SEGV, BUS, FPE, ILL,
+// ABRT, TRAP, SYS) stay deliverable, so a crash on a libmilter thread
+// reaches Node's or the sanitizer's handler. We call Debian's exported
+// mi_listener() directly, which serves without smfi_main's signal thread
+// (that thread sigwait()s SIGHUP/SIGTERM/SIGINT and would steal them from
+// Node). mi_listener is declared weak: without it, main() refuses unless
+// the smfi_main fallback was asked for.
+//
+// The threads are named "nodemilter" (libmilter's workers inherit the name
+// from the listener), so they can be told apart in top, gdb and /proc.
 
-#include <dlfcn.h>
 #include <pthread.h>
 #include <signal.h>
 #include <netinet/in.h>
@@ -31,14 +39,96 @@ Addon& State() {
   return *addon;
 }
 
+EnvData* Env(Napi::Env env) {
+  EnvData* d = nullptr;
+  napi_get_instance_data(env, reinterpret_cast<void**>(&d));
+  return d;
+}
+
+bool ClaimOwner(Napi::Env env, const char* what) {
+  Addon& a = State();
+  EnvData* mine = Env(env);
+  std::lock_guard<std::mutex> lk(a.envmu);
+  if (a.owner == nullptr && mine != nullptr) a.owner = mine;
+  if (a.owner == mine) return true;
+  Napi::Error::New(env, std::string(what) +
+                            ": libmilter is already in use by another load of the nodemilter addon in this process "
+                            "(another worker thread, or a second load after require.cache was cleared); libmilter "
+                            "runs one milter per process, configured from the load that started it")
+      .ThrowAsJavaScriptException();
+  return false;
+}
+
 namespace {
 
-using ListenerFn = int (*)(char*, int, smfiDesc_ptr, time_t, int);
+// Everything but the synchronous fault signals.
+void AsyncSignals(sigset_t* set) {
+  sigfillset(set);
+  for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT, SIGTRAP, SIGSYS}) sigdelset(set, sig);
+}
+
+}  // namespace
+
+namespace {
+
+struct ThreadStart {
+  void* (*fn)(void*);
+  void* arg;
+};
+
+// Names the thread before it runs anything, so that threads it starts
+// (libmilter's pool) inherit the name.
+void* NamedThread(void* p) {
+  ThreadStart start = *static_cast<ThreadStart*>(p);
+  delete static_cast<ThreadStart*>(p);
+  pthread_setname_np(pthread_self(), "nodemilter");
+  return start.fn(start.arg);
+}
+
+}  // namespace
+
+bool StartThread(void* (*fn)(void*), void* arg) {
+  // The new thread starts with the creator's mask: block around the create
+  // so that not even its first instruction can take a signal meant for Node.
+  sigset_t block, old;
+  AsyncSignals(&block);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_t t;
+  ThreadStart* start = new ThreadStart{fn, arg};
+  const int rc = pthread_create(&t, &attr, NamedThread, start);
+  pthread_attr_destroy(&attr);
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (rc != 0) {
+    delete start;
+    State().threads_failed.fetch_add(1);
+    errno = rc;
+    return false;
+  }
+  return true;
+}
+
+}  // namespace nodemilter
+
+// Debian's libmilter exports it (see its symbols file); upstream keeps it
+// internal. Weak, so that an addon linked against a libmilter without it
+// still loads and says so (hasListener) instead of failing to load.
+extern "C" int mi_listener(char*, int, smfiDesc_ptr, time_t, int) __attribute__((weak));
+
+namespace nodemilter {
+
+namespace {
 
 Napi::Value Throw(Napi::Env env, const std::string& msg) {
   Napi::Error::New(env, msg).ThrowAsJavaScriptException();
   return env.Undefined();
 }
+
+// The calls that configure or run libmilter: only from its owner.
+#define OWNER_ONLY(info, what) \
+  if (!ClaimOwner((info).Env(), what)) return (info).Env().Undefined()
 
 Napi::Value Version(const Napi::CallbackInfo& info) {
   unsigned int major = 0, minor = 0, pl = 0;
@@ -51,7 +141,10 @@ Napi::Value Version(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SetConn(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "setconn()");
   Addon& a = State();
+  // libmilter keeps the socket it opened and ignores a new address.
+  if (a.socket_opened) return Throw(info.Env(), "setconn() after opensocket(): the listening socket is already open on " + a.conn_spec);
   std::string spec = info[0].As<Napi::String>().Utf8Value();
   if (smfi_setconn(const_cast<char*>(spec.c_str())) != MI_SUCCESS) return Throw(info.Env(), "smfi_setconn failed");
   a.conn_spec = spec;
@@ -60,6 +153,7 @@ Napi::Value SetConn(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SetTimeout(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "settimeout()");
   const int t = info[0].As<Napi::Number>().Int32Value();
   State().timeout = t;
   smfi_settimeout(t);
@@ -67,6 +161,7 @@ Napi::Value SetTimeout(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SetBacklog(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "setbacklog()");
   const int b = info[0].As<Napi::Number>().Int32Value();
   if (smfi_setbacklog(b) != MI_SUCCESS) return Throw(info.Env(), "smfi_setbacklog failed");
   State().backlog = b;
@@ -74,6 +169,7 @@ Napi::Value SetBacklog(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SetDbg(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "setdbg()");
   const int d = info[0].As<Napi::Number>().Int32Value();
   State().dbg = d;
   smfi_setdbg(d);
@@ -81,12 +177,16 @@ Napi::Value SetDbg(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value OpenSocket(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "opensocket()");
+  Addon& a = State();
   const bool rm = info[0].ToBoolean();
+  if (a.socket_opened) return info.Env().Undefined();
   errno = 0;
   if (smfi_opensocket(rm) != MI_SUCCESS) {
     const int e = errno;
     return Throw(info.Env(), std::string("could not open the milter socket") + (e ? std::string(": ") + strerror(e) : ""));
   }
+  a.socket_opened = true;
   return info.Env().Undefined();
 }
 
@@ -103,15 +203,11 @@ int64_t IntProp(const Napi::Object& o, const char* key, int64_t dflt) {
   return v.IsNumber() ? v.As<Napi::Number>().Int64Value() : dflt;
 }
 
-}  // namespace
-
-void SetWatchList(std::vector<std::string> names);
-
-namespace {
-
 // register({name, actions, steps, handled, noreply, dynamicNegotiate,
-//           symlists[7], deadlines[EV_COUNT], progressMs, fallbackStatus, watch[]})
+//           symlists[7], deadlines[EV_COUNT], progressMs, fallbackStatus, watch[],
+//           maxSessions, sessionCapClose, allowSmfiMain})
 Napi::Value Register(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "register()");
   Napi::Env env = info.Env();
   Addon& a = State();
   if (a.started.load()) return Throw(env, "register() after main()");
@@ -135,13 +231,17 @@ Napi::Value Register(const Napi::CallbackInfo& info) {
   }
   r.progress_ms = IntProp(o, "progressMs", 4000);
   r.fallback_status = static_cast<int>(IntProp(o, "fallbackStatus", SMFIS_TEMPFAIL));
-  SetWatchList(StringArray(o.Get("watch")));
+  r.watch = StringArray(o.Get("watch"));
+  r.max_sessions = IntProp(o, "maxSessions", 1000);
+  r.cap_closes = o.Get("sessionCapClose").ToBoolean();
+  a.allow_smfi_main = o.Get("allowSmfiMain").ToBoolean();
 
-  kDesc.xxfi_name = const_cast<char*>(r.name.c_str());
-  kDesc.xxfi_flags = r.actions < 0 ? (SMFIF_ADDHDRS | SMFIF_CHGBODY | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS |
-                                      SMFIF_QUARANTINE | SMFIF_CHGFROM | SMFIF_ADDRCPT_PAR | SMFIF_SETSYMLIST)
-                                   : static_cast<unsigned long>(r.actions);
-  if (smfi_register(kDesc) != MI_SUCCESS) return Throw(env, "smfi_register failed");
+  a.desc = Callbacks();
+  a.desc.xxfi_name = const_cast<char*>(r.name.c_str());
+  a.desc.xxfi_flags = r.actions < 0 ? (SMFIF_ADDHDRS | SMFIF_CHGBODY | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS |
+                                       SMFIF_QUARANTINE | SMFIF_CHGFROM | SMFIF_ADDRCPT_PAR | SMFIF_SETSYMLIST)
+                                    : static_cast<unsigned long>(r.actions);
+  if (smfi_register(a.desc) != MI_SUCCESS) return Throw(env, "smfi_register failed");
   r.registered = true;
   return env.Undefined();
 }
@@ -158,52 +258,65 @@ void NotifyStopped(int rc, bool via_main) {
   Enqueue(ev);
 }
 
-void ListenerThread() {
-  sigset_t all;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+void* ListenerThread(void*) {
   Addon& a = State();
-  auto listener = reinterpret_cast<ListenerFn>(dlsym(RTLD_DEFAULT, "mi_listener"));
   int rc;
-  if (listener) {
-    rc = listener(const_cast<char*>(a.conn_spec.c_str()), a.dbg, &kDesc, a.timeout,
-                  a.backlog > 0 ? a.backlog : SOMAXCONN);
+  if (mi_listener) {
+    rc = mi_listener(const_cast<char*>(a.conn_spec.c_str()), a.dbg, &a.desc, a.timeout,
+                     a.backlog > 0 ? a.backlog : SOMAXCONN);
   } else {
     a.used_smfi_main = true;
     rc = smfi_main();
   }
-  NotifyStopped(rc, !listener);
+  NotifyStopped(rc, !mi_listener);
+  return nullptr;
+}
+
+void* StopThread(void*) {
+  smfi_stop();
+  return nullptr;
 }
 
 // main(): start serving; the returned promise lives in TypeScript.
 Napi::Value Main(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "main()");
   Napi::Env env = info.Env();
   Addon& a = State();
   if (a.started.load()) return Throw(env, "main() was already called: libmilter runs once per process");
   if (!a.reg.registered) return Throw(env, "register() must be called before main()");
   if (!a.conn_set) return Throw(env, "setconn() must be called before main()");
+  if (!mi_listener && !a.allow_smfi_main)
+    return Throw(env,
+                 "this libmilter does not export mi_listener, and smfi_main would hand SIGTERM, SIGINT and SIGHUP to "
+                 "libmilter's signal thread; set NODEMILTER_ALLOW_SMFI_MAIN=1 to run on smfi_main anyway "
+                 "(see docs/native.md), or use the TypeScript engine");
   {
     std::lock_guard<std::mutex> lk(a.qmu);
     if (!a.tsfn_live) return Throw(env, "event channel is not open");
   }
   a.started.store(true);
   a.running.store(true);
-  std::thread(ListenerThread).detach();
+  if (!StartThread(ListenerThread, nullptr)) {
+    const int e = errno;
+    a.started.store(false);
+    a.running.store(false);
+    return Throw(env, std::string("could not start libmilter's listener thread: ") + strerror(e));
+  }
   return env.Undefined();
 }
 
 // stop(): ask libmilter to stop. smfi_stop() can block for seconds, so it
 // runs on a thread of its own; the listener's return is reported as an event.
 Napi::Value Stop(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "stop()");
   Addon& a = State();
   if (!a.started.load()) return Throw(info.Env(), "stop() before main()");
   if (a.stop_requested.exchange(true)) return info.Env().Undefined();
-  std::thread([] {
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, nullptr);
-    smfi_stop();
-  }).detach();
+  if (!StartThread(StopThread, nullptr)) {
+    const int e = errno;
+    a.stop_requested.store(false);
+    return Throw(info.Env(), std::string("could not start the thread that stops libmilter: ") + strerror(e));
+  }
   return info.Env().Undefined();
 }
 
@@ -232,6 +345,7 @@ bool TuneIfListener(int fd, int port) {
 }
 
 Napi::Value NoDelay(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "nodelay()");
   const int port = info[0].As<Napi::Number>().Int32Value();
   int changed = 0;
   // Only the descriptors that are open: /proc/self/fd lists them.
@@ -251,6 +365,7 @@ Napi::Value NoDelay(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value SetDraining(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "setDraining()");
   State().draining.store(info[0].ToBoolean());
   return info.Env().Undefined();
 }
@@ -274,19 +389,31 @@ Napi::Value GetDiag(const Napi::CallbackInfo& info) {
   o.Set("running", a.running.load());
   o.Set("usedSmfiMain", a.used_smfi_main);
   o.Set("macroLayout", MacroLayout());
+  const int layout = MacroLayout();
+  o.Set("macroGuard", layout == -2 ? "not calibrated" : layout < 0 ? "off: " + MacroGuardProblem() : "layout");
+  o.Set("sessionsRefused", static_cast<double>(a.sessions_refused.load()));
+  o.Set("actionsFailed", static_cast<double>(a.actions_failed.load()));
+  o.Set("queueWaits", static_cast<double>(a.queue_waits.load()));
+  o.Set("queuePeakBytes", static_cast<double>(a.queue_peak.load()));
+  o.Set("threadsFailed", static_cast<double>(a.threads_failed.load()));
+  {
+    std::lock_guard<std::mutex> lk(a.envmu);
+    o.Set("owner", a.owner == nullptr ? "none" : a.owner == Env(env) ? "this" : "other");
+  }
   return o;
 }
 
-// The Node environment is going away (process exit, worker end): answer
-// every parked libmilter thread and deliver nothing more.
-void Cleanup(void*) {
+// An environment that loaded the addon is going away (process exit, worker
+// end, a reloaded addon's first load). Only the owner's teardown touches
+// libmilter: it answers every parked libmilter thread and delivers nothing
+// more. Any other environment's teardown does nothing.
+void Cleanup(void* arg) {
   Addon& a = State();
-  a.closing.store(true);
   {
-    std::lock_guard<std::mutex> lk(a.qmu);
-    a.tsfn_live = false;
+    std::lock_guard<std::mutex> lk(a.envmu);
+    if (a.owner != arg) return;
   }
-  WakeAllParked(a.reg.fallback_status);
+  CloseChannel();
 }
 
 Napi::Value Constants(Napi::Env env) {
@@ -323,8 +450,15 @@ void InitListener(Napi::Env env, Napi::Object exports) {
   exports.Set("setDraining", Napi::Function::New(env, SetDraining, "setDraining"));
   exports.Set("getdiag", Napi::Function::New(env, GetDiag, "getdiag"));
   exports.Set("constants", Constants(env));
-  exports.Set("hasListener", Napi::Boolean::New(env, dlsym(RTLD_DEFAULT, "mi_listener") != nullptr));
-  napi_add_env_cleanup_hook(env, Cleanup, nullptr);
+  exports.Set("hasListener", Napi::Boolean::New(env, mi_listener != nullptr));
+  // One EnvData per load (each load of the addon has its own napi_env), never
+  // freed: its address identifies the owner for the process's life.
+  EnvData* d = Env(env);
+  if (d == nullptr) {
+    d = new EnvData{env};
+    napi_set_instance_data(env, d, nullptr, nullptr);
+    napi_add_env_cleanup_hook(env, Cleanup, d);
+  }
 }
 
 }  // namespace nodemilter

@@ -21,3 +21,18 @@ if (!header || !lib) {
   );
   process.exit(1);
 }
+
+// The addon serves through libmilter's mi_listener(), which Debian exports
+// but upstream keeps internal (native/listener.cc declares it weak). Without
+// it, main() refuses unless NODEMILTER_ALLOW_SMFI_MAIN=1: say so now, at
+// build time, rather than at the first main().
+const { spawnSync } = require('child_process');
+const nm = spawnSync('nm', lib.endsWith('.a') ? [lib] : ['-D', '--defined-only', lib], { encoding: 'utf8' });
+if (nm.status === 0 && !/\sT mi_listener$/m.test(nm.stdout)) {
+  process.stderr.write(
+    `\nnodemilter: WARNING: ${lib} does not export mi_listener.\n` +
+      `The addon builds, but main() will refuse to run: the only other way in, smfi_main(),\n` +
+      `starts a thread that takes SIGTERM, SIGINT and SIGHUP from Node. Set\n` +
+      `NODEMILTER_ALLOW_SMFI_MAIN=1 to accept that, or use the TypeScript engine (docs/native.md).\n\n`,
+  );
+}

@@ -36,6 +36,7 @@ import * as C from './constants';
 import {
   COMMON_MACROS,
   Dispatcher,
+  decodeText,
   resolveLimits,
   EVENT_NAMES,
   NOT_PARKED_MESSAGE,
@@ -111,7 +112,24 @@ export interface RegisterOptions {
    * ```
    */
   limits?: MessageLimits;
+  /**
+   * Sessions served at once (default 1000; 0: no cap). A session past the
+   * cap is refused by the addon at negotiation, before any libmilter worker
+   * waits for JavaScript on its behalf, and counted in
+   * {@link getdiag}`().sessionsRefused`. See `sessionCapAction`.
+   */
+  maxSessions?: number;
+  /**
+   * What a session past `maxSessions` gets: `'tempfail'` (default; the MTA
+   * gets `421 4.3.2 Mail filter is busy` at connect) or `'close'` (libmilter
+   * drops the connection at negotiation; the MTA applies its failure
+   * action, Postfix's `milter_default_action`).
+   */
+  sessionCapAction?: 'tempfail' | 'close';
 }
+
+/** The default of {@link RegisterOptions.maxSessions}. */
+export const DEFAULT_MAX_SESSIONS = 1000;
 
 
 /** A logger: console fits, and so does pino. */
@@ -156,6 +174,16 @@ function addon(): NativeBinding {
 function mainThreadOnly(what: string): void {
   if (!isMainThread) {
     throw new MilterStateError(`${what}: libmilter keeps one milter per process; run it on the main thread, not in a worker`);
+  }
+}
+
+/** The calls that configure or run libmilter: refused when another load of the addon (a reload) runs it. */
+function ownerOnly(what: string): void {
+  mainThreadOnly(what);
+  if (addon().getdiag().owner === 'other') {
+    throw new MilterStateError(
+      `${what}: libmilter is already configured by another load of nodemilter in this process (a second load after require.cache was cleared); libmilter runs one milter per process, use the module that started it`,
+    );
   }
 }
 
@@ -219,8 +247,18 @@ export function register(a: string | MilterDescription, b?: Callbacks | Register
   checkCallbacks(callbacks, options.noreply);
   checkIntOption('actions', options.actions);
   checkIntOption('steps', options.steps);
+  checkSessionCap(options.maxSessions, options.sessionCapAction);
   resolveLimits(options.limits);
   registered = { name, callbacks, options, flags: registered?.flags };
+}
+
+function checkSessionCap(max: unknown, action: unknown): void {
+  if (max !== undefined && (typeof max !== 'number' || !Number.isInteger(max) || max < 0 || max > 0x7fffffff)) {
+    throw new InvalidArgumentError(`maxSessions must be an integer from 0 (no cap) to 2147483647, got ${String(max)}`);
+  }
+  if (action !== undefined && action !== 'tempfail' && action !== 'close') {
+    throw new InvalidArgumentError(`sessionCapAction must be 'tempfail' or 'close', got ${JSON.stringify(action)}`);
+  }
 }
 
 /** Set the action flags (SMFIF_*) the milter asks for, as pymilter's set_flags. */
@@ -238,9 +276,10 @@ export function set_flags(flags: number): void {
  * Throws InvalidSocketError for a malformed spec.
  */
 export function setconn(spec: string): void {
-  mainThreadOnly('setconn()');
+  ownerOnly('setconn()');
   notStarted('setconn()');
   parseSocketSpec(spec);
+  if (socketOpen) throw new MilterStateError(`setconn() after opensocket(): the listening socket is already open on ${connSpec}; libmilter keeps it`);
   addon().setconn(spec);
   connSpec = spec;
 }
@@ -271,7 +310,7 @@ export function setdbg(level: number): void {
  * is a socket). Needs register() and setconn() first.
  */
 export function opensocket(rmsocket = false): void {
-  mainThreadOnly('opensocket()');
+  ownerOnly('opensocket()');
   notStarted('opensocket()');
   if (!connSpec) throw new MilterStateError('opensocket() needs setconn() first');
   commit();
@@ -312,6 +351,22 @@ export interface Diag extends EngineCounters {
    * from libmilter), -2 before the first session.
    */
   macroLayout: number;
+  /**
+   * Which guard keeps malformed macro lists from crashing libmilter:
+   * `'layout'` (libmilter's context layout was recognised and checked),
+   * `'not calibrated'` (before the first session), or `'off: <why>'` (not
+   * recognised: macros are not read from libmilter; a warning went to the
+   * logger once).
+   */
+  macroGuard: string;
+  /** Sessions refused because {@link RegisterOptions.maxSessions} were being served. */
+  sessionsRefused: number;
+  /** Recorded actions that libmilter could not write to the MTA (reported as `handlerError` with an ActionFailedError). */
+  actionsFailed: number;
+  /** Times a libmilter worker waited for room in the event queue (see docs/native.md, "Bounded memory"). */
+  queueWaits: number;
+  /** The most bytes of no-reply events queued for JavaScript at once. */
+  queuePeakBytes: number;
 }
 
 /** The engine's counters (pymilter's getdiag gives the context counts). */
@@ -328,6 +383,11 @@ export function getdiag(): Diag {
     jsSessions: sessions.size,
     running: d.running,
     macroLayout: d.macroLayout,
+    macroGuard: d.macroGuard,
+    sessionsRefused: d.sessionsRefused,
+    actionsFailed: d.actionsFailed,
+    queueWaits: d.queueWaits,
+    queuePeakBytes: d.queuePeakBytes,
   };
 }
 
@@ -360,6 +420,9 @@ function commit(): void {
     progressMs: progress,
     fallbackStatus: C.TEMPFAIL,
     watch: [...watch],
+    maxSessions: options.maxSessions ?? DEFAULT_MAX_SESSIONS,
+    sessionCapClose: options.sessionCapAction === 'close',
+    allowSmfiMain: process.env.NODEMILTER_ALLOW_SMFI_MAIN === '1',
   });
   committed = true;
 }
@@ -371,7 +434,7 @@ function commit(): void {
  * once per process: a second main() throws MilterStateError.
  */
 export function main(): Promise<void> {
-  mainThreadOnly('main()');
+  ownerOnly('main()');
   if (started) throw new MilterStateError('main() was already called: libmilter runs once per process and cannot be restarted');
   if (!connSpec) throw new MilterStateError('main() needs setconn() first');
   commit();
@@ -504,7 +567,7 @@ class Session extends SessionCore {
     this.checkMacroName(name);
     if (this.seq && !this.closed) {
       const v = addon().getsymval(this.handle, this.seq, name);
-      if (v !== undefined) return v ?? undefined;
+      if (v !== undefined) return v === null ? undefined : (decodeText(v, 'string') as string);
     }
     const m = this.macros;
     if (!m) return undefined;
@@ -582,9 +645,17 @@ class Session extends SessionCore {
   }
 }
 
-function onEvent(type: number, connId: number, seq: number, handle: ConnHandle | undefined, a0: any, a1: any, a2: any, a3: any, macros: string[] | undefined): void {
+function onEvent(type: number, connId: number, seq: number, handle: ConnHandle | undefined, a0: any, a1: any, a2: any, a3: any, macros: (string | Buffer)[] | undefined): void {
   if (type === Ev.STOPPED) {
     onStopped(a0 as string);
+    return;
+  }
+  if (type === Ev.WARNING) {
+    logger.warn(`nodemilter: ${a0 as string}`);
+    return;
+  }
+  if (type === Ev.ACTION_FAILED) {
+    onActionFailed(connId, a0 as string, a1 as string, a2 as number);
     return;
   }
   let s = sessions.get(connId);
@@ -595,9 +666,26 @@ function onEvent(type: number, connId: number, seq: number, handle: ConnHandle |
   }
   if (macros) {
     const m = (s.macros ??= new Map());
-    for (let i = 0; i + 1 < macros.length; i += 2) m.set(macros[i], macros[i + 1]);
+    // Values with 8-bit bytes come as Buffers: decoded as header values are (UTF-8 when valid, else latin1).
+    for (let i = 0; i + 1 < macros.length; i += 2) m.set(decodeText(macros[i], 'string') as string, decodeText(macros[i + 1], 'string') as string);
   }
   dispatcher!.deliver(s, type, seq, a0, a1, a2, a3);
+}
+
+/**
+ * A session's libmilter worker could not write the actions its eom recorded
+ * (the MTA stopped reading, or the connection broke): the step was answered
+ * with the fallback (TEMPFAIL, 451 4.3.0) instead of the handler's status,
+ * unless that was a rejection. Reported like a failed handler.
+ */
+function onActionFailed(connId: number, action: string, why: string, unsent: number): void {
+  const err = new ActionFailedError(
+    `${action}: libmilter could not write it to the MTA (${why})` + (unsent > 0 ? `; ${unsent} later action(s) not sent` : '') +
+      '; the message was answered with TEMPFAIL instead',
+  );
+  const s = sessions.get(connId);
+  if (s) report(err, s, Ev.EOM, C.TEMPFAIL);
+  else logger.error(`nodemilter: eom on connection ${connId}: ${err.message}`, err);
 }
 
 function onStopped(error: string): void {

@@ -28,6 +28,10 @@ export const Ev = {
   UNKNOWN: 12,
   COUNT: 13,
   STOPPED: 100,
+  /** A session's worker could not write the actions JavaScript recorded (native/context.cc WriteActions). */
+  ACTION_FAILED: 101,
+  /** A notice for the logger (native/guard.cc: the macro guard is off). */
+  WARNING: 102,
 } as const;
 
 /** Result codes of the context actions (native/context.cc ActionCode). */
@@ -57,6 +61,12 @@ export interface NativeRegistration {
   progressMs: number;
   fallbackStatus: number;
   watch: string[];
+  /** Sessions served at once; 0: no cap. */
+  maxSessions: number;
+  /** Over the cap: drop the connection (true) or answer TEMPFAIL at connect (false). */
+  sessionCapClose: boolean;
+  /** Run on smfi_main when libmilter lacks mi_listener (its signal thread then takes TERM, INT, HUP). */
+  allowSmfiMain: boolean;
 }
 
 /** Counters kept by the addon: every engine's, and the addon's own. */
@@ -66,6 +76,20 @@ export interface NativeDiag extends EngineCounters {
   usedSmfiMain: boolean;
   /** Macro stages found in libmilter's context (guard against malformed macro lists); -1 unknown, -2 not yet. */
   macroLayout: number;
+  /** Which macro guard is active: 'layout', 'not calibrated', or 'off: <why>'. */
+  macroGuard: string;
+  /** Sessions refused because `maxSessions` were being served. */
+  sessionsRefused: number;
+  /** Recorded actions a session's worker could not write to the MTA. */
+  actionsFailed: number;
+  /** Times a worker waited for room in the event queue (the bound on queued no-reply events). */
+  queueWaits: number;
+  /** The most bytes of no-reply events queued for JavaScript at once. */
+  queuePeakBytes: number;
+  /** Threads the addon could not create. */
+  threadsFailed: number;
+  /** Which load of the addon owns libmilter: this one, another (a worker, a reloaded module) or none yet. */
+  owner: 'this' | 'other' | 'none';
 }
 
 export type EventHandler = (
@@ -98,7 +122,7 @@ export interface NativeBinding {
   openChannel(onEvent: EventHandler): void;
   refChannel(ref: boolean): void;
   reply(conn: ConnHandle, seq: number, status: number, actions?: number, steps?: number): boolean;
-  getsymval(conn: ConnHandle, seq: number, name: string): string | null | undefined;
+  getsymval(conn: ConnHandle, seq: number, name: string): string | Buffer | null | undefined;
   setreply(conn: ConnHandle, seq: number, rcode: string, xcode: string | null, lines: string[]): number;
   setsymlist(conn: ConnHandle, seq: number, stage: number, macros: string): number;
   addheader(conn: ConnHandle, seq: number, name: string, value: string | Buffer): number;

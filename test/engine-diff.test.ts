@@ -241,6 +241,26 @@ const basic: Case[] = [
   { name: 'a MAIL whose second argument has no NUL', script: [S.opt(), S.conn(), S.helo(), pkt('M', z('<a@example.org>'), 'SIZE=1'), S.rcpt(), S.quit()] },
 ];
 
+describe('macro values with 8-bit bytes', () => {
+  afterAll(() => stopAll());
+  it('reach getsymval byte-exact on both engines: UTF-8 when valid, else latin1 (one character per byte)', async () => {
+    const cfg = { callbacks: ['envfrom'], macros: ['{mail_addr}', '{auth_authen}'] };
+    const utf8 = Buffer.from('grüß@example.org', 'utf8');
+    const latin = Buffer.from('caf\xe9\xff', 'latin1');
+    const script = session(S.mac('M', { '{mail_addr}': utf8.toString('latin1'), '{auth_authen}': latin.toString('latin1') }), S.mail(), S.quit());
+    for (const fixture of [NATIVE, ENGINE]) {
+      const p = await start(fixture, cfg);
+      await exchange(p.spec, script, 800);
+      await settle(p);
+      const ev = eventLines(p, 0).find((e) => e.ev === 'envfrom');
+      const macros = ev?.macros as Record<string, string>;
+      expect(macros, fixture).toEqual({ '{mail_addr}': 'grüß@example.org', '{auth_authen}': 'caf\xe9\xff' });
+      expect(Buffer.from(macros['{auth_authen}'], 'latin1').equals(latin)).toBe(true);
+      expect(Buffer.from(macros['{mail_addr}'], 'utf8').equals(utf8)).toBe(true);
+    }
+  });
+});
+
 differential('every callback and every eom action', {
   eomActions: EOM_ACTIONS,
   eomStatus: 'TEMPFAIL',

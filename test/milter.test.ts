@@ -6,39 +6,17 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import * as C from '../src/constants';
 import { MilterClient } from '../src/testing/client';
-import { freeInet6Spec, freeInetSpec, startProcess, stopAll, tmpSocketSpec, type RunningProcess } from './helpers';
+import { freeInet6Spec, jsonEvents, startFixtureMilter, stopAll, tmpSocketSpec, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
 
 const FIXTURE = path.join(__dirname, 'fixtures', 'node', 'milter.cjs');
 
-interface Ev {
-  ev: string;
-  conn?: number;
-  args?: unknown[];
-  [k: string]: unknown;
+type Ev = JsonEvent;
+
+function startMilter(cfg: Record<string, unknown>): Promise<RunningProcess & { spec: string }> {
+  return startFixtureMilter(FIXTURE, cfg);
 }
 
-async function startMilter(cfg: Record<string, unknown>): Promise<RunningProcess & { spec: string }> {
-  const spec = (cfg.socket as string) ?? (await freeInetSpec());
-  const p = await startProcess(process.execPath, {
-    args: [FIXTURE],
-    env: {
-      MILTER_CONFIG: JSON.stringify({ ...cfg, socket: spec }),
-      // scripts/test-asan.sh: the sanitizer runtime goes into the milter process only.
-      LD_PRELOAD: process.env.NODEMILTER_CHILD_PRELOAD ?? process.env.LD_PRELOAD,
-    },
-    socket: spec,
-  });
-  return Object.assign(p, { spec });
-}
-
-function events(p: RunningProcess): Ev[] {
-  // The helper reads output as latin1; the fixture writes UTF-8 JSON.
-  return Buffer.from(p.stdout, 'latin1')
-    .toString('utf8')
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => JSON.parse(l) as Ev);
-}
+const events = jsonEvents;
 
 async function waitCount(p: RunningProcess, name: string, n: number, timeout = 10_000): Promise<void> {
   const until = Date.now() + timeout;
@@ -49,9 +27,8 @@ async function waitCount(p: RunningProcess, name: string, n: number, timeout = 1
   }
 }
 
-async function waitEvent(p: RunningProcess, name: string, timeout = 5000): Promise<Ev> {
-  await p.waitForOutput(`"ev":"${name}"`, { timeout });
-  return events(p).find((e) => e.ev === name)!;
+function waitEvent(p: RunningProcess, name: string, timeout = 5000): Promise<Ev> {
+  return waitJsonEvent(p, name, timeout);
 }
 
 const MESSAGE = {
@@ -327,6 +304,7 @@ describe('hostile input', () => {
     const stopped = await waitEvent(p, 'stopped');
     // The guard found libmilter's seven macro stages in its context.
     expect((stopped.diag as { macroLayout: number }).macroLayout).toBe(7);
+    expect((stopped.diag as { macroGuard: string }).macroGuard).toBe('layout');
     expect((await p.exited).code).toBe(0);
   });
 });

@@ -21,6 +21,7 @@ import {
   Dispatcher,
   EVENT_NAMES,
   Ev,
+  decodeText,
   NOT_PARKED_MESSAGE,
   NO_BIT,
   NR_BIT,
@@ -1037,7 +1038,8 @@ class Connection {
     }
     const slot = MACRO_SLOT[data[0]];
     if (slot === undefined) return; // an unknown stage is ignored
-    this.macros[slot] = splitStrings(data.subarray(1)).map((b) => b.toString('utf8'));
+    // As header values: UTF-8 when valid, else latin1 (one character per byte), the same on both engines.
+    this.macros[slot] = splitStrings(data.subarray(1)).map((b) => decodeText(b, 'string') as string);
   }
 
   private sessionFor(): NodeSession {

@@ -6,6 +6,7 @@ export * from './process';
 export * from './build';
 export * from './events';
 export * from './engines';
+export * from './jsonlines';
 
 /** The repository's test/fixtures directory. */
 export const FIXTURES = path.resolve(__dirname, '..', 'fixtures');
