@@ -1,0 +1,161 @@
+/**
+ * Private instances of real milters from Debian for the MTA-side tests:
+ * OpenDKIM (sign or verify), OpenDMARC, spamass-milter with its own spamd.
+ * Each gets its own config in a temporary directory, listens on a free
+ * loopback port, runs in the foreground as a child of the test and is
+ * stopped by PID; nothing under /etc or a system service is used.
+ */
+import { execFileSync } from 'child_process';
+import * as fs from 'fs';
+import * as path from 'path';
+import { freeInetSpec, freePort, startProcess, tmpDir, type RunningProcess } from '../helpers';
+
+export const OPENDKIM_BIN = '/usr/sbin/opendkim';
+export const OPENDKIM_GENKEY_BIN = '/usr/sbin/opendkim-genkey';
+export const OPENDMARC_BIN = '/usr/sbin/opendmarc';
+export const SPAMASS_MILTER_BIN = '/usr/sbin/spamass-milter';
+export const SPAMD_BIN = '/usr/sbin/spamd';
+
+/** Why a real milter cannot run here, or undefined. */
+export function realMiltersUnavailable(): string | undefined {
+  for (const bin of [OPENDKIM_BIN, OPENDKIM_GENKEY_BIN, OPENDMARC_BIN, SPAMASS_MILTER_BIN, SPAMD_BIN]) {
+    if (!fs.existsSync(bin)) return `${bin} is missing: apt-get install opendkim opendkim-tools opendmarc spamass-milter spamassassin spamd`;
+  }
+  if (process.getuid?.() !== 0) return 'the real-milter tests run the milters as root';
+  return undefined;
+}
+
+/** A DKIM key pair made with opendkim-genkey. */
+export interface DkimKey {
+  domain: string;
+  selector: string;
+  /** The private key file. */
+  privateKeyFile: string;
+  /** The TXT record's text (`v=DKIM1; h=sha256; k=rsa; p=...`). */
+  txt: string;
+  /** A file for OpenDKIM's TestPublicKeys: `selector._domainkey.domain TXT-text`. */
+  testKeysFile: string;
+}
+
+/** Make a key for `selector._domainkey.domain` in a new temporary directory. */
+export function makeDkimKey(domain = 'example.com', selector = 'sel'): DkimKey {
+  const dir = tmpDir('nm-dkimkey-');
+  execFileSync(OPENDKIM_GENKEY_BIN, ['-b', '1024', '-D', dir, '-d', domain, '-s', selector]);
+  const zone = fs.readFileSync(path.join(dir, `${selector}.txt`), 'utf8');
+  const txt = [...zone.matchAll(/"([^"]*)"/g)].map((m) => m[1]).join('');
+  const testKeysFile = path.join(dir, 'testkeys');
+  fs.writeFileSync(testKeysFile, `${selector}._domainkey.${domain} ${txt}\n`);
+  return { domain, selector, privateKeyFile: path.join(dir, `${selector}.private`), txt, testKeysFile };
+}
+
+/** A running real milter. */
+export interface RealMilter {
+  /** Its socket spec, `inet:PORT@127.0.0.1`. */
+  spec: string;
+  proc: RunningProcess;
+  /** Other processes it needs (spamd). */
+  helpers: RunningProcess[];
+  stop(): Promise<void>;
+}
+
+async function started(spec: string, proc: RunningProcess, helpers: RunningProcess[] = []): Promise<RealMilter> {
+  return {
+    spec,
+    proc,
+    helpers,
+    async stop() {
+      await proc.stop();
+      for (const h of helpers) await h.stop();
+    },
+  };
+}
+
+/**
+ * OpenDKIM in the foreground: `sign` signs mail from `key.domain` sent by
+ * 127.0.0.1 (its default InternalHosts), `verify` verifies against the key in
+ * TestPublicKeys (no DNS), `both` does both, as Mode sv.
+ */
+export async function startOpenDKIM(key: DkimKey, mode: 'sign' | 'verify' | 'both' = 'sign'): Promise<RealMilter> {
+  const dir = tmpDir('nm-opendkim-');
+  const spec = await freeInetSpec();
+  const conf = path.join(dir, 'opendkim.conf');
+  const lines = [
+    `Mode ${mode === 'sign' ? 's' : mode === 'verify' ? 'v' : 'sv'}`,
+    `Domain ${key.domain}`,
+    `Selector ${key.selector}`,
+    `KeyFile ${key.privateKeyFile}`,
+    `Socket ${spec}`,
+    `PidFile ${path.join(dir, 'pid')}`,
+    'Background no',
+    'Syslog no',
+    'Canonicalization relaxed/relaxed',
+    'AuthservID mta.test.example',
+    'RequireSafeKeys no',
+    `TestPublicKeys ${key.testKeysFile}`,
+    // Fixed signature headers and no timestamp, so runs compare byte for byte.
+    'SignatureAlgorithm rsa-sha256',
+    'OversignHeaders From',
+  ];
+  fs.writeFileSync(conf, lines.join('\n') + '\n');
+  const proc = await startProcess(OPENDKIM_BIN, { args: ['-f', '-x', conf, '-l'], socket: spec, stopSignal: 'SIGKILL' });
+  return started(spec, proc);
+}
+
+/** OpenDMARC in the foreground, every client checked (IgnoreHosts is an empty file), trusting OpenDKIM's results (authserv-id mta.test.example). */
+export async function startOpenDMARC(): Promise<RealMilter> {
+  const dir = tmpDir('nm-opendmarc-');
+  const spec = await freeInetSpec();
+  const ignore = path.join(dir, 'ignore');
+  fs.writeFileSync(ignore, '');
+  const conf = path.join(dir, 'opendmarc.conf');
+  fs.writeFileSync(
+    conf,
+    [
+      `Socket ${spec}`,
+      `PidFile ${path.join(dir, 'pid')}`,
+      'Background false',
+      'Syslog false',
+      'AuthservID mta.test.example',
+      'TrustedAuthservIDs mta.test.example',
+      `IgnoreHosts ${ignore}`,
+      'RejectFailures false',
+      'SPFSelfValidate false',
+      'SPFIgnoreResults true',
+      'RequiredHeaders false',
+    ].join('\n') + '\n',
+  );
+  const proc = await startProcess(OPENDMARC_BIN, { args: ['-f', '-c', conf], socket: spec, stopSignal: 'SIGKILL' });
+  return started(spec, proc);
+}
+
+/**
+ * spamd on a free loopback port with network tests off and no rule updates
+ * (the rules Debian ships), and spamass-milter in front of it.
+ */
+export async function startSpamassMilter(): Promise<RealMilter> {
+  const dir = tmpDir('nm-spamass-');
+  const spamdPort = await freePort();
+  const spec = await freeInetSpec();
+  const prefs = path.join(dir, 'local.cf');
+  fs.writeFileSync(prefs, ['use_bayes 0', 'skip_rbl_checks 1', 'dns_available no', 'use_pyzor 0', 'use_razor2 0', 'score ALL_TRUSTED 0', 'report_safe 0', ''].join('\n'));
+  const spamd = await startProcess(SPAMD_BIN, {
+    args: [
+      '--listen', `127.0.0.1:${spamdPort}`, '--allowed-ips', '127.0.0.1', '-L', '--siteconfigpath', dir,
+      '--pidfile', path.join(dir, 'spamd.pid'), '-u', 'nobody', '--nouser-config', '-m', '2', '--min-children', '1',
+      '-s', 'stderr', '--syslog-ident', 'nm-spamd',
+    ],
+    socket: `inet:${spamdPort}@127.0.0.1`,
+    readyTimeout: 60_000,
+    stopSignal: 'SIGTERM',
+  });
+  const port = /^inet:(\d+)@/.exec(spec)![1];
+  const proc = await startProcess(SPAMASS_MILTER_BIN, {
+    args: ['-p', `inet:${port}@127.0.0.1`, '-f', '--', '-d', '127.0.0.1', '-p', String(spamdPort)],
+    socket: spec,
+    stopSignal: 'SIGKILL',
+  }).catch(async (e) => {
+    await spamd.stop();
+    throw e;
+  });
+  return started(spec, proc, [spamd]);
+}
