@@ -40,8 +40,14 @@ export interface SmtpReplyError extends Error {
 
 type Callback = (err?: Error | null, message?: string) => void;
 
-/** The hooks for `new SMTPServer({ ...hooks, ... })`. */
+/**
+ * The hooks for `new SMTPServer({ ...hooks, ... })`, and
+ * `hideENHANCEDSTATUSCODES: true`: the replies carry the milter's own
+ * enhanced status code (or Postfix's), which smtp-server must not prefix
+ * with one of its own.
+ */
 export interface SmtpServerHooks {
+  hideENHANCEDSTATUSCODES: true;
   onConnect(session: SmtpServerSession, callback: Callback): void;
   onMailFrom(address: SmtpServerAddress, session: SmtpServerSession, callback: Callback): void;
   onRcptTo(address: SmtpServerAddress, session: SmtpServerSession, callback: Callback): void;
@@ -143,6 +149,7 @@ export function smtpServerHooks(milters: Milters, options: SmtpServerMilterOptio
   const reply = (v: Verdict, cb: Callback) => (v.action === 'continue' || v.action === 'discard' ? cb() : cb(verdictError(v)));
 
   return {
+    hideENHANCEDSTATUSCODES: true,
     onConnect(session, cb) {
       const macros: Record<string, string> = {
         j: hostname,
