@@ -310,8 +310,9 @@ export class ChainSession {
    * body and end of message to each milter in turn, each seeing the
    * message with the previous milters' modifications applied. The input is
    * read once (bodies beyond the spool's memory limit go to a temporary
-   * file). `prepend` headers (a Received: line, as Postfix adds its own)
-   * go before the message's.
+   * file). `prepend` headers (a Received: line) go before the message's
+   * and, like Postfix's own Received header, are not sent to the milters but
+   * count in header indexes (insheader 0 goes before them).
    */
   async message(input: AsyncIterable<Buffer | string> | Bytes, prepend: readonly { name: string; value: string }[] = []): Promise<MessageOutcome> {
     this.check();
@@ -319,7 +320,7 @@ export class ChainSession {
     const envelope = this.envelope;
     this.lastBody?.dispose();
     const read = await readMessage(input, this.spool);
-    const headers = new HeaderList([...prepend.map((h) => ({ name: h.name, value: Buffer.from(' ' + h.value, 'latin1') })), ...read.headers.headers]);
+    const headers = new HeaderList([...prepend.map((h) => ({ name: h.name, value: Buffer.from(' ' + h.value, 'latin1'), hidden: true })), ...read.headers.headers]);
     let body: BodySpool = read.body;
     this.lastBody = body;
     const edits: { milter: string; actions: EomAction[] }[] = [];
@@ -508,6 +509,7 @@ export class ChainSession {
   ): Promise<{ kind: 'stop'; result: StepResult } | { kind: 'eom'; result: Awaited<ReturnType<MilterConnection['eom']>> }> {
     const lead = m.leadingSpace;
     for (const h of headers.headers) {
+      if (h.hidden) continue;
       const r = await c.header(h.name, HeaderList.milterValue(h, lead));
       if (!goesOn(r) || r.status === 'skip') return { kind: 'stop', result: r };
     }

@@ -24,6 +24,11 @@ export interface MessageHeader {
   name: string;
   /** The bytes after the colon, lines joined with `"\n"`. */
   value: Buffer;
+  /**
+   * Not shown to milters, though it counts for header indexes: the MTA's
+   * own Received header, as Postfix keeps its own from its milters.
+   */
+  hidden?: boolean;
 }
 
 /** Options of {@link HeaderList.apply}. */
@@ -49,7 +54,7 @@ export class HeaderList {
   readonly headers: MessageHeader[];
 
   constructor(headers: readonly MessageHeader[] = []) {
-    this.headers = headers.map((h) => ({ name: h.name, value: h.value }));
+    this.headers = headers.map((h) => ({ ...h }));
   }
 
   /** A copy. */

@@ -96,6 +96,12 @@ export async function startOpenDKIM(key: DkimKey, mode: 'sign' | 'verify' | 'bot
     'SignatureAlgorithm rsa-sha256',
     'OversignHeaders From',
   ];
+  if (mode === 'verify') {
+    // 127.0.0.1 is an internal host by default, whose mail OpenDKIM signs but does not verify.
+    const internal = path.join(dir, 'internal');
+    fs.writeFileSync(internal, '192.0.2.255\n');
+    lines.push(`InternalHosts ${internal}`);
+  }
   fs.writeFileSync(conf, lines.join('\n') + '\n');
   const proc = await startProcess(OPENDKIM_BIN, { args: ['-f', '-x', conf, '-l'], socket: spec, stopSignal: 'SIGKILL' });
   return started(spec, proc);
@@ -136,13 +142,20 @@ export async function startSpamassMilter(): Promise<RealMilter> {
   const dir = tmpDir('nm-spamass-');
   const spamdPort = await freePort();
   const spec = await freeInetSpec();
-  const prefs = path.join(dir, 'local.cf');
-  fs.writeFileSync(prefs, ['use_bayes 0', 'skip_rbl_checks 1', 'dns_available no', 'use_pyzor 0', 'use_razor2 0', 'score ALL_TRUSTED 0', 'report_safe 0', ''].join('\n'));
+  // Our own site config (spamd's --siteconfigpath replaces /etc/spamassassin): the
+  // plugins the shipped rules need, and nothing that goes to the network.
+  const plugins = ['Check', 'HTTPSMismatch', 'URIDetail', 'BodyEval', 'HTMLEval', 'HeaderEval', 'MIMEEval', 'RelayEval', 'URIEval', 'WLBLEval', 'VBounce', 'ImageInfo', 'FreeMail', 'FromNameSpoof', 'Phishing', 'HashBL'];
+  fs.writeFileSync(path.join(dir, 'plugins.pre'), plugins.map((p) => `loadplugin Mail::SpamAssassin::Plugin::${p}\n`).join(''));
+  fs.writeFileSync(
+    path.join(dir, 'local.cf'),
+    ['use_bayes 0', 'skip_rbl_checks 1', 'dns_available no', 'score ALL_TRUSTED 0', 'report_safe 0', ''].join('\n'),
+  );
+  fs.chmodSync(dir, 0o755); // spamd's children run as nobody
   const spamd = await startProcess(SPAMD_BIN, {
     args: [
       '--listen', `127.0.0.1:${spamdPort}`, '--allowed-ips', '127.0.0.1', '-L', '--siteconfigpath', dir,
       '--pidfile', path.join(dir, 'spamd.pid'), '-u', 'nobody', '--nouser-config', '-m', '2', '--min-children', '1',
-      '-s', 'stderr', '--syslog-ident', 'nm-spamd',
+      '-s', 'stderr',
     ],
     socket: `inet:${spamdPort}@127.0.0.1`,
     readyTimeout: 60_000,
@@ -150,7 +163,7 @@ export async function startSpamassMilter(): Promise<RealMilter> {
   });
   const port = /^inet:(\d+)@/.exec(spec)![1];
   const proc = await startProcess(SPAMASS_MILTER_BIN, {
-    args: ['-p', `inet:${port}@127.0.0.1`, '-f', '--', '-d', '127.0.0.1', '-p', String(spamdPort)],
+    args: ['-p', `inet:${port}@127.0.0.1`, '--', '-d', '127.0.0.1', '-p', String(spamdPort)],
     socket: spec,
     stopSignal: 'SIGKILL',
   }).catch(async (e) => {
