@@ -12,8 +12,7 @@ import { P_HDR_LEADSPC } from '../constants';
 import { InvalidArgumentError, MilterError, MilterStateError } from '../errors';
 import type { Bytes, Family } from '../types';
 import type { EomAction, MilterConnection, SmtpReply, StepResult } from './connection';
-import { HeaderList, readMessage, type BodySpool, type ReadMessageOptions } from './message';
-import { BodySpool as Spool } from './message';
+import { HeaderList, applyModifications, readMessage, stripBrackets as strip, type BodySpool, type ChainEnvelope, type ReadMessageOptions } from './message';
 import { MACRO_STAGE_CHARS, MACRO_STAGE_NUMBERS, MilterPool, goesOn, type MacroStageName, type MilterOptions } from './milter';
 
 /** What the chain decided about a command or a message. */
@@ -46,24 +45,6 @@ export interface ClientInfo {
   hostname?: string;
   /** Address family. Default `inet` (`inet6` when the address has a colon). */
   family?: Family;
-}
-
-/** An envelope recipient. */
-export interface Recipient {
-  /** The address with angle brackets, as in RCPT TO. */
-  address: string;
-  /** ESMTP parameters. */
-  params: string[];
-}
-
-/** The envelope as it stands after the milters. */
-export interface ChainEnvelope {
-  /** The sender with angle brackets, as in MAIL FROM. */
-  sender: string;
-  /** ESMTP parameters of MAIL FROM (or of a milter's chgfrom). */
-  senderParams: string[];
-  /** The recipients: the accepted ones, minus delrcpt, plus addrcpt. */
-  recipients: Recipient[];
 }
 
 /** What {@link ChainSession.message} produced. */
@@ -113,7 +94,6 @@ function verdict(action: VerdictAction, reply?: SmtpReply, milter?: string, erro
 
 const CONTINUE = (): Verdict => verdict('continue');
 
-const strip = (a: string) => (a.startsWith('<') && a.endsWith('>') ? a.slice(1, -1) : a);
 const braces = (n: string) => (n.startsWith('{') && n.endsWith('}') ? n.slice(1, -1) : n);
 
 /**
@@ -351,7 +331,8 @@ export class ChainSession {
         m.inMessage = false;
         const eom = r.result;
         edits.push({ milter: m.name, actions: eom.actions });
-        const replaced = this.applyEdits(m, eom.actions, headers, envelope);
+        const { replacedBody: replaced, quarantine } = applyModifications(eom.actions, headers, envelope, { leadingSpace: m.leadingSpace, spool: this.spool });
+        this.quarantined.push(...quarantine);
         if (replaced) {
           body = replaced;
           this.lastBody.dispose();
@@ -523,44 +504,6 @@ export class ChainSession {
     }
     await this.sendMacros(m, 'eom');
     return { kind: 'eom', result: await c.eom() };
-  }
-
-  /** Apply one milter's modifications; returns the new body if it replaced it. */
-  private applyEdits(m: Member, actions: readonly EomAction[], headers: HeaderList, envelope: ChainEnvelope): BodySpool | undefined {
-    let replaced: BodySpool | undefined;
-    for (const a of actions) {
-      switch (a.type) {
-        case 'addheader':
-        case 'insheader':
-        case 'chgheader':
-          headers.apply(a, { leadingSpace: m.leadingSpace });
-          break;
-        case 'addrcpt':
-          envelope.recipients.push({ address: a.rcpt, params: [] });
-          break;
-        case 'addrcpt_par':
-          envelope.recipients.push({ address: a.rcpt, params: a.params ? a.params.split(' ').filter(Boolean) : [] });
-          break;
-        case 'delrcpt': {
-          const gone = strip(a.rcpt).toLowerCase();
-          envelope.recipients = envelope.recipients.filter((r) => strip(r.address).toLowerCase() !== gone);
-          break;
-        }
-        case 'chgfrom':
-          envelope.sender = a.sender;
-          envelope.senderParams = a.params ? a.params.split(' ').filter(Boolean) : [];
-          break;
-        case 'replbody':
-          replaced ??= new Spool(this.spool);
-          replaced.write(a.chunk);
-          break;
-        case 'quarantine':
-          this.quarantined.push(a.reason);
-          break;
-      }
-    }
-    replaced?.end();
-    return replaced;
   }
 
   private outcome(v: Verdict, envelope: ChainEnvelope, headers: HeaderList, body: BodySpool, edits: { milter: string; actions: EomAction[] }[]): MessageOutcome {

@@ -99,6 +99,86 @@ function lfToCrlf(b: Buffer): Buffer {
   return Buffer.from(b.toString('latin1').replace(/\n/g, '\r\n'), 'latin1');
 }
 
+/** An envelope recipient. */
+export interface Recipient {
+  /** The address with angle brackets, as in RCPT TO. */
+  address: string;
+  /** ESMTP parameters. */
+  params: string[];
+}
+
+/** The envelope as it stands after the milters. */
+export interface ChainEnvelope {
+  /** The sender with angle brackets, as in MAIL FROM. */
+  sender: string;
+  /** ESMTP parameters of MAIL FROM (or of a milter's chgfrom). */
+  senderParams: string[];
+  /** The recipients: the accepted ones, minus delrcpt, plus addrcpt. */
+  recipients: Recipient[];
+}
+
+/** `<a@b>` without its angle brackets. */
+export function stripBrackets(a: string): string {
+  return a.startsWith('<') && a.endsWith('>') ? a.slice(1, -1) : a;
+}
+
+/** Options of {@link applyModifications}. */
+export interface ModifyOptions extends HeaderEditOptions {
+  /** Where a replacement body is spooled. */
+  spool?: SpoolOptions;
+}
+
+/**
+ * Apply one milter's end-of-message modifications as Postfix does: header
+ * edits to `headers` (see {@link HeaderList}), chgfrom, addrcpt and delrcpt
+ * (compared without angle brackets, case-insensitively) to `envelope`, both
+ * in place. Returns the replacement body, if the milter replaced it, and
+ * the quarantine reasons.
+ */
+export function applyModifications(
+  actions: readonly EomAction[],
+  headers: HeaderList,
+  envelope: ChainEnvelope,
+  options: ModifyOptions = {},
+): { replacedBody?: BodySpool; quarantine: string[] } {
+  let replaced: BodySpool | undefined;
+  const quarantine: string[] = [];
+  const words = (p: string | undefined) => (p ? p.split(' ').filter(Boolean) : []);
+  for (const a of actions) {
+    switch (a.type) {
+      case 'addheader':
+      case 'insheader':
+      case 'chgheader':
+        headers.apply(a, options);
+        break;
+      case 'addrcpt':
+        envelope.recipients.push({ address: a.rcpt, params: [] });
+        break;
+      case 'addrcpt_par':
+        envelope.recipients.push({ address: a.rcpt, params: words(a.params) });
+        break;
+      case 'delrcpt': {
+        const gone = stripBrackets(a.rcpt).toLowerCase();
+        envelope.recipients = envelope.recipients.filter((r) => stripBrackets(r.address).toLowerCase() !== gone);
+        break;
+      }
+      case 'chgfrom':
+        envelope.sender = a.sender;
+        envelope.senderParams = words(a.params);
+        break;
+      case 'replbody':
+        replaced ??= new BodySpool(options.spool);
+        replaced.write(a.chunk);
+        break;
+      case 'quarantine':
+        quarantine.push(a.reason);
+        break;
+    }
+  }
+  replaced?.end();
+  return replaced ? { replacedBody: replaced, quarantine } : { quarantine };
+}
+
 /** Options of {@link BodySpool}. */
 export interface SpoolOptions {
   /** Bytes kept in memory before the body moves to a temporary file. Default 1 MiB. */
