@@ -153,7 +153,8 @@ export class Milters {
   }
 }
 
-type MemberState = 'open' | 'accepted' | 'failed';
+/** A milter's state in a session: `open`, `accepted` (done for this session) or `failed` (its default action applies). */
+export type MemberState = 'open' | 'accepted' | 'failed';
 
 class Member {
   conn: MilterConnection | undefined;

@@ -38,7 +38,9 @@ export interface SmtpReplyError extends Error {
   responseCode: number;
 }
 
-type Callback = (err?: Error | null, message?: string) => void;
+/** An `smtp-server` hook's callback: an error refuses the command, a message goes into the success reply. */
+export type SmtpServerCallback = (err?: Error | null, message?: string) => void;
+type Callback = SmtpServerCallback;
 
 /**
  * The hooks for `new SMTPServer({ ...hooks, ... })`, and
@@ -47,11 +49,17 @@ type Callback = (err?: Error | null, message?: string) => void;
  * with one of its own.
  */
 export interface SmtpServerHooks {
+  /** smtp-server must not add enhanced status codes of its own. */
   hideENHANCEDSTATUSCODES: true;
-  onConnect(session: SmtpServerSession, callback: Callback): void;
-  onMailFrom(address: SmtpServerAddress, session: SmtpServerSession, callback: Callback): void;
-  onRcptTo(address: SmtpServerAddress, session: SmtpServerSession, callback: Callback): void;
-  onData(stream: Readable, session: SmtpServerSession, callback: Callback): void;
+  /** A new SMTP session: connect to the milters, SMFIC_CONNECT. */
+  onConnect(session: SmtpServerSession, callback: SmtpServerCallback): void;
+  /** SMFIC_HELO (when the HELO name is new) and SMFIC_MAIL. */
+  onMailFrom(address: SmtpServerAddress, session: SmtpServerSession, callback: SmtpServerCallback): void;
+  /** SMFIC_RCPT. */
+  onRcptTo(address: SmtpServerAddress, session: SmtpServerSession, callback: SmtpServerCallback): void;
+  /** The message through the chain, then `deliver`. */
+  onData(stream: Readable, session: SmtpServerSession, callback: SmtpServerCallback): void;
+  /** The end of the SMTP session: SMFIC_QUIT (or QUIT_NC with reuse). */
   onClose(session: SmtpServerSession): void;
 }
 
