@@ -4,13 +4,13 @@
  * chain, OpenDKIM signing in front of it; and against scripted fake milters
  * for timeouts, default actions, failed dials, connection limits and reuse.
  */
-import * as net from 'net';
 import * as path from 'path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { authenticate } from 'mailauth';
 import { Milters, HeaderList, readMessage } from '../../src/mta';
 import { MilterTimeoutError } from '../../src/errors';
 import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, freePort, startProcess, type RunningProcess } from '../helpers';
+import { fakeMilter, packet, politeExcept, type Fake } from './fake-milter';
 import { makeDkimKey, realMiltersUnavailable, startOpenDKIM, type RealMilter } from './real-milters';
 
 const E2E_MILTER = path.join(FIXTURES, 'e2e', 'milter.cjs');
@@ -156,65 +156,7 @@ describe.each(ENGINES)('a chain with the e2e milter (%s engine)', (engine) => {
   });
 });
 
-/* ------------------------------------------------------------ fake milters */
-
-interface Fake {
-  spec: string;
-  server: net.Server;
-  commands: string[];
-  close(): Promise<void>;
-}
-
-/**
- * A milter that negotiates version 6 (all actions, no steps removed) and
- * then answers each command from `answer` (undefined: stay silent).
- */
-async function fakeMilter(answer: (cmd: string) => Buffer | undefined): Promise<Fake> {
-  const commands: string[] = [];
-  const socks = new Set<net.Socket>();
-  const server = net.createServer((sock) => {
-    socks.add(sock);
-    let buf = Buffer.alloc(0);
-    sock.on('error', () => undefined);
-    sock.on('data', (d) => {
-      buf = Buffer.concat([buf, d]);
-      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32BE(0)) {
-        const len = buf.readUInt32BE(0);
-        const cmd = String.fromCharCode(buf[4]);
-        buf = buf.subarray(4 + len);
-        commands.push(cmd);
-        if (cmd === 'O') {
-          const r = Buffer.alloc(17);
-          r.writeUInt32BE(13, 0);
-          r[4] = 0x4f;
-          r.writeUInt32BE(6, 5);
-          r.writeUInt32BE(0x1ff, 9);
-          r.writeUInt32BE(0, 13);
-          sock.write(r);
-          continue;
-        }
-        const a = answer(cmd);
-        if (a) sock.write(a);
-      }
-    });
-  });
-  const port = await freePort();
-  await new Promise<void>((r) => server.listen(port, '127.0.0.1', r));
-  return {
-    spec: `inet:${port}@127.0.0.1`,
-    server,
-    commands,
-    close: () =>
-      new Promise<void>((r) => {
-        for (const s of socks) s.destroy();
-        server.close(() => r());
-      }),
-  };
-}
-
-const reply = (c: string) => Buffer.from([0, 0, 0, 1, c.charCodeAt(0)]);
-/** Answer continue to everything that wants an answer, except what `silent` names. */
-const politeExcept = (silent: string) => (cmd: string) => ('DAKQ'.includes(cmd) || silent.includes(cmd) ? undefined : cmd === 'E' ? reply('c') : reply('c'));
+const reply = (c: string) => packet(c);
 
 describe('timeouts and default actions', () => {
   const fakes: Fake[] = [];
