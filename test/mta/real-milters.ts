@@ -8,6 +8,7 @@
 import { execFileSync } from 'child_process';
 import * as fs from 'fs';
 import * as path from 'path';
+import { authenticate } from 'mailauth';
 import { freeInetSpec, freePort, startProcess, tmpDir, type RunningProcess } from '../helpers';
 
 export const OPENDKIM_BIN = '/usr/sbin/opendkim';
@@ -46,6 +47,24 @@ export function makeDkimKey(domain = 'example.com', selector = 'sel'): DkimKey {
   const testKeysFile = path.join(dir, 'testkeys');
   fs.writeFileSync(testKeysFile, `${selector}._domainkey.${domain} ${txt}\n`);
   return { domain, selector, privateKeyFile: path.join(dir, `${selector}.private`), txt, testKeysFile };
+}
+
+/** The DKIM results mailauth finds for a message (`['pass']`...), with `key` served by a local resolver (no DNS). */
+export async function dkimResults(message: Buffer, key: DkimKey): Promise<string[]> {
+  const res = await authenticate(message, {
+    trustReceived: false,
+    ip: '127.0.0.1',
+    helo: 'localhost',
+    mta: 'mx.example.org',
+    sender: 'alice@example.com',
+    resolver: async (name: string, type: string) => {
+      if (type === 'TXT' && name === `${key.selector}._domainkey.${key.domain}`) return [[key.txt]];
+      const e = new Error(`no ${type} for ${name}`) as NodeJS.ErrnoException;
+      e.code = 'ENOTFOUND';
+      throw e;
+    },
+  });
+  return res.dkim.results.map((r: { status: { result: string } }) => r.status.result);
 }
 
 /** A running real milter. */
