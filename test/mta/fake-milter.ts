@@ -28,6 +28,8 @@ export interface FakeNegotiation {
   steps?: number;
   /** Macro lists per stage (SMFIM_* number), as smfi_setsymlist sends them. */
   symlists?: Record<number, string>;
+  /** Never answer SMFIC_OPTNEG. */
+  silent?: boolean;
 }
 
 /** A reply packet: command character and data. */
@@ -59,6 +61,7 @@ export async function fakeMilter(answer: (cmd: string, data: Buffer) => Buffer |
         buf = buf.subarray(4 + len);
         packets.push({ cmd, data });
         if (cmd === 'O') {
+          if (neg.silent) continue;
           const parts = [Buffer.alloc(12)];
           parts[0].writeUInt32BE(neg.version ?? 6, 0);
           parts[0].writeUInt32BE(neg.actions ?? 0x1ff, 4);

@@ -177,6 +177,22 @@ describe('answers and verdicts', () => {
   });
 });
 
+describe('a milter that never negotiates', () => {
+  it('is bounded by commandTimeout and gets its default action at CONNECT', async () => {
+    const f = await fake(politeExcept(''), { silent: true });
+    const milters = new Milters([{ socket: f.spec, commandTimeout: 300, defaultAction: 'reject' }]);
+    const t0 = Date.now();
+    const s = await milters.session();
+    const v = await s.connect();
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(290);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(v).toMatchObject({ action: 'reject', reply: { code: 550, xcode: '5.7.1' } });
+    expect(v.error?.message).toMatch(/within 300 ms/);
+    expect(milters.pools[0].stats).toMatchObject({ open: 0, busy: 0 });
+    await s.close();
+  });
+});
+
 describe('options', () => {
   it('refuses bad options with the option named', () => {
     expect(() => resolveMilterOptions({ socket: '' })).toThrow(InvalidArgumentError);
