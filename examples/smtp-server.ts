@@ -109,7 +109,7 @@ if (require.main === module) {
     hostname: process.env.MTA_HOSTNAME,
   }).then(
     (mta) => {
-      process.stdout.write(`listening on ${process.env.SMTP_HOST ?? '127.0.0.1'}:${mta.port}, milters ${milters.join(' -> ')}\n`);
+      process.stdout.write(`smtp-server: listening on ${process.env.SMTP_HOST ?? '127.0.0.1'}:${mta.port} (milters ${milters.join(' -> ')})\n`);
       const stop = () => void mta.close().then(() => process.exit(0));
       process.once('SIGTERM', stop);
       process.once('SIGINT', stop);
