@@ -21,7 +21,7 @@ import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, startProcess, 
 import { mayskipPostfix, postfixUnavailable, startPostfix as startPostfixSink, type PostfixInstance } from '../helpers/postfix';
 import { startCaptureSink, type CaptureSink } from './capture-sink';
 import { dist } from '../examples/common';
-import { makeDkimKey, realMiltersUnavailable, startOpenDKIM, startOpenDMARC, startSpamassMilter, type RealMilter } from './real-milters';
+import { makeDkimKey, realMiltersUnavailable, rspamdUnavailable, startOpenDKIM, startOpenDMARC, startRspamd, startSpamassMilter, type RealMilter } from './real-milters';
 
 const unavailable = postfixUnavailable() ?? realMiltersUnavailable();
 const skip = unavailable !== undefined && mayskipPostfix();
@@ -205,6 +205,34 @@ describe.skipIf(skip)('conformance with Postfix: third-party milters', () => {
       expectSame(r);
       expect(r.postfix.message).toMatch(/^Authentication-Results: mta.test.example; dmarc=none \(p=none dis=none\) header.from=example.com\r\n/m);
       expect(r.postfix.message).toMatch(/\r\nX-Spam-Status: No, score=-?[0-9.]+ required=5.0 tests=/);
+    } finally {
+      await pf.stop();
+    }
+  }, 90_000);
+});
+
+describe.skipIf(skip)('conformance with Postfix: rspamd (proxy worker in milter mode)', () => {
+  const why = rspamdUnavailable();
+  let rspamd: RealMilter | undefined;
+  beforeAll(async () => {
+    if (why) return;
+    rspamd = await startRspamd();
+  }, 200_000);
+  afterAll(async () => {
+    await rspamd?.stop();
+  }, 20_000);
+
+  it('rspamd is installed (apt-get install rspamd)', () => {
+    expect(why).toBeUndefined();
+  });
+
+  it('same bytes and headers as Postfix', async () => {
+    const pf = await startPostfix({ milter: rspamd!.spec });
+    try {
+      const r = await bothPaths(pf, [rspamd!.spec], message('rspamd'));
+      expectSame(r);
+      expect(r.postfix.message).toMatch(/\r\nX-Spamd-Result: default: False \[/);
+      expect(r.postfix.message).toContain(`\r\nX-Rspamd-Queue-Id: ${r.queueId}\r\n`);
     } finally {
       await pf.stop();
     }

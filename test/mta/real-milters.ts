@@ -16,6 +16,9 @@ export const OPENDKIM_GENKEY_BIN = '/usr/sbin/opendkim-genkey';
 export const OPENDMARC_BIN = '/usr/sbin/opendmarc';
 export const SPAMASS_MILTER_BIN = '/usr/sbin/spamass-milter';
 export const SPAMD_BIN = '/usr/sbin/spamd';
+export const RSPAMD_BIN = '/usr/bin/rspamd';
+/** Where Debian's rspamd package puts its shipped configuration (copied, never used in place). */
+export const RSPAMD_SHIPPED_CONF = '/etc/rspamd';
 
 /** Why a real milter cannot run here, or undefined. */
 export function realMiltersUnavailable(): string | undefined {
@@ -24,6 +27,12 @@ export function realMiltersUnavailable(): string | undefined {
   }
   if (process.getuid?.() !== 0) return 'the real-milter tests run the milters as root';
   return undefined;
+}
+
+/** Why rspamd cannot run here, or undefined. */
+export function rspamdUnavailable(): string | undefined {
+  if (!fs.existsSync(RSPAMD_BIN) || !fs.existsSync(path.join(RSPAMD_SHIPPED_CONF, 'rspamd.conf'))) return `${RSPAMD_BIN} is missing: apt-get install rspamd`;
+  return realMiltersUnavailable();
 }
 
 /** A DKIM key pair made with opendkim-genkey. */
@@ -190,4 +199,38 @@ export async function startSpamassMilter(): Promise<RealMilter> {
     throw e;
   });
   return started(spec, proc, [spamd]);
+}
+
+/**
+ * rspamd 3.4 in the foreground with a private copy of the configuration
+ * Debian ships: its proxy worker in milter mode (self-scanning) on a free
+ * port, the normal and controller workers on free ports, DNS pointed at a
+ * closed port so every lookup fails at once (no network), and milter_headers
+ * adding its result headers. Loading the rules takes tens of seconds.
+ */
+export async function startRspamd(): Promise<RealMilter> {
+  const dir = tmpDir('nm-rspamd-');
+  const conf = path.join(dir, 'conf');
+  fs.cpSync(RSPAMD_SHIPPED_CONF, conf, { recursive: true, dereference: true });
+  for (const d of ['run', 'db', 'log']) fs.mkdirSync(path.join(dir, d));
+  const spec = await freeInetSpec();
+  const port = /^inet:(\d+)@/.exec(spec)![1];
+  const [normal, controller] = [await freePort(), await freePort()];
+  const local = path.join(conf, 'local.d');
+  fs.mkdirSync(local, { recursive: true });
+  const files: Record<string, string> = {
+    'worker-proxy.inc': `bind_socket = "127.0.0.1:${port}";\nmilter = yes;\ntimeout = 120s;\ncount = 1;\nupstream "local" {\n  default = yes;\n  self_scan = yes;\n}\n`,
+    'worker-normal.inc': `bind_socket = "127.0.0.1:${normal}";\ncount = 1;\n`,
+    'worker-controller.inc': `bind_socket = "127.0.0.1:${controller}";\ncount = 1;\n`,
+    'worker-fuzzy.inc': 'count = 0;\n',
+    'logging.inc': 'type = "console";\nlevel = "error";\n',
+    'options.inc': 'dns {\n  nameserver = ["127.0.0.1:1"];\n  timeout = 0.2s;\n  retransmits = 1;\n}\n',
+    'milter_headers.conf': 'use = ["x-spamd-result", "x-rspamd-queue-id", "x-spam-level", "x-spam-status"];\nskip_local = false;\nskip_authenticated = false;\n',
+  };
+  for (const [f, text] of Object.entries(files)) fs.writeFileSync(path.join(local, f), text);
+  const vars = ['CONFDIR', conf, 'LOCAL_CONFDIR', conf, 'RUNDIR', path.join(dir, 'run'), 'DBDIR', path.join(dir, 'db'), 'LOGDIR', path.join(dir, 'log')];
+  const args = ['-f', '-i', '-u', 'root', '-g', 'root', '-c', path.join(conf, 'rspamd.conf')];
+  for (let i = 0; i < vars.length; i += 2) args.push('--var', `${vars[i]}=${vars[i + 1]}`);
+  const proc = await startProcess(RSPAMD_BIN, { args, socket: spec, readyTimeout: 180_000, stopSignal: 'SIGTERM', killGrace: 5000 });
+  return started(spec, proc);
 }
