@@ -191,6 +191,8 @@ export class ChainSession {
   private envelope: ChainEnvelope | undefined;
   private lastBody: BodySpool | undefined;
   private sessionVerdict: Verdict | undefined;
+  /** A discard at MAIL or RCPT: the message is accepted and dropped, whatever comes next. */
+  private discarded: Verdict | undefined;
   private quarantined: string[] = [];
   private closed = false;
 
@@ -251,6 +253,7 @@ export class ChainSession {
     if (this.sessionVerdict) return this.sessionVerdict;
     await this.abort();
     this.quarantined = [];
+    this.discarded = undefined;
     for (const m of this.members) m.messageDone = false;
     const addr = strip(sender);
     this.macros['{mail_addr}'] = addr;
@@ -262,10 +265,16 @@ export class ChainSession {
       return c.envfrom(sender, ...params);
     });
     if (v.action !== 'continue') await this.abort();
+    if (v.action === 'discard') this.discarded = v;
     return v;
   }
 
-  /** SMFIC_RCPT: one recipient. A reject or tempfail refuses only this recipient; later milters do not see it. */
+  /**
+   * SMFIC_RCPT: one recipient. A reject or tempfail refuses only this
+   * recipient; later milters do not see it. A discard (here or at MAIL)
+   * accepts this and later recipients and makes the message a discard
+   * without sending it to any milter, as Postfix does.
+   */
   async rcpt(address: string, params: readonly string[] = []): Promise<Verdict> {
     this.check();
     if (this.sessionVerdict) return this.sessionVerdict;
@@ -274,8 +283,16 @@ export class ChainSession {
     this.macros['{rcpt_addr}'] = addr;
     this.macros['{rcpt_host}'] = addr.includes('@') ? addr.slice(addr.lastIndexOf('@') + 1) : '';
     this.macros['{rcpt_mailer}'] ??= 'smtp';
+    if (this.discarded) {
+      this.envelope.recipients.push({ address, params: [...params] });
+      return this.discarded;
+    }
     const v = await this.event('rcpt', 'message', (c) => c.envrcpt(address, ...params));
-    if (v.action === 'continue') this.envelope.recipients.push({ address, params: [...params] });
+    if (v.action === 'continue' || v.action === 'discard') this.envelope.recipients.push({ address, params: [...params] });
+    if (v.action === 'discard') {
+      this.discarded = v;
+      await this.abort();
+    }
     return v;
   }
 
@@ -307,6 +324,7 @@ export class ChainSession {
     const edits: { milter: string; actions: EomAction[] }[] = [];
     const done = (v: Verdict): MessageOutcome => this.outcome(v, envelope, headers, body, edits);
     if (this.sessionVerdict) return done(this.sessionVerdict);
+    if (this.discarded) return done(this.discarded);
 
     let v = await this.event('data', 'message', (c) => c.data());
     if (v.action !== 'continue') {

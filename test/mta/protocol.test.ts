@@ -31,6 +31,15 @@ async function transaction(milters: Milters, msg = 'Subject: s\r\nFrom: a@exampl
   return { s, verdicts, out };
 }
 
+/** Wait (up to 2 s) until `cond` holds; the fake milter reads what was written asynchronously. */
+async function until(cond: () => boolean): Promise<void> {
+  const end = Date.now() + 2000;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`not within 2 s: ${cond}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
 const macroPackets = (f: Fake) =>
   f.packets
     .filter((p) => p.cmd === 'D')
@@ -110,6 +119,9 @@ describe('answers and verdicts', () => {
     await s.rcpt('<b@example.org>');
     const out2 = await s.message('Subject: 2\r\n\r\nx\r\n');
     expect(out2.edits).toHaveLength(1);
+    // only the second message reached end of message (the first one's would have arrived before it)
+    await until(() => f.commands.includes('E'));
+    expect(f.commands.filter((c) => c === 'E')).toHaveLength(1);
     await s.close();
   });
 
@@ -120,6 +132,31 @@ describe('answers and verdicts', () => {
     expect(out.verdict.action).toBe('continue');
     expect(s.states[0].state).toBe('accepted');
     expect(f.commands.filter((c) => c !== 'O' && c !== 'D')).toEqual(['C']);
+    await s.close();
+  });
+
+  it('discard at RCPT: later recipients are accepted, the message is dropped without reaching any milter', async () => {
+    const f = await fake((cmd, data) => ('DAKQ'.includes(cmd) ? undefined : cmd === 'R' && data.toString().startsWith('<spam') ? packet('d') : packet('c')));
+    const next = await fake(politeExcept(''));
+    const milters = new Milters([f.spec, next.spec]);
+    const s = await milters.session();
+    await s.connect();
+    await s.helo('h');
+    await s.mail('<a@example.com>');
+    expect((await s.rcpt('<ok@example.org>')).action).toBe('continue');
+    expect((await s.rcpt('<spam@example.org>')).action).toBe('discard');
+    expect((await s.rcpt('<later@example.org>')).action).toBe('discard');
+    const out = await s.message('Subject: x\r\n\r\nbody\r\n');
+    expect(out.verdict.action).toBe('discard');
+    expect(out.envelope.recipients.map((r) => r.address)).toEqual(['<ok@example.org>', '<spam@example.org>', '<later@example.org>']);
+    for (const m of [f, next]) expect(m.commands.filter((c) => 'TLNBE'.includes(c))).toEqual([]);
+    await until(() => f.commands.includes('A'));
+    // the next message is not discarded
+    await s.mail('<b@example.com>');
+    await s.rcpt('<ok@example.org>');
+    expect((await s.message('Subject: y\r\n\r\nbody\r\n')).verdict.action).toBe('continue');
+    await until(() => next.commands.includes('E'));
+    for (const m of [f, next]) expect(m.commands.filter((c) => c === 'T' || c === 'E')).toEqual(['T', 'E']);
     await s.close();
   });
 
