@@ -10,7 +10,7 @@ import * as fs from 'fs';
 import * as net from 'net';
 import * as path from 'path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ENGINES, freeInetSpec, freePort, tmpDir, type RunningProcess } from '../helpers';
+import { ENGINES, FIXTURES, freeInetSpec, freePort, startProcess, tmpDir, type RunningProcess } from '../helpers';
 import { smtpSend } from '../helpers/postfix';
 import { dist, startExample } from '../examples/common';
 import { dkimResults, makeDkimKey, realMiltersUnavailable, startOpenDKIM, type RealMilter } from './real-milters';
@@ -98,6 +98,59 @@ function greeting(port: number): Promise<string> {
     s.on('close', () => resolve(text));
   });
 }
+
+describe('smtp-server hooks and a client that goes away', () => {
+  it('a client that drops the connection in the middle of DATA leaves no milter connection behind', async () => {
+    const { SMTPServer } = require('smtp-server');
+    const { Milters, smtpServerHooks } = dist<typeof import('../../src/mta')>('src/mta/index');
+    const spec = await freeInetSpec();
+    const e2e = await startProcess(process.execPath, { args: [path.join(FIXTURES, 'e2e', 'milter.cjs'), spec], socket: spec, stopSignal: 'SIGKILL' });
+    const milters = new Milters([spec]);
+    let delivered = 0;
+    const server = new SMTPServer({
+      authOptional: true,
+      disabledCommands: ['AUTH', 'STARTTLS'],
+      disableReverseLookup: true,
+      logger: false,
+      ...smtpServerHooks(milters, { deliver: async () => void delivered++ }),
+    });
+    const port = await freePort();
+    await new Promise<void>((r) => server.listen(port, '127.0.0.1', r));
+    try {
+      const sock = net.createConnection({ port, host: '127.0.0.1' });
+      sock.setEncoding('latin1');
+      let text = '';
+      sock.on('data', (d: string) => (text += d));
+      const waitFor = async (re: RegExp) => {
+        const end = Date.now() + 10_000;
+        while (!re.test(text)) {
+          if (Date.now() > end) throw new Error(`no ${re} in ${JSON.stringify(text)}`);
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      };
+      await waitFor(/^220 /m);
+      for (const [cmd, re] of [['EHLO c.example', /^250 /m], ['MAIL FROM:<a@example.com>', /^250 Accepted/m], ['RCPT TO:<b@example.org>', /^250 Accepted[\s\S]*$/], ['DATA', /^354 /m]] as const) {
+        text = '';
+        sock.write(`${cmd}\r\n`);
+        await waitFor(re);
+      }
+      expect(milters.pools[0].stats.busy).toBe(1);
+      sock.write('Subject: half a message\r\n\r\nsome bo');
+      await new Promise((r) => setTimeout(r, 100));
+      sock.destroy();
+      const end = Date.now() + 10_000;
+      while (milters.pools[0].stats.busy > 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+      expect(milters.pools[0].stats).toMatchObject({ busy: 0, open: 0 });
+      expect(delivered).toBe(0);
+      // the milter saw the session end (not only the readiness probe's close)
+      await e2e.waitForOutput(/"ev":"connect"[\s\S]*"ev":"close"/);
+    } finally {
+      await new Promise((r) => server.close(r));
+      await milters.close();
+      await e2e.stop();
+    }
+  });
+});
 
 describe('smtp-server hooks with a failing milter', () => {
   it('defaultAction tempfail: 451 4.7.1 at connect, like Postfix', async () => {
