@@ -138,6 +138,12 @@ export interface ConnectionOptions {
   filterMacros?: boolean;
   /** Largest reply data accepted, in bytes. Default 65535 (raised to 256K/1M when SMFIP_MDS_* was negotiated). */
   maxDataSize?: number;
+  /**
+   * Largest replacement body (all SMFIR_REPLBODY data of one end of
+   * message) accepted, in bytes; more is a ProtocolError (`oversize`) and the
+   * connection is closed. Default: no limit.
+   */
+  maxReplacedBody?: number;
   /** Body chunk size for {@link MilterConnection.body}, at most 65535. Default 65535. */
   chunkSize?: number;
 }
@@ -616,7 +622,7 @@ export class MilterConnection {
   eomTimeout: number;
 
   private readonly sock: net.Socket;
-  private readonly opts: Required<Pick<ConnectionOptions, 'version' | 'actions' | 'steps' | 'chunkSize'>>;
+  private readonly opts: Required<Pick<ConnectionOptions, 'version' | 'actions' | 'steps' | 'chunkSize' | 'maxReplacedBody'>>;
   private maxDataSize: number;
   private explicitMaxDataSize: boolean;
   private inbuf: Buffer = Buffer.alloc(0);
@@ -645,6 +651,7 @@ export class MilterConnection {
       actions: options.actions ?? SMFIF_ALL,
       steps: options.steps ?? SMFI_CURR_PROT,
       chunkSize,
+      maxReplacedBody: options.maxReplacedBody ?? Infinity,
     };
     sock.on('data', (d: Buffer) => this.onData(d));
     sock.on('error', (e) => this.fail(new ProtocolError(`connection error: ${e.message}`, 'closed')));
@@ -833,6 +840,7 @@ export class MilterConnection {
    */
   private async awaitFinal(step: StepName, timeout: number, actions?: EomAction[]): Promise<StepResult> {
     let progress = 0;
+    let replaced = 0;
     for (;;) {
       let p: Packet;
       try {
@@ -853,6 +861,11 @@ export class MilterConnection {
       if (ACTION_CODES.has(p.cmd)) {
         if (!actions) {
           throw new ProtocolError(`modification '${p.cmd}' received in reply to ${step}, outside end-of-message`, 'unexpected-reply');
+        }
+        if (p.cmd === Reply.REPLBODY && (replaced += p.data.length) > this.opts.maxReplacedBody) {
+          const e = new ProtocolError(`the replacement body is longer than maxReplacedBody (${this.opts.maxReplacedBody} bytes)`, 'oversize');
+          this.fatal(e);
+          throw e;
         }
         actions.push(parseAction(p));
         continue;

@@ -117,6 +117,13 @@ export interface MilterOptions {
   reuse?: boolean;
   /** How many idle connections `reuse` keeps. Default 8. */
   maxIdle?: number;
+  /**
+   * Largest replacement body this milter may send, in bytes (Postfix bounds
+   * it by `message_size_limit`); more is a failure and gets the default
+   * action. The replacement arrives in memory before it is spooled, so this
+   * bounds that memory. Default 10240000 (Postfix's `message_size_limit`).
+   */
+  maxReplacedBody?: number;
 }
 
 function checkMs(v: number | undefined, what: string): void {
@@ -138,7 +145,11 @@ export interface ResolvedMilterOptions {
   maxConnections: number;
   reuse: boolean;
   maxIdle: number;
+  maxReplacedBody: number;
 }
+
+/** Postfix's default `message_size_limit`, the default {@link MilterOptions.maxReplacedBody}. */
+export const DEFAULT_MAX_REPLACED_BODY = 10_240_000;
 
 /** Check a milter's options and fill in the defaults. @throws InvalidArgumentError naming the bad option. */
 export function resolveMilterOptions(o: MilterOptions | string): ResolvedMilterOptions {
@@ -158,6 +169,8 @@ export function resolveMilterOptions(o: MilterOptions | string): ResolvedMilterO
   if (maxConnections !== Infinity && (!Number.isInteger(maxConnections) || maxConnections < 1)) {
     throw new InvalidArgumentError(`maxConnections must be a whole number >= 1, got ${maxConnections}`);
   }
+  const maxReplacedBody = opts.maxReplacedBody ?? DEFAULT_MAX_REPLACED_BODY;
+  if (!Number.isInteger(maxReplacedBody) || maxReplacedBody < 0) throw new InvalidArgumentError(`maxReplacedBody must be a whole number of bytes >= 0, got ${opts.maxReplacedBody}`);
   const maxIdle = opts.maxIdle ?? 8;
   if (!Number.isInteger(maxIdle) || maxIdle < 0) throw new InvalidArgumentError(`maxIdle must be a whole number >= 0, got ${maxIdle}`);
   const macros = { ...POSTFIX_MACROS } as Record<MacroStageName, readonly string[]>;
@@ -182,6 +195,7 @@ export function resolveMilterOptions(o: MilterOptions | string): ResolvedMilterO
     maxConnections,
     reuse: opts.reuse ?? false,
     maxIdle,
+    maxReplacedBody,
   };
 }
 
@@ -260,6 +274,7 @@ export class MilterPool {
         version: o.protocol,
         actions: o.actions,
         steps: o.steps,
+        maxReplacedBody: o.maxReplacedBody,
       };
       const c = await MilterConnection.connect(o.socket, copts);
       this.opened++;

@@ -214,6 +214,25 @@ describe('answers and verdicts', () => {
   });
 });
 
+describe('bounds', () => {
+  it('a replacement body over maxReplacedBody is a failure: default action, connection closed, memory bounded', async () => {
+    const chunk = packet('b', Buffer.alloc(60_000, 0x41));
+    const f = await fake((cmd) => ('DAKQ'.includes(cmd) ? undefined : cmd === 'E' ? Buffer.concat([chunk, chunk, chunk, packet('c')]) : packet('c')));
+    const milters = new Milters([{ socket: f.spec, maxReplacedBody: 100_000, defaultAction: 'tempfail' }]);
+    const { s, out } = await transaction(milters);
+    expect(out.verdict.action).toBe('tempfail');
+    expect(out.verdict.error).toBeInstanceOf(ProtocolError);
+    expect(out.verdict.error?.message).toMatch(/longer than maxReplacedBody \(100000 bytes\)/);
+    await s.close();
+    // within the bound it goes through
+    const ok = new Milters([{ socket: f.spec, maxReplacedBody: 180_000 }]);
+    const r = await transaction(ok);
+    expect(r.out.verdict.action).toBe('continue');
+    expect(r.out.body.length).toBe(180_000);
+    await r.s.close();
+  });
+});
+
 describe('a milter that never negotiates', () => {
   it('is bounded by commandTimeout and gets its default action at CONNECT', async () => {
     const f = await fake(politeExcept(''), { silent: true });
