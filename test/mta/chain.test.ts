@@ -319,6 +319,7 @@ describe.skipIf(realWhy !== undefined && process.env.NODEMILTER_SKIP_REAL_MILTER
   }, 30_000);
   afterAll(async () => {
     await dkim?.stop();
+    key?.remove();
     await e2e?.stop();
   });
 

@@ -45,6 +45,8 @@ export interface DkimKey {
   txt: string;
   /** A file for OpenDKIM's TestPublicKeys: `selector._domainkey.domain TXT-text`. */
   testKeysFile: string;
+  /** Remove the key's directory. */
+  remove(): void;
 }
 
 /** Make a key for `selector._domainkey.domain` in a new temporary directory. */
@@ -55,7 +57,14 @@ export function makeDkimKey(domain = 'example.com', selector = 'sel'): DkimKey {
   const txt = [...zone.matchAll(/"([^"]*)"/g)].map((m) => m[1]).join('');
   const testKeysFile = path.join(dir, 'testkeys');
   fs.writeFileSync(testKeysFile, `${selector}._domainkey.${domain} ${txt}\n`);
-  return { domain, selector, privateKeyFile: path.join(dir, `${selector}.private`), txt, testKeysFile };
+  return {
+    domain,
+    selector,
+    privateKeyFile: path.join(dir, `${selector}.private`),
+    txt,
+    testKeysFile,
+    remove: () => fs.rmSync(dir, { recursive: true, force: true }),
+  };
 }
 
 /** The DKIM results mailauth finds for a message (`['pass']`...), with `key` served by a local resolver (no DNS). */
@@ -86,7 +95,8 @@ export interface RealMilter {
   stop(): Promise<void>;
 }
 
-async function started(spec: string, proc: RunningProcess, helpers: RunningProcess[] = []): Promise<RealMilter> {
+/** A RealMilter whose stop() ends its processes by PID and removes its directory. */
+async function started(dir: string, spec: string, proc: RunningProcess, helpers: RunningProcess[] = []): Promise<RealMilter> {
   return {
     spec,
     proc,
@@ -94,6 +104,7 @@ async function started(spec: string, proc: RunningProcess, helpers: RunningProce
     async stop() {
       await proc.stop();
       for (const h of helpers) await h.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
     },
   };
 }
@@ -132,7 +143,7 @@ export async function startOpenDKIM(key: DkimKey, mode: 'sign' | 'verify' | 'bot
   }
   fs.writeFileSync(conf, lines.join('\n') + '\n');
   const proc = await startProcess(OPENDKIM_BIN, { args: ['-f', '-x', conf, '-l'], socket: spec, stopSignal: 'SIGKILL' });
-  return started(spec, proc);
+  return started(dir, spec, proc);
 }
 
 /** OpenDMARC in the foreground, every client checked (IgnoreHosts is an empty file), trusting OpenDKIM's results (authserv-id mta.test.example). */
@@ -159,7 +170,7 @@ export async function startOpenDMARC(): Promise<RealMilter> {
     ].join('\n') + '\n',
   );
   const proc = await startProcess(OPENDMARC_BIN, { args: ['-f', '-c', conf], socket: spec, stopSignal: 'SIGKILL' });
-  return started(spec, proc);
+  return started(dir, spec, proc);
 }
 
 /**
@@ -198,15 +209,16 @@ export async function startSpamassMilter(): Promise<RealMilter> {
     await spamd.stop();
     throw e;
   });
-  return started(spec, proc, [spamd]);
+  return started(dir, spec, proc, [spamd]);
 }
 
 /**
  * rspamd 3.4 in the foreground with a private copy of the configuration
  * Debian ships: its proxy worker in milter mode (self-scanning) on a free
  * port, the normal and controller workers on free ports, DNS pointed at a
- * closed port so every lookup fails at once (no network), and milter_headers
- * adding its result headers. Loading the rules takes tens of seconds.
+ * closed port (no network) and the modules that ask DNS turned off, so the
+ * result does not depend on lookup timing, and milter_headers adding its
+ * result headers. Loading the rules takes tens of seconds.
  */
 export async function startRspamd(): Promise<RealMilter> {
   const dir = tmpDir('nm-rspamd-');
@@ -227,10 +239,14 @@ export async function startRspamd(): Promise<RealMilter> {
     'options.inc': 'dns {\n  nameserver = ["127.0.0.1:1"];\n  timeout = 0.2s;\n  retransmits = 1;\n}\n',
     'milter_headers.conf': 'use = ["x-spamd-result", "x-rspamd-queue-id", "x-spam-level", "x-spam-status"];\nskip_local = false;\nskip_authenticated = false;\n',
   };
+  // The modules that ask DNS (whose timeouts would make the results vary) are off.
+  for (const m of ['rbl', 'surbl', 'spf', 'dkim', 'dmarc', 'arc', 'asn', 'emails', 'fuzzy_check', 'mx_check', 'dkim_signing', 'arc_signing']) {
+    files[`${m}.conf`] = 'enabled = false;\n';
+  }
   for (const [f, text] of Object.entries(files)) fs.writeFileSync(path.join(local, f), text);
   const vars = ['CONFDIR', conf, 'LOCAL_CONFDIR', conf, 'RUNDIR', path.join(dir, 'run'), 'DBDIR', path.join(dir, 'db'), 'LOGDIR', path.join(dir, 'log')];
   const args = ['-f', '-i', '-u', 'root', '-g', 'root', '-c', path.join(conf, 'rspamd.conf')];
   for (let i = 0; i < vars.length; i += 2) args.push('--var', `${vars[i]}=${vars[i + 1]}`);
   const proc = await startProcess(RSPAMD_BIN, { args, socket: spec, readyTimeout: 180_000, stopSignal: 'SIGTERM', killGrace: 5000 });
-  return started(spec, proc);
+  return started(dir, spec, proc);
 }

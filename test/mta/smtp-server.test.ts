@@ -57,6 +57,7 @@ describe.skipIf(realWhy !== undefined && process.env.NODEMILTER_SKIP_REAL_MILTER
     await mta?.close();
     await sample?.stop();
     await dkim?.stop();
+    key?.remove();
     fs.rmSync(mailDir, { recursive: true, force: true });
   });
 
