@@ -10,7 +10,7 @@ import { Milters, HeaderList, readMessage } from '../../src/mta';
 import { MilterTimeoutError } from '../../src/errors';
 import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, freePort, startProcess, type RunningProcess } from '../helpers';
 import { fakeMilter, packet, politeExcept, type Fake } from './fake-milter';
-import { dkimResults, makeDkimKey, realMiltersUnavailable, startOpenDKIM, type RealMilter } from './real-milters';
+import { dkimResults, makeDkimKey, realMiltersUnavailable, startOpenDKIM, type DkimKey, type RealMilter } from './real-milters';
 
 const E2E_MILTER = path.join(FIXTURES, 'e2e', 'milter.cjs');
 // eslint-disable-next-line @typescript-eslint/no-var-requires
@@ -311,9 +311,10 @@ const realWhy = realMiltersUnavailable();
 describe.skipIf(realWhy !== undefined && process.env.NODEMILTER_SKIP_REAL_MILTERS === '1')('OpenDKIM in a chain', () => {
   let dkim: RealMilter | undefined;
   let e2e: RunningProcess | undefined;
-  const key = realWhy ? undefined : makeDkimKey('example.com', 'sel');
+  let key: DkimKey | undefined;
   beforeAll(async () => {
     if (realWhy) return;
+    key = makeDkimKey('example.com', 'sel');
     dkim = await startOpenDKIM(key!, 'sign');
     e2e = await startE2E('node');
   }, 30_000);

@@ -21,7 +21,7 @@ import { ENGINES, FIXTURES, checkEngine, engineEnv, freeInetSpec, startProcess, 
 import { mayskipPostfix, postfixUnavailable, startPostfix as startPostfixSink, type PostfixInstance } from '../helpers/postfix';
 import { startCaptureSink, type CaptureSink } from './capture-sink';
 import { dist } from '../examples/common';
-import { makeDkimKey, realMiltersUnavailable, rspamdUnavailable, startOpenDKIM, startOpenDMARC, startRspamd, startSpamassMilter, type RealMilter } from './real-milters';
+import { makeDkimKey, realMiltersUnavailable, rspamdUnavailable, startOpenDKIM, startOpenDMARC, startRspamd, startSpamassMilter, type DkimKey, type RealMilter } from './real-milters';
 
 const unavailable = postfixUnavailable() ?? realMiltersUnavailable();
 const skip = unavailable !== undefined && mayskipPostfix();
@@ -159,13 +159,14 @@ async function startNodeMilter(script: string, engine: string): Promise<RunningP
 }
 
 describe.skipIf(skip)('conformance with Postfix: third-party milters', () => {
-  const key = unavailable ? undefined : makeDkimKey('example.com', 'sel');
+  let key: DkimKey | undefined;
   let sign: RealMilter | undefined;
   let verify: RealMilter | undefined;
   let dmarc: RealMilter | undefined;
   let spamass: RealMilter | undefined;
   beforeAll(async () => {
     if (unavailable) return;
+    key = makeDkimKey('example.com', 'sel');
     [sign, verify, dmarc, spamass] = await Promise.all([startOpenDKIM(key!, 'sign'), startOpenDKIM(key!, 'verify'), startOpenDMARC(), startSpamassMilter()]);
   }, 90_000);
   afterAll(async () => {
@@ -253,9 +254,10 @@ describe.skipIf(skip).each(ENGINES)('conformance with Postfix and TestCtx: nodem
   let sign: RealMilter | undefined;
   let pf: Pf | undefined;
   let pfChain: Pf | undefined;
-  const key = unavailable ? undefined : makeDkimKey('example.com', 'sel');
+  let key: DkimKey | undefined;
   beforeAll(async () => {
     if (unavailable) return;
+    key = makeDkimKey('example.com', 'sel');
     [e2e, crlf, sign] = await Promise.all([startNodeMilter(E2E_MILTER, engine), startNodeMilter(CRLF_MILTER, engine), startOpenDKIM(key!, 'sign')]);
     pf = await startPostfix({ milter: e2e.socket! });
     pfChain = await startPostfix({ milter: crlf.socket!, main: { smtpd_milters: [crlf.socket!, e2e.socket!, sign.spec].map(pfSpec).join(', ') } });

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ENGINES, FIXTURES, freeInetSpec, freePort, startProcess, tmpDir, type RunningProcess } from '../helpers';
 import { smtpSend } from '../helpers/postfix';
 import { dist, startExample } from '../examples/common';
-import { dkimResults, makeDkimKey, realMiltersUnavailable, startOpenDKIM, type RealMilter } from './real-milters';
+import { dkimResults, makeDkimKey, realMiltersUnavailable, startOpenDKIM, type DkimKey, type RealMilter } from './real-milters';
 
 const realWhy = realMiltersUnavailable();
 const example = dist<typeof import('../../examples/smtp-server')>('examples/smtp-server');
@@ -44,10 +44,11 @@ describe.skipIf(realWhy !== undefined && process.env.NODEMILTER_SKIP_REAL_MILTER
   let sample: RunningProcess | undefined;
   let mta: Awaited<ReturnType<typeof example.startMta>> | undefined;
   const mailDir = tmpDir('nm-mta-mail-');
-  const key = realWhy ? undefined : makeDkimKey('example.com', 'sel');
+  let key: DkimKey | undefined;
 
   beforeAll(async () => {
     if (realWhy) return;
+    key = makeDkimKey('example.com', 'sel');
     dkim = await startOpenDKIM(key!, 'sign');
     const spec = await freeInetSpec();
     sample = await startExample('sample', spec, { engine });
