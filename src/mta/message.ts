@@ -42,9 +42,11 @@ const LF = 0x0a;
 /**
  * A message's headers, with the milter edits applied as Postfix applies
  * them: addheader appends; insheader puts the header before the header at
- * its 0-based index (at the end when there are fewer); chgheader replaces the
- * index-th (from 1) header of that name, compared case-insensitively, deletes
- * it when the value is empty, and appends the header when there are fewer.
+ * its 0-based index (at the end when there are fewer; hidden headers count);
+ * chgheader replaces the index-th (from 1) header of that name among those
+ * the milter saw (hidden ones do not count), compared case-insensitively,
+ * deletes it when the value is empty, and appends the header when there are
+ * fewer.
  * Values keep their bytes: a CR the milter sent stays, and every LF becomes
  * CRLF on output, which is how Postfix delivers a value `one\r\n\ttwo` as
  * `one\r\r\n\ttwo`.
@@ -77,7 +79,8 @@ export class HeaderList {
     else {
       const lower = a.name.toLowerCase();
       let seen = 0;
-      const at = this.headers.findIndex((x) => x.name.toLowerCase() === lower && ++seen === Math.max(a.index, 1));
+      // counted among the headers the milter saw: Postfix skips its own hidden Received header here
+      const at = this.headers.findIndex((x) => !x.hidden && x.name.toLowerCase() === lower && ++seen === Math.max(a.index, 1));
       if (a.valueBytes.length === 0) {
         if (at >= 0) this.headers.splice(at, 1);
       } else if (at >= 0) this.headers[at] = { name: this.headers[at].name, value: stored };

@@ -299,6 +299,17 @@ describe('message model', () => {
     expect(h.toBuffer().toString()).toBe('First: f\r\nB: 2\r\nb: new\r\nC:\r\n x\r\nLast: l\r\nMissing: m\r\nX-CR: one\r\r\n\ttwo\r\n');
   });
 
+  it('a hidden header (the MTA\'s Received) counts for insheader, not for chgheader', () => {
+    const b = (v: string) => Buffer.from(v);
+    const h = new HeaderList([
+      { name: 'Received', value: b(' by us'), hidden: true },
+      { name: 'Received', value: b(' by them') },
+    ]);
+    h.apply({ type: 'chgheader', name: 'Received', index: 1, value: 'x', valueBytes: b('x'), raw: b('') });
+    h.apply({ type: 'insheader', index: 0, name: 'First', value: 'f', valueBytes: b('f'), raw: b('') });
+    expect(h.toBuffer().toString()).toBe('First: f\r\nReceived: by us\r\nReceived: x\r\n');
+  });
+
   it('refuses a header section over maxHeaderBytes with a typed error', async () => {
     await expect(readMessage('A: ' + 'x'.repeat(2000) + '\r\n\r\n', { maxHeaderBytes: 1000 })).rejects.toMatchObject({ reason: 'oversize' });
   });

@@ -297,6 +297,17 @@ describe.skipIf(skip).each(ENGINES)('conformance with Postfix and TestCtx: nodem
     expectSame(r);
   }, 60_000);
 
+  it('chgheader Received 1: which Received header Postfix means', async () => {
+    const pfCrlf = await startPostfix({ milter: crlf!.socket! });
+    try {
+      const r = await bothPaths(pfCrlf, [crlf!.socket!], message('[received]', ['Received: from outside.example by client.test.example']));
+      expectSame(r);
+      expect(r.postfix.message).toContain('changed by the crlf milter');
+    } finally {
+      await pfCrlf.stop();
+    }
+  }, 60_000);
+
   it('a chain of three: CRLF in values, index semantics, the e2e milter, OpenDKIM signing the result', async () => {
     const r = await bothPaths(pfChain!, [crlf!.socket!, e2e!.socket!, sign!.spec], message('[tag] chain'));
     expectSame(r);
