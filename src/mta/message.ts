@@ -134,7 +134,7 @@ export interface ModifyOptions extends HeaderEditOptions {
 /**
  * Apply one milter's end-of-message modifications as Postfix does: header
  * edits to `headers` (see {@link HeaderList}), chgfrom, addrcpt and delrcpt
- * (compared without angle brackets, case-insensitively) to `envelope`, both
+ * (compared without angle brackets, case-sensitively, as Postfix) to `envelope`, both
  * in place. Returns the replacement body, if the milter replaced it, and
  * the quarantine reasons.
  */
@@ -161,8 +161,9 @@ export function applyModifications(
         envelope.recipients.push({ address: a.rcpt, params: words(a.params) });
         break;
       case 'delrcpt': {
-        const gone = stripBrackets(a.rcpt).toLowerCase();
-        envelope.recipients = envelope.recipients.filter((r) => stripBrackets(r.address).toLowerCase() !== gone);
+        // exact, case and all, as Postfix matches it (measured: <CAROL@x> does not delete <carol@x>)
+        const gone = stripBrackets(a.rcpt);
+        envelope.recipients = envelope.recipients.filter((r) => stripBrackets(r.address) !== gone);
         break;
       }
       case 'chgfrom':

@@ -87,6 +87,7 @@ interface PathResult {
   text?: string;
   message?: string;
   recipients?: string[];
+  sender?: string;
 }
 
 /** Run one message through Postfix and then through a nodemilter/mta chain over the same milters. */
@@ -102,9 +103,9 @@ async function bothPaths(
   let queueId: string | undefined;
   if (t.end?.code === 250 && t.queueId) {
     queueId = t.queueId;
-    const d = await pf.sink.waitFor(` id ${t.queueId}\r\n`);
+    const d = await pf.sink.waitFor(` id ${t.queueId}`);
     received = postfixReceived(d.message);
-    postfix = { code: 250, message: d.message, recipients: d.rcptTo.map((r) => r.split(' ')[0]).sort() };
+    postfix = { code: 250, message: d.message, recipients: d.rcptTo.map((r) => r.split(' ')[0]).sort(), sender: d.mailFrom.split(' ')[0] };
   } else {
     const last = t.end ?? t.rcpt.find((r) => r.code !== 250) ?? t.mail;
     postfix = { code: last.code, text: last.lines.join('\n') };
@@ -132,7 +133,12 @@ async function bothPaths(
     else {
       const out: MessageOutcome = await s.message(msg, received ? [received] : []);
       if (out.verdict.action === 'continue') {
-        mta = { code: 250, message: (await out.toBuffer()).toString('latin1'), recipients: out.envelope.recipients.map((r) => r.address).sort() };
+        mta = {
+          code: 250,
+          message: (await out.toBuffer()).toString('latin1'),
+          recipients: out.envelope.recipients.map((r) => r.address).sort(),
+          sender: out.envelope.sender,
+        };
       } else mta = { code: out.verdict.reply.code, text: [out.verdict.reply.xcode, ...out.verdict.reply.lines].filter(Boolean).join(' ') };
     }
   } finally {
@@ -148,6 +154,7 @@ function expectSame(r: { postfix: PathResult; mta: PathResult }): void {
   if (r.postfix.code === 250) {
     expect(normalise(r.mta.message!)).toBe(normalise(r.postfix.message!));
     expect(r.mta.recipients).toEqual(r.postfix.recipients);
+    expect(r.mta.sender).toBe(r.postfix.sender);
   } else expect(r.mta.text).toBe(r.postfix.text);
 }
 
@@ -303,6 +310,19 @@ describe.skipIf(skip).each(ENGINES)('conformance with Postfix and TestCtx: nodem
       const r = await bothPaths(pfCrlf, [crlf!.socket!], message('[received]', ['Received: from outside.example by client.test.example']));
       expectSame(r);
       expect(r.postfix.message).toContain('changed by the crlf milter');
+    } finally {
+      await pfCrlf.stop();
+    }
+  }, 60_000);
+
+  it('envelope changes and header deletion at an index beyond the end: same envelope and bytes', async () => {
+    const pfCrlf = await startPostfix({ milter: crlf!.socket! });
+    try {
+      const r = await bothPaths(pfCrlf, [crlf!.socket!], message('[envelope]'), ['<bob@example.org>', '<carol@example.org>']);
+      expectSame(r);
+      expect(r.postfix.sender).toBe('<bounce@example.com>');
+      expect(r.postfix.recipients).toEqual(['<carol@example.org>', '<new@example.net>', '<par@example.net>']);
+      expect(r.postfix.message).not.toContain('X-Folded');
     } finally {
       await pfCrlf.stop();
     }

@@ -175,11 +175,12 @@ describe('answers and verdicts', () => {
     }
   });
 
-  it('modifications and a quarantine at end of message land in the outcome; delrcpt ignores brackets and case', async () => {
+  it('modifications and a quarantine at end of message land in the outcome; delrcpt ignores brackets, not case', async () => {
     const eom = Buffer.concat([
       packet('h', 'X-A\0one\0'),
       packet('+', '<new@example.net>\0'),
-      packet('-', 'B@EXAMPLE.ORG\0'),
+      packet('-', 'b@example.org\0'),
+      packet('-', '<NEW@example.net>\0'),
       packet('e', '<bounce@example.com>\0SIZE=10\0'),
       packet('b', 'new body\r\n'),
       packet('q', 'held\0'),
