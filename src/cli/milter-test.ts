@@ -13,10 +13,9 @@ import { parseArgs } from 'node:util';
 
 import { P_HDR_LEADSPC } from '../constants';
 import { MilterError } from '../errors';
-import { applyActions } from '../testing/apply';
-import type { AppliedMessage } from '../testing/apply';
-import { MilterClient } from '../testing/client';
-import type { EomAction, FamilyArg, MessageResult, MessageSpec, ReplyStatus, SmtpReply, StepResult } from '../testing/client';
+import { MilterConnection } from '../mta/connection';
+import type { EomAction, FamilyArg, MessageResult, MessageSpec, ReplyStatus, SmtpReply, StepResult } from '../mta/connection';
+import { applyModifications, readMessage as splitMessage, type ChainEnvelope } from '../mta/message';
 
 /** Exit statuses of milter-test. */
 export const EXIT = {
@@ -225,7 +224,7 @@ function exitFor(decision: ReplyStatus): number {
 const WORST = [EXIT.ERROR, EXIT.TEMPFAIL, EXIT.REJECT, EXIT.DISCARD, EXIT.OK];
 
 async function sendOne(opts: Options, message: Buffer): Promise<MessageResult> {
-  const client = await MilterClient.connect(opts.socket, opts.timeout ? { timeout: opts.timeout } : {});
+  const client = await MilterConnection.connect(opts.socket, opts.timeout ? { timeout: opts.timeout } : {});
   try {
     return await client.sendMessage({ ...opts.spec, message, quit: true });
   } finally {
@@ -300,6 +299,28 @@ function decisiveReply(res: MessageResult): SmtpReply | undefined {
   return steps[steps.length - 1]?.result.reply;
 }
 
+/** The message and envelope as Postfix delivers them after the milter's modifications (nodemilter/mta's rules). */
+interface Applied {
+  message: Buffer;
+  envelope: { sender: string; recipients: string[] };
+  quarantine?: string;
+}
+
+async function delivered(message: Buffer, actions: readonly EomAction[], envelope: ChainEnvelope, leadingSpace: boolean): Promise<Applied> {
+  const { headers, body } = await splitMessage(message);
+  try {
+    const r = applyModifications(actions, headers, envelope, { leadingSpace });
+    const newBody = r.replacedBody ?? body;
+    const text = Buffer.concat([headers.toBuffer(), Buffer.from('\r\n'), await newBody.toBuffer()]);
+    r.replacedBody?.dispose();
+    const out: Applied = { message: text, envelope: { sender: envelope.sender, recipients: envelope.recipients.map((x) => x.address) } };
+    if (r.quarantine.length) out.quarantine = r.quarantine[r.quarantine.length - 1];
+    return out;
+  } finally {
+    body.dispose();
+  }
+}
+
 async function runOne(opts: Options, message: Buffer, write: (s: string) => void): Promise<number> {
   const res = await sendOne(opts, message);
   const code = exitFor(res.decision);
@@ -307,10 +328,11 @@ async function runOne(opts: Options, message: Buffer, write: (s: string) => void
     const s = res.envrcpt[i]?.status;
     return s === undefined || s === 'continue' || s === 'noreply' || s === 'notsent' || s === 'accept';
   });
-  const envelope = { sender: (opts.spec.from as string[])[0], recipients: accepted.map((r) => r[0]) };
-  let applied: AppliedMessage | undefined;
+  const from = opts.spec.from as string[];
+  const envelope: ChainEnvelope = { sender: from[0], senderParams: from.slice(1), recipients: accepted.map((r) => ({ address: r[0], params: r.slice(1) })) };
+  let applied: Applied | undefined;
   if (res.eom && (res.decision === 'continue' || res.decision === 'accept')) {
-    applied = applyActions(message, res.actions, envelope, { leadingSpace: (res.negotiation.steps & P_HDR_LEADSPC) !== 0 });
+    applied = await delivered(message, res.actions, envelope, (res.negotiation.steps & P_HDR_LEADSPC) !== 0);
   }
   const reply = decisiveReply(res);
   if (opts.json) {
