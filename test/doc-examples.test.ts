@@ -35,6 +35,8 @@ const MODULES: Record<string, string> = {
   'nodemilter/metrics': 'src/metrics.ts',
   'nodemilter/engine': 'src/engine/index.ts',
   'nodemilter/milter': 'src/milter.ts',
+  'nodemilter/auth': 'src/auth/index.ts',
+  'nodemilter/mta': 'src/mta/index.ts',
 };
 
 interface Harness {
@@ -53,6 +55,15 @@ interface Harness {
 const MILTER_CLASS = 'declare class MyMilter extends Base {}';
 const HARNESS: Record<string, Harness> = {
   'base.ts#2': { wrap: 'method', host: 'Base' },
+  'auth/dns.ts#0': { noRun: 'serves HTTP on a fixed port' },
+  'auth/dns.ts#1': { prelude: 'declare const message: Buffer, ip: string, helo: string, sender: string;', noRun: 'looks up DNS at 127.0.0.1' },
+  'auth/index.ts#0': { prelude: 'declare const collected: MessageCollector, from: string;', wrap: 'method', noRun: 'reads key files under /etc/nodemilter; a fragment of an eom' },
+  'auth/keys.ts#1': { noRun: 'reads key files under /etc/nodemilter' },
+  'auth/sign.ts#0': { prelude: 'declare const collected: MessageCollector, table: SigningTable, fromAddress: string;', wrap: 'method', noRun: 'a fragment of an eom (collected is the message)' },
+  'auth/verify.ts#1': { prelude: "declare const collected: MessageCollector, spf: VerifyOptions['spf'], resolver: DnsResolve;", wrap: 'method', noRun: 'a fragment of an eom; looks up DNS' },
+  'metrics.ts#1': { prelude: MILTER_CLASS, noRun: 'runs a milter on a fixed port' },
+  'mta/connection.ts#0': { noRun: 'talks to milters on a fixed port and socket' },
+  'mta/smtp-server.ts#0': { noRun: 'listens on a fixed port and writes under /var/mail' },
   'base.ts#4': { prelude: 'class MyMilter extends Base {}' },
   'cache.ts#0': { prelude: 'declare const url: string;', noRun: 'needs a Redis server' },
   'engine/index.ts#0': { noRun: 'listens on a fixed port until SIGTERM' },

@@ -12,14 +12,23 @@
  *
  * @example
  * ```ts
- * override header(name: string, value: string) {
- *   if (name.toLowerCase() === 'authentication-results') {
- *     const n = ++this.message.arSeen;
- *     if (ownAuthResults(value, 'mx.example.org')) this.message.forged.push(n);
+ * class StripForged extends Base<{ arSeen: number; forged: number[] }> {
+ *   static override flags = CHGHDRS;
+ *   protected override newMessage() { return { arSeen: 0, forged: [] }; }
+ *   override header(name: string, value: string) {
+ *     if (name.toLowerCase() === 'authentication-results') {
+ *       const n = ++this.message.arSeen;
+ *       if (ownAuthResults(value, 'mx.example.org')) this.message.forged.push(n);
+ *     }
+ *     return CONTINUE;
  *   }
- *   return super.header(name, value);
+ *   override eom() {
+ *     // last first, so the indexes of the others stay right
+ *     for (const n of [...this.message.forged].reverse()) this.chgheader('Authentication-Results', n, null);
+ *     return CONTINUE;
+ *   }
  * }
- * // at eom, last first: for (const n of forged.reverse()) this.chgheader('Authentication-Results', n, null);
+ * ownAuthResults('MX.example.org; spf=pass smtp.mailfrom=a@b.example', 'mx.example.org'); // true
  * ```
  */
 export function ownAuthResults(value: string, authservId: string): boolean {

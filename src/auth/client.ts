@@ -12,10 +12,14 @@ import type { Family, HostAddr } from '../types';
  *
  * @example
  * ```ts
- * override connect(hostname: string, family: Family, hostaddr: HostAddr) {
- *   this.ip = clientIp(family, hostaddr);
- *   return CONTINUE;
+ * class Spf extends Base {
+ *   ip?: string;
+ *   override connect(hostname: string, family: Family, hostaddr: HostAddr) {
+ *     this.ip = clientIp(family, hostaddr); // undefined for a local client
+ *     return CONTINUE;
+ *   }
  * }
+ * clientIp('inet6', { address: '::ffff:192.0.2.1', port: 25 }); // '192.0.2.1'
  * ```
  */
 export function clientIp(family: Family, hostaddr: HostAddr): string | undefined {

@@ -42,6 +42,8 @@ export interface DnsMetricsSnapshot {
  *
  * @example
  * ```ts
+ * import * as http from 'node:http';
+ * const metrics = new MilterMetrics();   // runmilter(..., { metrics })
  * const dnsMetrics = new DnsMetrics();
  * const resolver = createResolver({ timeout: 3000, metrics: dnsMetrics });
  * http.createServer((req, res) => res.end(metrics.prometheus() + dnsMetrics.prometheus())).listen(9464, '127.0.0.1');

@@ -75,8 +75,10 @@ function isTag(local: string, tag: 'SRS0' | 'SRS1'): boolean {
  * @example
  * ```ts
  * const srs = new Srs({ domain: 'fwd.example.org', secrets: ['s3cret'], excludeDomains: ['example.org'] });
- * srs.forward('alice@example.com');      // 'SRS0=HHHH=TT=example.com=alice@fwd.example.org'
- * srs.reverse('SRS0=HHHH=TT=example.com=alice@fwd.example.org');   // 'alice@example.com'
+ * srs.forward('bob@example.org') === undefined; // true (an excluded domain is not rewritten)
+ * const rewritten = srs.forward('alice@example.com')!;   // SRS0=<hash>=<time>=example.com=alice@fwd.example.org
+ * /^SRS0=[^=]+=[^=]+=example\.com=alice@fwd\.example\.org$/.test(rewritten); // true
+ * srs.reverse(rewritten); // 'alice@example.com'
  * ```
  */
 export class Srs {

@@ -581,7 +581,7 @@ export async function dial(spec: string, timeout: number): Promise<net.Socket> {
  * import { MilterConnection } from 'nodemilter/mta';
  *
  * const c = await MilterConnection.connect('inet:8894@127.0.0.1', { timeout: 5000 });
- * console.log(c.negotiation.actions.toString(16));
+ * console.log(c.negotiation?.actions.toString(16));
  * await c.macro('connect', { j: 'mx.example.org', '{daemon_name}': 'MTA' });
  * await c.connect('client.example.com', 'inet', '192.0.2.1', 4567);
  * await c.helo('client.example.com');

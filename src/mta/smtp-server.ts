@@ -125,6 +125,7 @@ function rfc2822Date(d: Date): string {
  *
  * @example
  * ```ts
+ * import * as fs from 'node:fs';
  * import { SMTPServer } from 'smtp-server';
  * import { Milters, smtpServerHooks } from 'nodemilter/mta';
  *
