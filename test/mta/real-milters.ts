@@ -189,7 +189,9 @@ export async function startSpamassMilter(): Promise<RealMilter> {
     path.join(dir, 'local.cf'),
     ['use_bayes 0', 'skip_rbl_checks 1', 'dns_available no', 'score ALL_TRUSTED 0', 'report_safe 0', ''].join('\n'),
   );
-  fs.chmodSync(dir, 0o755); // spamd's children run as nobody
+  // spamd's children run as nobody: explicit modes, whatever the umask of the test run
+  fs.chmodSync(dir, 0o755);
+  for (const f of ['plugins.pre', 'local.cf']) fs.chmodSync(path.join(dir, f), 0o644);
   const spamd = await startProcess(SPAMD_BIN, {
     args: [
       '--listen', `127.0.0.1:${spamdPort}`, '--allowed-ips', '127.0.0.1', '-L', '--siteconfigpath', dir,
