@@ -1,4 +1,4 @@
-// npm run bench:mta -- [--messages N] [--concurrency C] [--rows a,b,c]
+// npm run bench:mta -- [--messages N] [--concurrency C] [--rows a,b,c] [--transport unix|inet]
 //
 // The client-side benchmark: messages per second through a chain of two
 // milters (two instances of the C libmilter bench milter, shape s1: every
@@ -12,6 +12,13 @@
 // smtp-server waits 100 ms after accepting each connection before its
 // greeting (its early-talker check, not configurable), so the mta rows are
 // bounded by concurrency x 10 sessions/s.
+// --transport: how the MTA side reaches the milters, unix sockets (default)
+// or TCP on 127.0.0.1. Over TCP, libmilter writes each action and the final
+// reply of EOM as a write of its own, and Nagle's algorithm holds the reply
+// until the MTA's delayed ACK (40 ms on Linux): measured 49.7 ms per message
+// through one C milter over TCP, 5.6 ms over a unix socket. That delay is
+// the same for Postfix and for nodemilter/mta, and hides what the client
+// side costs, so the rows use unix sockets unless told.
 // Prints one JSON line per row. Needs root, Debian's postfix and
 // libmilter-dev, `npm run build:ts` and the smtp-server devDependency.
 'use strict';
@@ -33,6 +40,8 @@ const MESSAGES = Number(arg('messages', '2000'));
 const CONCURRENCY = Number(arg('concurrency', '8'));
 const ROWS = arg('rows', 'postfix,mta,mta-reuse,chain').split(',');
 const SIZE = Number(arg('size', '4096'));
+const TRANSPORT = arg('transport', 'unix');
+if (TRANSPORT !== 'unix' && TRANSPORT !== 'inet') throw new Error(`--transport takes unix or inet, got ${TRANSPORT}`);
 
 const children = new Set();
 process.on('exit', () => {
@@ -82,12 +91,29 @@ function cMilter() {
   return out;
 }
 
+let socketDir;
 async function startMilter(bin) {
-  const port = await freePort();
-  const c = spawn(bin, ['s1', `inet:${port}@127.0.0.1`], { stdio: 'ignore' });
+  if (TRANSPORT === 'inet') {
+    const port = await freePort();
+    const c = spawn(bin, ['s1', `inet:${port}@127.0.0.1`], { stdio: 'ignore' });
+    children.add(c);
+    await waitPort(port);
+    return { postfix: `inet:127.0.0.1:${port}`, spec: `inet:${port}@127.0.0.1`, stop: () => (c.kill('SIGKILL'), children.delete(c)) };
+  }
+  // Postfix's smtpd (user postfix, not chrooted here) must reach the socket: a
+  // world-searchable directory, and the milter started with umask 0 so its
+  // socket is writable by others.
+  socketDir ??= fs.mkdtempSync('/tmp/nm-bench-mta-');
+  fs.chmodSync(socketDir, 0o755);
+  const file = path.join(socketDir, `milter-${children.size}.sock`);
+  const c = spawn('/bin/sh', ['-c', 'umask 0 && exec "$0" s1 "$1"', bin, `unix:${file}`], { stdio: 'ignore' });
   children.add(c);
-  await waitPort(port);
-  return { port, spec: `inet:${port}@127.0.0.1`, stop: () => (c.kill('SIGKILL'), children.delete(c)) };
+  const until = Date.now() + 10000;
+  while (!fs.existsSync(file)) {
+    if (Date.now() > until) throw new Error(`the C milter did not create ${file}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return { postfix: `unix:${file}`, spec: `unix:${file}`, stop: () => (c.kill('SIGKILL'), children.delete(c)) };
 }
 
 /**
@@ -161,7 +187,7 @@ async function startPostfix(milters) {
     alias_maps: '',
     alias_database: '',
     local_recipient_maps: '',
-    smtpd_milters: milters.map((m) => `inet:127.0.0.1:${m.port}`).join(', '),
+    smtpd_milters: milters.map((m) => m.postfix).join(', '),
     milter_default_action: 'tempfail',
     smtpd_client_connection_count_limit: '0',
     smtpd_client_connection_rate_limit: '0',
@@ -249,7 +275,7 @@ async function main() {
   if (process.getuid() !== 0) throw new Error('run as root (Postfix drops privileges)');
   const bin = cMilter();
   const milters = [await startMilter(bin), await startMilter(bin)];
-  const common = { milters: 2, milter: 'c s1', messages: MESSAGES, concurrency: CONCURRENCY, size: SIZE, host: os.hostname(), cpus: os.cpus().length };
+  const common = { milters: 2, milter: 'c s1', transport: TRANSPORT, messages: MESSAGES, concurrency: CONCURRENCY, size: SIZE, host: os.hostname(), cpus: os.cpus().length };
   try {
     for (const row of ROWS) {
       if (row === 'postfix') {
@@ -280,6 +306,7 @@ async function main() {
     }
   } finally {
     for (const m of milters) m.stop();
+    if (socketDir) fs.rmSync(socketDir, { recursive: true, force: true });
   }
 }
 
