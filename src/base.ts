@@ -218,16 +218,6 @@ export class Base<M extends object = Record<string, any>> {
     // envfrom negotiated only so Base sees MAIL (see watchesMail): a @nocallback envfrom still does not run.
     if (cb === 'envfrom' && tags.nocallback) return CONTINUE;
     const quiet = tags.noreply ? '@noreply' : tags.nocallback ? '@nocallback' : undefined;
-    const finish = (value: unknown): unknown => {
-      this.#end(cb);
-      if (!quiet && endsMessage(cb, value)) this.#inMessage = false;
-      if (quiet && value !== CONTINUE && value !== NOREPLY) {
-        this.logger.error(
-          `${this.constructor.name}.${method}() is ${quiet} but returned ${describeStatus(value)}; the MTA does not wait for it, so CONTINUE stands`,
-        );
-      }
-      return quiet ? CONTINUE : value;
-    };
     this.#running = cb;
     let result: unknown;
     try {
@@ -237,12 +227,28 @@ export class Base<M extends object = Record<string, any>> {
       throw err;
     }
     if (isThenable(result)) {
-      return Promise.resolve(result).then(finish, (err) => {
-        this.#end(cb);
-        throw err;
-      });
+      return Promise.resolve(result).then(
+        (value) => this.#finish(cb, method, quiet, value),
+        (err) => {
+          this.#end(cb);
+          throw err;
+        },
+      );
     }
-    return finish(result);
+    // A synchronous handler (the common case) is finished without a closure.
+    return this.#finish(cb, method, quiet, result);
+  }
+
+  /** A callback returned `value`: the status the engine gets. */
+  #finish(cb: CallbackName, method: string, quiet: string | undefined, value: unknown): unknown {
+    this.#end(cb);
+    if (!quiet && endsMessage(cb, value)) this.#inMessage = false;
+    if (quiet && value !== CONTINUE && value !== NOREPLY) {
+      this.logger.error(
+        `${this.constructor.name}.${method}() is ${quiet} but returned ${describeStatus(value)}; the MTA does not wait for it, so CONTINUE stands`,
+      );
+    }
+    return quiet ? CONTINUE : value;
   }
 
   #end(cb: CallbackName): void {

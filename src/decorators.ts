@@ -30,8 +30,11 @@ const TAGS = new WeakMap<Function, MethodTags>();
  * an undecorated one). Used by {@link describe}; handy in tests.
  */
 export function methodTags(fn: unknown): MethodTags {
-  return (typeof fn === 'function' && TAGS.get(fn)) || {};
+  return (typeof fn === 'function' && TAGS.get(fn)) || NO_TAGS;
 }
+
+/** The tags of an undecorated method: one shared, frozen object (methodTags runs for every event). */
+const NO_TAGS: MethodTags = Object.freeze({});
 
 function tag(fn: Function, tags: MethodTags): void {
   TAGS.set(fn, { ...TAGS.get(fn), ...tags });

@@ -302,6 +302,32 @@ export function splitStrings(data: Buffer): Buffer[] {
 
 /** A Buffer as the dispatcher's raw text: a string when ASCII, else the Buffer (decoded later). */
 export function rawText(b: Buffer): string | Buffer {
-  for (let i = 0; i < b.length; i++) if (b[i] >= 0x80) return Buffer.from(b);
-  return b.toString('latin1');
+  return rawTextIn(b, 0, b.length);
+}
+
+/**
+ * {@link rawText} of the bytes `start` to `end` of `b`, without making a
+ * view of them first (no Buffer object per field when the text is ASCII,
+ * as it almost always is); 8-bit text is copied out as a Buffer of its own.
+ */
+export function rawTextIn(b: Buffer, start: number, end: number): string | Buffer {
+  for (let i = start; i < end; i++) if (b[i] >= 0x80) return Buffer.from(b.subarray(start, end));
+  return b.toString('latin1', start, end);
+}
+
+/**
+ * {@link splitStrings} of the bytes from `start` to `end` as raw text
+ * ({@link rawText} of each), in one decode when they are ASCII.
+ */
+export function rawStringsIn(b: Buffer, start: number, end: number): (string | Buffer)[] {
+  for (let i = start; i < end; i++) if (b[i] >= 0x80) return splitStrings(b.subarray(start, end)).map(rawText);
+  return asciiStringsIn(b, start, end);
+}
+
+/** {@link splitStrings} of bytes known to be ASCII, as strings, in one decode. */
+export function asciiStringsIn(b: Buffer, start: number, end: number): string[] {
+  if (start >= end) return [];
+  const out = b.toString('latin1', start, end).split('\0');
+  if (b[end - 1] === 0) out.pop();
+  return out;
 }

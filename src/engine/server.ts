@@ -8,6 +8,7 @@
  * @internal
  * @module
  */
+import { isAscii } from 'node:buffer';
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -45,7 +46,7 @@ import {
   type MessageLimits,
   type SessionCapOptions,
 } from './dispatch';
-import { Cmd, FrameReader, FrameWriter, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Rep, cstr, rawText, splitStrings, u32 } from './protocol';
+import { Cmd, FrameReader, FrameWriter, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Rep, asciiStringsIn, cstr, rawStringsIn, rawText, rawTextIn, splitStrings, u32 } from './protocol';
 
 /* ---- libmilter's session states and their allowed successors. */
 
@@ -521,6 +522,12 @@ export class MilterServer extends EventEmitter {
 }
 
 /** The soft limit on open files (RLIMIT_NOFILE) as Linux reports it; 0 where unknown. */
+/** The statuses a step negotiated as no-reply does not send (libmilter's sendreply). */
+const ANSWERS_DROPPED_NR: readonly number[] = [C.CONTINUE, C.TEMPFAIL, C.REJECT, C.DISCARD, C.ACCEPT, C.SKIP];
+
+/** Monotonic milliseconds: the clock of deadlines and timeouts (immune to wall-clock changes). */
+const now = (): number => performance.now();
+
 function softFdLimit(): number {
   try {
     const m = /^Max open files\s+(\d+)/m.exec(fs.readFileSync('/proc/self/limits', 'latin1'));
@@ -566,8 +573,10 @@ interface Waiting {
   seq: number;
   type: number;
   session: NodeSession;
-  deadline?: NodeJS.Timeout;
-  progress?: NodeJS.Timeout;
+  /** When the handler's deadline passes ({@link now}, ms). */
+  deadlineAt: number;
+  /** When the next PROGRESS is due (eom only, else Infinity). */
+  progressAt: number;
   /** What to do with the answer. */
   done(status: number, actions?: number, steps?: number): void;
 }
@@ -601,6 +610,17 @@ class Connection {
   /** No-reply events past QUEUE_HIGH_WATER wait behind a handler: no next command until they ran. */
   private queueFull = false;
   private idleTimer: NodeJS.Timeout | undefined;
+  /** When the last command came ({@link now}): the idle timeout counts from it. */
+  private lastCommandAt = 0;
+  /**
+   * The step clock: one timer for the waiting step's deadline and PROGRESS
+   * ticks, armed for `clockAt` and left running between steps (see
+   * {@link armClock}).
+   */
+  private clock: NodeJS.Timeout | undefined;
+  private clockAt = Infinity;
+  /** The time read once for the batch of work in progress (see {@link stamp}); -1 when not read yet. */
+  private stampAt = -1;
   private negotiationTimer: NodeJS.Timeout | undefined;
   private frameTimer: NodeJS.Timeout | undefined;
   private stallTimer: NodeJS.Timeout | undefined;
@@ -608,8 +628,10 @@ class Connection {
   private session: NodeSession | undefined;
   /** The session JavaScript has seen (close is delivered only to those). */
   private attached = false;
-  /** Macros per slot (name, value, name, value ...). */
+  /** Macros per slot (name, value, name, value ...). Slots are replaced, never changed in place. */
   macros: MacroTable = [];
+  /** A copy of {@link macros} that events share until the macros change (see macroView). */
+  private view: MacroTable | undefined;
   /** The reply text stored by setreply, used by the next matching REJECT/TEMPFAIL. */
   reply: Buffer | undefined;
   mtaVersion = 0;
@@ -645,11 +667,8 @@ class Connection {
     sock.on('close', () => this.end('connection closed', true));
     const cfg = server.cfg;
     if (cfg.timeoutMs > 0) {
-      // Only commands restart it (see command): macros alone do not keep a session open.
-      this.idleTimer = setTimeout(() => {
-        if (!this.waiting && !this.blocked) this.end('session timeout');
-        else this.idleTimer?.refresh();
-      }, cfg.timeoutMs).unref();
+      this.lastCommandAt = now();
+      this.idleTimer = setTimeout(this.idleCheck, cfg.timeoutMs).unref();
     }
     if (cfg.negotiationMs > 0) {
       this.negotiationTimer = setTimeout(() => {
@@ -658,6 +677,55 @@ class Connection {
       }, cfg.negotiationMs).unref();
     }
   }
+
+  /**
+   * The idle timeout. Only commands restart it (see command): macros alone
+   * do not keep a session open. A command only records its time; the timer
+   * is armed again, for what is left, when it fires (one timer per timeout
+   * period instead of a re-arm per command).
+   */
+  private readonly idleCheck = (): void => {
+    this.idleTimer = undefined;
+    if (this.ended) return;
+    const ms = this.server.cfg.timeoutMs;
+    const left = this.lastCommandAt + ms - now();
+    if (left <= 0 && !this.waiting && !this.blocked) {
+      this.end('session timeout');
+      return;
+    }
+    this.idleTimer = setTimeout(this.idleCheck, left > 0 ? Math.ceil(left) : ms).unref();
+  };
+
+  /**
+   * See that the step clock fires by `at`. A clock armed for earlier stays:
+   * it finds the step's later time when it fires and arms itself for that.
+   * So a step costs no timer call in the common case (deadlines in seconds,
+   * answers in microseconds), instead of a setTimeout and a clearTimeout.
+   */
+  private armClock(at: number): void {
+    if (this.clock && this.clockAt <= at) return;
+    clearTimeout(this.clock);
+    this.clockAt = at;
+    this.clock = setTimeout(this.clockFired, Math.max(1, Math.ceil(at - now())));
+  }
+
+  private readonly clockFired = (): void => {
+    this.clock = undefined;
+    this.clockAt = Infinity;
+    const w = this.waiting;
+    if (!w || this.ended) return;
+    const t = now();
+    if (t >= w.deadlineAt) {
+      this.expire(w);
+      return;
+    }
+    if (t >= w.progressAt) {
+      this.write(Rep.PROGRESS);
+      this.server.diag.progressSent++;
+      w.progressAt = t + this.server.cfg.progressMs;
+    }
+    this.armClock(Math.min(w.deadlineAt, w.progressAt));
+  };
 
   /** Whether the session is still working: in a message, waiting for a handler, or with output the MTA has not taken. */
   inMessage(): boolean {
@@ -776,7 +844,22 @@ class Connection {
   }
 
   private endBatch(): void {
-    if (--this.batching === 0 && this.flushState === 1) this.flush();
+    if (--this.batching === 0) {
+      this.stampAt = -1;
+      if (this.flushState === 1) this.flush();
+    }
+  }
+
+  /**
+   * The time a command came, for the idle timeout: read once per batch (the
+   * commands of one read, or one answer), since reading the clock costs as
+   * much as a small no-reply step. The idle timeout may so count from the
+   * start of the batch, earlier than the command: a session is never kept
+   * longer for it. A step's deadline reads the clock itself (see await).
+   */
+  private stamp(): number {
+    if (this.batching === 0) return now();
+    return this.stampAt >= 0 ? this.stampAt : (this.stampAt = now());
   }
 
   /** Whether reply frames may still be written. */
@@ -834,7 +917,7 @@ class Connection {
   private sendreply(status: number): void {
     const bit = STATE_NR[this.state] ?? 0;
     if (bit && this.steps & bit && status !== C.NOREPLY) {
-      if ([C.CONTINUE, C.TEMPFAIL, C.REJECT, C.DISCARD, C.ACCEPT, C.SKIP].includes(status)) status = C.NOREPLY;
+      if (ANSWERS_DROPPED_NR.includes(status)) status = C.NOREPLY;
     }
     switch (status) {
       case C.CONTINUE:
@@ -926,7 +1009,13 @@ class Connection {
   }
 
   private clearMacros(from: number): void {
-    for (let i = from; i < 7; i++) this.macros[i] = undefined;
+    const m = this.macros;
+    for (let i = from; i < 7; i++) {
+      if (m[i] !== undefined) {
+        m[i] = undefined;
+        this.view = undefined;
+      }
+    }
   }
 
   private command(cmd: number, data: Buffer, owned: boolean): void {
@@ -934,7 +1023,7 @@ class Connection {
       this.storeMacros(data);
       return;
     }
-    if (cmd !== Cmd.ABORT) this.idleTimer?.refresh();
+    if (cmd !== Cmd.ABORT && this.idleTimer) this.lastCommandAt = this.stamp();
     const spec = COMMANDS[cmd];
     if (!spec) {
       this.end(`unknown command 0x${cmd.toString(16)}`);
@@ -977,7 +1066,7 @@ class Connection {
           this.end(`${cmd === Cmd.MAIL ? 'MAIL' : 'RCPT'} command without a NUL-terminated argument`);
           return;
         }
-        this.event(cmd === Cmd.MAIL ? Ev.ENVFROM : Ev.ENVRCPT, step, splitStrings(data.subarray(0, last + 1)).map(rawText));
+        this.event(cmd === Cmd.MAIL ? Ev.ENVFROM : Ev.ENVRCPT, step, rawStringsIn(data, 0, last + 1));
         return;
       }
       case Cmd.DATA:
@@ -994,7 +1083,7 @@ class Connection {
           this.end('header value without NUL');
           return;
         }
-        this.event(Ev.HEADER, step, rawText(data.subarray(0, nul)), rawText(data.subarray(nul + 1, end)));
+        this.event(Ev.HEADER, step, rawTextIn(data, 0, nul), rawTextIn(data, nul + 1, end));
         return;
       }
       case Cmd.EOH:
@@ -1020,6 +1109,7 @@ class Connection {
       case Cmd.QUIT_NC:
         this.closeSession();
         this.macros = [];
+        this.view = undefined;
         return;
     }
   }
@@ -1039,7 +1129,9 @@ class Connection {
     const slot = MACRO_SLOT[data[0]];
     if (slot === undefined) return; // an unknown stage is ignored
     // As header values: UTF-8 when valid, else latin1 (one character per byte), the same on both engines.
-    this.macros[slot] = splitStrings(data.subarray(1)).map((b) => decodeText(b, 'string') as string);
+    // One decode for the whole frame when it is ASCII (the usual case).
+    this.view = undefined;
+    this.macros[slot] = isAscii(data) ? asciiStringsIn(data, 1, data.length) : splitStrings(data.subarray(1)).map((b) => decodeText(b, 'string') as string);
   }
 
   private sessionFor(): NodeSession {
@@ -1051,6 +1143,15 @@ class Connection {
     return this.session;
   }
 
+  /**
+   * The macros as they are now, for an event to keep (getsymval after the
+   * step was answered). One copy serves every event until the macros
+   * change: the ten header events of a message share one.
+   */
+  private macroView(): MacroTable {
+    return (this.view ??= this.macros.slice());
+  }
+
   /** Hand an event to JavaScript; `done` gets the status for the MTA. */
   private event(type: number, done: (status: number) => void, a0?: unknown, a1?: unknown, a2?: unknown, a3?: unknown): void {
     const cfg = this.server.cfg;
@@ -1060,7 +1161,7 @@ class Connection {
     }
     const s = this.sessionFor();
     this.attached = true;
-    const view = this.macros.slice();
+    const view = this.macroView();
     if (cfg.noreply & (1 << type)) {
       const nr = NR_BIT[type];
       done(nr && this.steps & nr ? C.NOREPLY : C.CONTINUE);
@@ -1074,17 +1175,18 @@ class Connection {
   private await(s: NodeSession, type: number, done: Waiting['done'], view: MacroTable, a0?: unknown, a1?: unknown, a2?: unknown, a3?: unknown): void {
     const cfg = this.server.cfg;
     this.seq = (this.seq + 1) >>> 0 || 1;
-    const w: Waiting = { seq: this.seq, type, session: s, done };
+    const t = now();
+    if (this.batching > 0) this.stampAt = t;
+    const w: Waiting = {
+      seq: this.seq,
+      type,
+      session: s,
+      deadlineAt: t + cfg.deadlines[type],
+      progressAt: type === Ev.EOM && cfg.progressMs > 0 ? t + cfg.progressMs : Infinity,
+      done,
+    };
     this.waiting = w;
-    w.deadline = setTimeout(() => this.expire(w), cfg.deadlines[type]);
-    if (type === Ev.EOM && cfg.progressMs > 0) {
-      const tick = () => {
-        this.write(Rep.PROGRESS);
-        this.server.diag.progressSent++;
-        w.progress = setTimeout(tick, cfg.progressMs);
-      };
-      w.progress = setTimeout(tick, cfg.progressMs);
-    }
+    this.armClock(Math.min(w.deadlineAt, w.progressAt));
     this.dispatcher.deliver(s, type, w.seq, a0, a1, a2, a3, view);
   }
 
@@ -1107,8 +1209,6 @@ class Connection {
   }
 
   private settle(w: Waiting, status: number, actions?: number, steps?: number): void {
-    clearTimeout(w.deadline);
-    clearTimeout(w.progress);
     this.waiting = undefined;
     this.beginBatch();
     try {
@@ -1276,7 +1376,7 @@ class Connection {
   private abortEvent(): void {
     if (this.server.cfg.handled & (1 << Ev.ABORT) && this.session) {
       this.attached = true;
-      this.dispatcher.deliver(this.session, Ev.ABORT, 0, undefined, undefined, undefined, undefined, this.macros.slice());
+      this.dispatcher.deliver(this.session, Ev.ABORT, 0, undefined, undefined, undefined, undefined, this.macroView());
     }
   }
 
@@ -1311,11 +1411,9 @@ class Connection {
       if (hard) sock.destroy();
       return;
     }
-    if (this.waiting) {
-      clearTimeout(this.waiting.deadline);
-      clearTimeout(this.waiting.progress);
-      this.waiting = undefined;
-    }
+    this.waiting = undefined;
+    clearTimeout(this.clock);
+    this.clock = undefined;
     if (this.state >= ST.MAIL && this.state < ST.ENDM) this.abortEvent();
     this.closeSession();
     this.flush();
