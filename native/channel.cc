@@ -40,6 +40,16 @@ void ReleaseChannel(Addon& a) {
   a.qcv.notify_all();
 }
 
+// Wakes the workers answered during a round of events (see
+// Addon::answered_in_round), in the order they were answered.
+void WakeAnswered(Addon& a) {
+  for (Conn* c : a.answered_in_round) {
+    c->cv.notify_one();
+    ConnUnref(c);
+  }
+  a.answered_in_round.clear();
+}
+
 void CallJs(napi_env env, napi_value fn, void*, void*) {
   Addon& a = State();
   std::vector<Event*> batch;
@@ -67,6 +77,7 @@ void CallJs(napi_env env, napi_value fn, void*, void*) {
       Uncount(a, batch);
     }
     bool stopped = false;
+    a.delivering = true;
     for (Event* ev : batch) {
       if (ev->type == EV_STOPPED) stopped = true;
       if (a.closing.load()) Drop(ev);
@@ -75,6 +86,8 @@ void CallJs(napi_env env, napi_value fn, void*, void*) {
         delete ev;
       }
     }
+    a.delivering = false;
+    WakeAnswered(a);
     batch.clear();
     if (stopped) {
       std::lock_guard<std::mutex> lk(a.qmu);

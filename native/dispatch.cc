@@ -550,7 +550,14 @@ Napi::Value Reply(const Napi::CallbackInfo& info) {
   // Wake the worker after unlocking: woken under the lock it would at once
   // block again on c->mu (one more futex wait and wake, and a context
   // switch, per answer). c stays alive: the External in info[0] holds a ref.
-  c->cv.notify_one();
+  // Inside a round of events, the wake-up waits for the round's end.
+  Addon& a = State();
+  if (a.delivering) {
+    c->refs.fetch_add(1);
+    a.answered_in_round.push_back(c);
+  } else {
+    c->cv.notify_one();
+  }
   return Napi::Boolean::New(env, true);
 }
 

@@ -200,6 +200,13 @@ struct Addon {
   size_t queued_bytes = 0;
   bool wake_pending = false;
   bool tsfn_live = false;
+  // JavaScript thread only. While CallJs delivers a round of events, the
+  // workers answered meanwhile are not woken one by one: each wake-up is a
+  // futex call, and on a busy machine the woken worker takes the core from
+  // the JavaScript thread in the middle of the round. They are woken
+  // together when the round ends (WakeAnswered). Each holds a Conn ref.
+  bool delivering = false;
+  std::vector<Conn*> answered_in_round;
   napi_threadsafe_function tsfn = nullptr;
 
   // Sessions.
