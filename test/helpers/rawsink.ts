@@ -40,10 +40,12 @@ export async function startRawSink(): Promise<RawSink> {
       buf = Buffer.concat([buf, chunk]);
       for (;;) {
         if (inData) {
-          const end = buf.indexOf('\r\n.\r\n');
-          if (end < 0) return;
-          const body = buf.subarray(0, end + 2).toString('latin1').replace(/^\.\./gm, '.');
-          buf = buf.subarray(end + 5);
+          // An empty message: the final dot comes right after DATA.
+          const empty = buf.length >= 3 && buf[0] === 0x2e && buf[1] === 0x0d && buf[2] === 0x0a;
+          const end = empty ? -1 : buf.indexOf('\r\n.\r\n');
+          if (end < 0 && !empty) return;
+          const body = empty ? '' : buf.subarray(0, end + 2).toString('latin1').replace(/^\.\./gm, '.');
+          buf = buf.subarray(empty ? 3 : end + 5);
           inData = false;
           messages.push({ ...cur, data: Buffer.from(body, 'latin1') });
           cur = { mailFrom: '', rcptTo: [], data: Buffer.alloc(0) };
@@ -57,10 +59,10 @@ export async function startRawSink(): Promise<RawSink> {
         const verb = line.slice(0, 4).toUpperCase();
         if (verb === 'EHLO' || verb === 'HELO') reply('250 rawsink.test');
         else if (verb === 'MAIL') {
-          cur.mailFrom = line.replace(/^MAIL FROM:\s*/i, '');
+          cur.mailFrom = line.replace(/^MAIL FROM:\s*/i, '').trim();
           reply('250 2.1.0 Ok');
         } else if (verb === 'RCPT') {
-          cur.rcptTo.push(line.replace(/^RCPT TO:\s*/i, ''));
+          cur.rcptTo.push(line.replace(/^RCPT TO:\s*/i, '').trim());
           reply('250 2.1.5 Ok');
         } else if (verb === 'DATA') {
           inData = true;
