@@ -503,6 +503,8 @@ let acceptingStoppedAt: number | undefined;
  *
  * @example
  * ```ts
+ * import * as milter from 'nodemilter/milter';
+ *
  * process.on('SIGTERM', () => {
  *   milter.stopAccepting(); // the other workers take the new connections
  *   void milter.stop({ drain: 30_000 });
