@@ -1,6 +1,7 @@
 // Integration tests of the native core and the `milter` module: real
 // libmilter, each milter in its own child process (libmilter runs once per
 // process), driven over real sockets by the MTA-side MilterClient.
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
@@ -459,6 +460,12 @@ describe('signals, stop and drain', () => {
     process.kill(p.pid, 'SIGUSR2');
     const stopped = await waitEvent(p, 'accepting-stopped');
     expect((stopped.diag as { acceptingStopped: boolean }).acceptingStopped).toBe(true);
+    // libmilter now polls another socket, a unix one nobody can reach: its
+    // path is gone, so a local client cannot connect to it.
+    expect(stopped.now).not.toBe(stopped.before);
+    expect(stopped.path).toMatch(/^\/.*\/nodemilter-[^/]+\/s$/);
+    const reach = net.connect(stopped.path as string);
+    await expect(new Promise((resolve, reject) => reach.once('connect', resolve).once('error', reject))).rejects.toThrow(/ENOENT/);
 
     // The kernel completes the TCP handshake (the socket still listens), but
     // this process does not accept: the negotiation gets no answer.
