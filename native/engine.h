@@ -15,6 +15,9 @@
 
 #include <napi.h>
 
+#include <pthread.h>
+#include <sys/types.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -192,6 +195,18 @@ struct Addon {
   std::atomic<bool> draining{false};
   std::atomic<bool> closing{false};  // the owner environment is going away
   bool used_smfi_main = false;
+
+  // Stop accepting (listener.cc StopAccepting): libmilter's listening
+  // descriptor, found when the socket opens, and the signal that wakes the
+  // listener's poll (0: none installed).
+  int listen_fd = -1;
+  dev_t listen_dev = 0;
+  ino_t listen_ino = 0;
+  std::atomic<bool> accepting_stopped{false};
+  int wake_signal = 0;
+  std::mutex lmu;  // guards listener_live and listener_thread
+  bool listener_live = false;
+  pthread_t listener_thread{};
 
   // The queue of events for JavaScript, and the wake-up for it.
   std::mutex qmu;

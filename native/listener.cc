@@ -10,7 +10,8 @@
 // meant for Node (TERM, INT, HUP, USR1, USR2, PIPE, CHLD, WINCH, ALRM...) is
 // ever taken by them; the synchronous fault signals (SEGV, BUS, FPE, ILL,
 // ABRT, TRAP, SYS) stay deliverable, so a crash on a libmilter thread
-// reaches Node's or the sanitizer's handler. We call Debian's exported
+// reaches Node's or the sanitizer's handler, and so does the addon's own
+// wake-up signal (WakeHandler), which only the addon sends. We call Debian's exported
 // mi_listener() directly, which serves without smfi_main's signal thread
 // (that thread sigwait()s SIGHUP/SIGTERM/SIGINT and would steal them from
 // Node). mi_listener is declared weak: without it, main() refuses unless
@@ -24,7 +25,11 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -176,17 +181,78 @@ Napi::Value SetDbg(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// Calls fn(fd) for every descriptor open in this process.
+template <typename F>
+void EachOpenFd(F fn) {
+  // Only the descriptors that are open: /proc/self/fd lists them.
+  if (DIR* d = opendir("/proc/self/fd")) {
+    const int self = dirfd(d);
+    while (dirent* e = readdir(d)) {
+      if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+      const int fd = atoi(e->d_name);
+      if (fd != self) fn(fd);
+    }
+    closedir(d);
+  } else {
+    for (int fd = 0; fd < 1024; fd++)
+      if (fcntl(fd, F_GETFD) != -1) fn(fd);
+  }
+}
+
+bool IsListeningStream(int fd) {
+  int listening = 0, type = 0;
+  socklen_t len = sizeof(int);
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) return false;
+  len = sizeof(int);
+  return getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM;
+}
+
+// libmilter keeps its listening descriptor to itself. It is the listening
+// socket that smfi_opensocket created (the one new listening stream socket:
+// JavaScript is inside this call, and nothing else in the process opens
+// listening sockets from another thread), or, for `fd:N`, N itself
+// (libmilter serves that descriptor as it is, checked with Debian's 8.17).
+// Unknown (-1) when neither holds: stopAccepting() then says so.
+int FindListenFd(const std::vector<int>& before, const std::string& spec) {
+  int found = -1, count = 0;
+  EachOpenFd([&](int fd) {
+    bool old = false;
+    for (int b : before) old = old || b == fd;
+    if (!old && IsListeningStream(fd)) {
+      found = fd;
+      count++;
+    }
+  });
+  if (count == 1) return found;
+  if (count == 0 && spec.compare(0, 3, "fd:") == 0) {
+    char* end = nullptr;
+    const long n = strtol(spec.c_str() + 3, &end, 10);
+    if (end && *end == '\0' && n >= 0 && n < 1 << 20 && IsListeningStream(static_cast<int>(n))) return static_cast<int>(n);
+  }
+  return -1;
+}
+
 Napi::Value OpenSocket(const Napi::CallbackInfo& info) {
   OWNER_ONLY(info, "opensocket()");
   Addon& a = State();
   const bool rm = info[0].ToBoolean();
   if (a.socket_opened) return info.Env().Undefined();
+  std::vector<int> before;
+  EachOpenFd([&](int fd) { before.push_back(fd); });
   errno = 0;
   if (smfi_opensocket(rm) != MI_SUCCESS) {
     const int e = errno;
     return Throw(info.Env(), std::string("could not open the milter socket") + (e ? std::string(": ") + strerror(e) : ""));
   }
   a.socket_opened = true;
+  a.listen_fd = FindListenFd(before, a.conn_spec);
+  struct stat st;
+  if (a.listen_fd >= 0 && fstat(a.listen_fd, &st) == 0) {
+    a.listen_dev = st.st_dev;
+    a.listen_ino = st.st_ino;
+  } else {
+    a.listen_fd = -1;
+  }
   return info.Env().Undefined();
 }
 
@@ -258,8 +324,46 @@ void NotifyStopped(int rc, bool via_main) {
   Enqueue(ev);
 }
 
+// The listener's wake-up: a real-time signal with a handler that does
+// nothing, sent with pthread_kill to the listener thread only. libmilter's
+// accept loop holds its listener mutex across a poll() of up to five
+// seconds (MI_CHK_TIME); smfi_stop waits for that mutex, and after
+// StopAccepting no connection can end the poll early. The signal does: the
+// poll fails with EINTR, which mi_listener takes as "check the stop flag
+// and poll again". The signal is unblocked on the listener thread (and on
+// the pool threads it starts, which inherit its mask; nothing sends it to
+// them, and SA_RESTART restarts their other calls); it is installed only
+// while nobody else handles it, and nothing else in Node uses real-time
+// signals.
+void WakeHandler(int) {}
+
+int InstallWakeSignal() {
+  const int sig = SIGRTMIN + 4;
+  struct sigaction old;
+  if (sig > SIGRTMAX || sigaction(sig, nullptr, &old) != 0) return 0;
+  if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == WakeHandler) return sig;
+  if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) return 0;  // someone else's
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = WakeHandler;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  return sigaction(sig, &sa, nullptr) == 0 ? sig : 0;
+}
+
 void* ListenerThread(void*) {
   Addon& a = State();
+  {
+    std::lock_guard<std::mutex> lk(a.lmu);
+    a.listener_thread = pthread_self();
+    a.listener_live = true;
+  }
+  if (a.wake_signal) {
+    sigset_t wake;
+    sigemptyset(&wake);
+    sigaddset(&wake, a.wake_signal);
+    pthread_sigmask(SIG_UNBLOCK, &wake, nullptr);
+  }
   int rc;
   if (mi_listener) {
     rc = mi_listener(const_cast<char*>(a.conn_spec.c_str()), a.dbg, &a.desc, a.timeout,
@@ -267,6 +371,10 @@ void* ListenerThread(void*) {
   } else {
     a.used_smfi_main = true;
     rc = smfi_main();
+  }
+  {
+    std::lock_guard<std::mutex> lk(a.lmu);
+    a.listener_live = false;
   }
   NotifyStopped(rc, !mi_listener);
   return nullptr;
@@ -294,6 +402,8 @@ Napi::Value Main(const Napi::CallbackInfo& info) {
     std::lock_guard<std::mutex> lk(a.qmu);
     if (!a.tsfn_live) return Throw(env, "event channel is not open");
   }
+  // smfi_main has a signal thread of its own; only mi_listener gets the wake-up.
+  if (mi_listener) a.wake_signal = InstallWakeSignal();
   a.started.store(true);
   a.running.store(true);
   if (!StartThread(ListenerThread, nullptr)) {
@@ -320,6 +430,107 @@ Napi::Value Stop(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// wake(): interrupt the listener's poll (see WakeHandler), so that a stop
+// requested with stop() is seen now rather than after the poll's five
+// seconds. Returns whether a signal was sent.
+Napi::Value Wake(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "wake()");
+  Addon& a = State();
+  bool sent = false;
+  {
+    // Under the lock the listener thread has not returned (it clears
+    // listener_live under the same lock first), so the thread id is valid.
+    std::lock_guard<std::mutex> lk(a.lmu);
+    if (a.listener_live && a.wake_signal) sent = pthread_kill(a.listener_thread, a.wake_signal) == 0;
+  }
+  return Napi::Boolean::New(info.Env(), sent);
+}
+
+// A listening socket nobody can connect to and that is never readable: a
+// unix socket bound in a fresh private directory, listening, then unlinked
+// with its directory. Non-blocking, so an accept() on it fails with EAGAIN.
+int UnreachableListener(std::string* why) {
+  const char* tmp = getenv("TMPDIR");
+  std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/nodemilter-XXXXXX";
+  std::vector<char> buf(dir.begin(), dir.end());
+  buf.push_back('\0');
+  if (!mkdtemp(buf.data())) {
+    *why = std::string("mkdtemp in ") + (tmp && *tmp ? tmp : "/tmp") + ": " + strerror(errno);
+    return -1;
+  }
+  std::string path = std::string(buf.data()) + "/s";
+  sockaddr_un addr;
+  memset(&addr, 0, sizeof(addr));
+  addr.sun_family = AF_UNIX;
+  int fd = -1;
+  if (path.size() >= sizeof(addr.sun_path)) {
+    *why = "temporary directory path too long for a unix socket: " + path;
+  } else {
+    memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(fd, 1) != 0) {
+      *why = std::string("a private unix socket: ") + strerror(errno);
+      if (fd >= 0) close(fd);
+      fd = -1;
+    }
+    unlink(path.c_str());
+  }
+  rmdir(buf.data());
+  return fd;
+}
+
+// stopAccepting(): this process accepts no new connection from now on,
+// while libmilter keeps serving the sessions it has. The listening socket
+// may be shared with other processes (workers given the supervisor's
+// `fd:`), so nothing is done to it that they could see: no shutdown(), no
+// close of the last reference, no unlink. Instead, in this process only,
+// the descriptor number libmilter polls is pointed at another socket, one
+// that never becomes readable (UnreachableListener), with one atomic
+// dup3(). From libmilter's side (listener.c in 8.17):
+//  - mi_listener polls `listenfd` for POLLIN, up to MI_CHK_TIME (5 s) at a
+//    time, and accepts only when the poll says readable. The unreachable
+//    socket is never readable and, listening, never reports POLLHUP or
+//    POLLERR (an error there would end the listener with MI_FAILURE).
+//  - A poll in flight at the dup3 keeps its wait on the old socket, but
+//    Linux looks the number up again each time it wakes, finds the new
+//    socket, not readable, and sleeps on to its timeout. A poll that had
+//    already returned readable calls accept() on the new socket: EAGAIN,
+//    which mi_listener retries silently (EAGAIN is in its list of accept
+//    errors that are not counted toward its give-up limit).
+//  - Connections that arrive stay in the shared socket's kernel queue for
+//    the processes that still accept on it.
+//  - Sessions already accepted run on libmilter's pool threads with their
+//    own descriptors: untouched.
+//  - smfi_stop() closes `listenfd`, now the unreachable socket (this
+//    process's reference to the shared one went at the dup3), and, for a
+//    unix socket path it created, removes the path as it would anyway;
+//    for `fd:` it removes nothing. wake() ends the poll so the stop is
+//    seen at once.
+// Throws when it cannot (libmilter not running, its descriptor unknown);
+// the caller then drains by refusing instead.
+Napi::Value StopAccepting(const Napi::CallbackInfo& info) {
+  OWNER_ONLY(info, "stopAccepting()");
+  Napi::Env env = info.Env();
+  Addon& a = State();
+  if (a.accepting_stopped.load()) return env.Undefined();
+  if (!a.started.load() || !a.running.load()) return Throw(env, "stopAccepting(): libmilter is not running");
+  if (a.stop_requested.load()) return Throw(env, "stopAccepting(): stop() was already called");
+  if (a.used_smfi_main) return Throw(env, "stopAccepting(): libmilter runs on smfi_main, whose listener cannot be told apart");
+  if (a.listen_fd < 0) return Throw(env, "stopAccepting(): libmilter's listening descriptor was not found when the socket opened (" + a.conn_spec + ")");
+  struct stat st;
+  if (fstat(a.listen_fd, &st) != 0 || st.st_dev != a.listen_dev || st.st_ino != a.listen_ino)
+    return Throw(env, "stopAccepting(): descriptor " + std::to_string(a.listen_fd) + " is no longer libmilter's listening socket");
+  std::string why;
+  const int quiet = UnreachableListener(&why);
+  if (quiet < 0) return Throw(env, "stopAccepting(): could not create " + why);
+  const int rc = dup3(quiet, a.listen_fd, O_CLOEXEC);
+  const int e = errno;
+  close(quiet);
+  if (rc < 0) return Throw(env, std::string("stopAccepting(): dup3: ") + strerror(e));
+  a.accepting_stopped.store(true);
+  return env.Undefined();
+}
+
 // nodelay(port): turn Nagle's algorithm off on libmilter's listening TCP
 // socket; Linux hands the setting down to every accepted connection.
 // libmilter writes an end-of-message reply as several small packets (one
@@ -328,11 +539,7 @@ Napi::Value Stop(const Napi::CallbackInfo& info) {
 // its socket, so find it: the listening stream socket bound to `port`.
 // Returns how many sockets were changed.
 bool TuneIfListener(int fd, int port) {
-  int listening = 0, type = 0;
-  socklen_t len = sizeof(int);
-  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) return false;
-  len = sizeof(int);
-  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM) return false;
+  if (!IsListeningStream(fd)) return false;
   sockaddr_storage ss;
   socklen_t sl = sizeof(ss);
   if (getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &sl) != 0) return false;
@@ -348,19 +555,9 @@ Napi::Value NoDelay(const Napi::CallbackInfo& info) {
   OWNER_ONLY(info, "nodelay()");
   const int port = info[0].As<Napi::Number>().Int32Value();
   int changed = 0;
-  // Only the descriptors that are open: /proc/self/fd lists them.
-  if (DIR* d = opendir("/proc/self/fd")) {
-    const int self = dirfd(d);
-    while (dirent* e = readdir(d)) {
-      if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
-      const int fd = atoi(e->d_name);
-      if (fd != self && TuneIfListener(fd, port)) changed++;
-    }
-    closedir(d);
-  } else {
-    for (int fd = 0; fd < 1024; fd++)
-      if (TuneIfListener(fd, port)) changed++;
-  }
+  EachOpenFd([&](int fd) {
+    if (TuneIfListener(fd, port)) changed++;
+  });
   return Napi::Number::New(info.Env(), changed);
 }
 
@@ -387,6 +584,7 @@ Napi::Value GetDiag(const Napi::CallbackInfo& info) {
   // Sessions still being served, not counting those refused while draining.
   o.Set("serving", created - deleted - (refused - static_cast<double>(a.drain_refused_closed.load())));
   o.Set("running", a.running.load());
+  o.Set("acceptingStopped", a.accepting_stopped.load());
   o.Set("usedSmfiMain", a.used_smfi_main);
   o.Set("macroLayout", MacroLayout());
   const int layout = MacroLayout();
@@ -448,6 +646,8 @@ void InitListener(Napi::Env env, Napi::Object exports) {
   exports.Set("stop", Napi::Function::New(env, Stop, "stop"));
   exports.Set("nodelay", Napi::Function::New(env, NoDelay, "nodelay"));
   exports.Set("setDraining", Napi::Function::New(env, SetDraining, "setDraining"));
+  exports.Set("stopAccepting", Napi::Function::New(env, StopAccepting, "stopAccepting"));
+  exports.Set("wake", Napi::Function::New(env, Wake, "wake"));
   exports.Set("getdiag", Napi::Function::New(env, GetDiag, "getdiag"));
   exports.Set("constants", Constants(env));
   exports.Set("hasListener", Napi::Boolean::New(env, mi_listener != nullptr));

@@ -367,6 +367,8 @@ export interface Diag extends EngineCounters {
   queueWaits: number;
   /** The most bytes of no-reply events queued for JavaScript at once. */
   queuePeakBytes: number;
+  /** {@link stopAccepting} took effect: this process accepts no new connection. */
+  acceptingStopped: boolean;
 }
 
 /** The engine's counters (pymilter's getdiag gives the context counts). */
@@ -388,6 +390,7 @@ export function getdiag(): Diag {
     actionsFailed: d.actionsFailed,
     queueWaits: d.queueWaits,
     queuePeakBytes: d.queuePeakBytes,
+    acceptingStopped: d.acceptingStopped,
   };
 }
 
@@ -460,11 +463,65 @@ export function main(): Promise<void> {
 export interface StopOptions {
   /**
    * Milliseconds to drain first: new sessions are refused with TEMPFAIL
-   * (421 4.3.2) while open ones finish; then libmilter stops. 0 (default):
-   * stop at once (sessions parked between commands are abandoned and the
-   * MTA applies its failure action).
+   * (421 4.3.2) while open ones finish; then libmilter stops. After
+   * {@link stopAccepting} nothing new arrives, so nothing is refused: the
+   * open sessions get the budget to end. 0 (default): stop at once
+   * (sessions parked between commands are abandoned and the MTA applies
+   * its failure action).
    */
   drain?: number;
+}
+
+/**
+ * How long a drain after {@link stopAccepting} waits at least: a
+ * connection libmilter accepted just before is counted as a session once
+ * its first command (the MTA sends it at once) reaches a callback.
+ */
+const ACCEPT_SETTLE_MS = 250;
+
+let acceptingStoppedAt: number | undefined;
+
+/**
+ * Stop accepting new connections in this process, at once, while the
+ * sessions already open run on undisturbed; then {@link stop} with a
+ * `drain` waits for them to end (refusing nobody) and stops.
+ *
+ * Meant for a listening socket shared by several processes (runmilter's
+ * workers serve the supervisor's `fd:`; systemd socket activation): the
+ * connections that arrive meanwhile stay in the kernel's listen queue and
+ * the other processes accept them. Nothing is done to the socket that the
+ * other processes could see: this process stops polling it (see
+ * native/listener.cc, StopAccepting, for how and why that is safe with
+ * libmilter). A process alone on its socket should rather drain with
+ * `stop({ drain })`, which keeps accepting and answers new sessions 421:
+ * connections left in the queue of a socket nobody accepts on wait there
+ * until the MTA's connect timeout, then are reset when it closes.
+ *
+ * Calling it again does nothing. Throws MilterStateError before
+ * {@link main}, after {@link stop}, or when this libmilter cannot (run on
+ * smfi_main, or its listening descriptor was not found).
+ *
+ * @example
+ * ```ts
+ * import * as milter from 'nodemilter/milter';
+ *
+ * process.on('SIGTERM', () => {
+ *   milter.stopAccepting(); // the other workers take the new connections
+ *   void milter.stop({ drain: 30_000 });
+ * });
+ * ```
+ */
+export function stopAccepting(): void {
+  ownerOnly('stopAccepting()');
+  if (!started) throw new MilterStateError('stopAccepting() before main(): the milter is not running');
+  if (stopPromise) throw new MilterStateError('stopAccepting() after stop(): the milter is stopping');
+  if (acceptingStoppedAt !== undefined) return;
+  try {
+    addon().stopAccepting();
+  } catch (err) {
+    throw new MilterStateError((err as Error).message);
+  }
+  acceptingStoppedAt = Date.now();
 }
 
 /**
@@ -478,16 +535,26 @@ export function stop(options: StopOptions = {}): Promise<void> {
   const drain = options.drain ?? 0;
   checkDrain(drain);
   const n = addon();
+  const handedOff = acceptingStoppedAt !== undefined;
   stopPromise = (async () => {
     if (drain > 0) {
-      n.setDraining(true);
       const until = Date.now() + drain;
-      while (n.getdiag().serving > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
+      // Refuse new sessions, unless no new one can arrive.
+      if (!handedOff) n.setDraining(true);
+      const settled = handedOff ? Math.min(until, acceptingStoppedAt! + ACCEPT_SETTLE_MS) : 0;
+      while ((n.getdiag().serving > 0 || Date.now() < settled) && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
     }
     n.stop();
-    // smfi_stop sets its flag from another thread; poke until the listener has returned.
-    const poke = setInterval(wakeListener, 50);
-    wakeListener();
+    // smfi_stop sets its flag from another thread, then waits for the
+    // listener's poll: poke until the listener has returned. The signal
+    // (wake) ends the poll; without it, a connection does, but not after
+    // stopAccepting(): the socket libmilter polls then takes none.
+    const wake = () => {
+      n.wake();
+      if (!handedOff) wakeListener();
+    };
+    const poke = setInterval(wake, 50);
+    wake();
     try {
       await mainPromise!.catch(() => undefined);
     } finally {

@@ -73,6 +73,8 @@ export interface NativeRegistration {
 export interface NativeDiag extends EngineCounters {
   /** Sessions not yet closed, less those refused while draining (drain waits for 0). */
   serving: number;
+  /** stopAccepting() took effect: this process accepts no new connection. */
+  acceptingStopped: boolean;
   usedSmfiMain: boolean;
   /** Macro stages found in libmilter's context (guard against malformed macro lists); -1 unknown, -2 not yet. */
   macroLayout: number;
@@ -115,6 +117,10 @@ export interface NativeBinding {
   main(): void;
   stop(): void;
   setDraining(on: boolean): void;
+  /** Accept no new connection in this process; the sessions open run on (native/listener.cc StopAccepting). */
+  stopAccepting(): void;
+  /** Interrupt the listener's poll so that a requested stop is seen now; false when there is no listener to wake. */
+  wake(): boolean;
   nodelay(port: number): number;
   getdiag(): NativeDiag;
   constants: Record<string, number>;

@@ -218,6 +218,23 @@ describe('drain and stop', () => {
     await closing;
     expect(s.getdiag().drainRefused).toBe(1);
   });
+
+  it('stopAccepting(): no new connection is accepted, the open session is answered in full, close({ drain }) then settles', async () => {
+    const s = await start({ envrcpt: () => C.CONTINUE, eom: (ctx) => (ctx.addheader('X-Open', 'yes'), C.CONTINUE) });
+    const c1 = await client(`${s.options.socket}`);
+    await c1.connect('h');
+    s.stopAccepting();
+    s.stopAccepting(); // again: nothing more
+    // Alone on its socket, this process closed its listener: the connection is refused.
+    await expect(MilterClient.connect(`${s.options.socket}`, { timeout: 2000 })).rejects.toThrow(/ECONNREFUSED/);
+    const r = await c1.sendMessage({ from: '<a@x>', rcpt: ['<b@y>'], message: 'Subject: s\r\n\r\nbody\r\n' });
+    expect(r.decision).toBe('continue');
+    expect(r.actions).toEqual([expect.objectContaining({ type: 'addheader', name: 'X-Open' })]);
+    await c1.quit();
+    await s.close({ drain: 5000 });
+    expect(s.getdiag().drainRefused).toBe(0);
+    expect(s.getdiag().running).toBe(false);
+  });
 });
 
 describe('runmilter({ engine: "node" })', () => {

@@ -1,6 +1,7 @@
 // Integration tests of the native core and the `milter` module: real
 // libmilter, each milter in its own child process (libmilter runs once per
 // process), driven over real sockets by the MTA-side MilterClient.
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
@@ -9,6 +10,7 @@ import { MilterClient } from '../src/testing/client';
 import { freeInet6Spec, jsonEvents, startFixtureMilter, stopAll, tmpSocketSpec, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
 
 const FIXTURE = path.join(__dirname, 'fixtures', 'node', 'milter.cjs');
+const HANDOFF = path.join(__dirname, 'fixtures', 'node', 'handoff.cjs');
 
 type Ev = JsonEvent;
 
@@ -447,6 +449,62 @@ describe('signals, stop and drain', () => {
     expect(exit.code).toBe(0);
     const stopped = events(p).find((e) => e.ev === 'stopped')!;
     expect((stopped.diag as { drainRefused: number }).drainRefused).toBe(1);
+  });
+
+  it('stopAccepting() on a socket shared with another process: new connections wait in the queue for it, the open session is answered, stop() settles at once', async () => {
+    const p = await startFixtureMilter(HANDOFF, { drain: 5000 });
+    await waitEvent(p, 'ready');
+    expect(events(p).find((e) => e.ev === 'ready')!.early).toBe('MilterStateError: stopAccepting() before main(): the milter is not running');
+    const c1 = await MilterClient.connect(p.spec);
+    expect((await c1.connect('open.example', 'inet', '192.0.2.1', 1)).status).toBe('continue');
+    process.kill(p.pid, 'SIGUSR2');
+    const stopped = await waitEvent(p, 'accepting-stopped');
+    expect((stopped.diag as { acceptingStopped: boolean }).acceptingStopped).toBe(true);
+    // libmilter now polls another socket, a unix one nobody can reach: its
+    // path is gone, so a local client cannot connect to it.
+    expect(stopped.now).not.toBe(stopped.before);
+    expect(stopped.path).toMatch(/^\/.*\/nodemilter-[^/]+\/s$/);
+    const reach = net.connect(stopped.path as string);
+    await expect(new Promise((resolve, reject) => reach.once('connect', resolve).once('error', reject))).rejects.toThrow(/ENOENT/);
+
+    // The kernel completes the TCP handshake (the socket still listens), but
+    // this process does not accept: the negotiation gets no answer.
+    const t0 = Date.now();
+    const late = MilterClient.connect(p.spec, { timeout: 20_000 }).then(
+      (c) => ({ answered: true as const, c }),
+      (err: Error) => ({ answered: false as const, err }),
+    );
+    let settled = false;
+    void late.then(() => (settled = true));
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(settled).toBe(false);
+
+    // The session this process already has is served in full meanwhile.
+    const r = await c1.sendMessage({ ...MESSAGE, client: null });
+    expect(r.decision).toBe('continue');
+    expect(r.actions).toEqual([expect.objectContaining({ type: 'addheader', name: 'X-Handoff' })]);
+    expect(settled).toBe(false);
+    expect(events(p).filter((e) => e.ev === 'connect').map((e) => e.host)).toEqual(['open.example']);
+
+    // The other process holding the socket accepts the waiting connection,
+    // with the negotiation the client sent (SMFIC_OPTNEG: 17 bytes) still in it.
+    process.kill(p.pid, 'SIGUSR2');
+    const other = await waitEvent(p, 'other-accepted', 5000);
+    expect(other.bytes).toBe(17);
+    const lr = await late;
+    expect(lr.answered).toBe(false);
+    expect(Date.now() - t0).toBeGreaterThan(1500);
+
+    await c1.quit();
+    await waitEvent(p, 'close');
+    process.kill(p.pid, 'SIGTERM');
+    const done = await waitEvent(p, 'stopped', 10_000);
+    // No session refused (none arrived), and the listener's 5 s poll was
+    // woken: no connection can do that once this process stopped accepting.
+    expect((done.diag as { drainRefused: number }).drainRefused).toBe(0);
+    expect(done.ms).toBeLessThan(2000);
+    expect((await p.exited).code).toBe(0);
+    expect(events(p).some((e) => e.ev === 'main-rejected')).toBe(false);
   });
 
   it('exits cleanly with process.exit() while callbacks are pending', async () => {

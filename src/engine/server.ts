@@ -451,6 +451,33 @@ export class MilterServer extends EventEmitter {
   }
 
   /**
+   * Stop accepting new connections, at once, and keep serving the open
+   * ones; {@link close} later drains and stops. This process's listening
+   * handle closes, so on a socket shared with other processes (an
+   * inherited `fd:`, as runmilter's workers have) the connections that
+   * arrive stay in the kernel's queue for the others; the socket stays
+   * open in them. A unix socket path this server created is removed (as
+   * {@link close} would). The libmilter engine's counterpart is
+   * `milter.stopAccepting()`. Calling it again, or before {@link listen}
+   * has resolved, does nothing.
+   *
+   * @example
+   * ```ts
+   * process.on('SIGTERM', () => {
+   *   server.stopAccepting(); // the other workers take the new connections
+   *   void server.close({ drain: 30_000 });
+   * });
+   * ```
+   */
+  stopAccepting(): void {
+    if (!this.listening || this.acceptingStopped) return;
+    this.acceptingStopped = true;
+    this.server.close();
+  }
+
+  private acceptingStopped = false;
+
+  /**
    * Stop: stop accepting, let open sessions finish for up to `drain` ms
    * (new sessions on still-open connections get 421 4.3.2), then end every
    * session (abort and close callbacks run) and remove a unix socket. As on

@@ -112,9 +112,11 @@ export type DrainMode =
   | 'refuse'
   /**
    * Stop accepting at once and let open sessions finish: the socket is
-   * shared with other workers, which take the new connections. Engines
-   * that cannot stop accepting while sessions run fall back to `'refuse'`
-   * (see {@link MilterEngine.canStopAccepting}).
+   * shared with other workers, which take the new connections. Both
+   * engines can (libmilter through `milter.stopAccepting()`); where the
+   * libmilter one cannot (its listening descriptor not found, or on the
+   * smfi_main fallback) it says so and falls back to `'refuse'` (see
+   * {@link MilterEngine.canStopAccepting}).
    */
   | 'handoff';
 

@@ -12,14 +12,17 @@ import type { EngineCounters } from '../types';
 import type { DrainMode, EngineSetup, MilterEngine } from './engine';
 
 /**
- * The libmilter module as a {@link MilterEngine}. libmilter has no way to
- * stop accepting while its sessions run (smfi_stop abandons parked
- * sessions), so a `'handoff'` drain refuses new sessions as `'refuse'` does.
+ * The libmilter module as a {@link MilterEngine}. A `'handoff'` drain
+ * stops accepting ({@link milter.stopAccepting}: the shared socket's other
+ * processes take the new connections), lets every open session end by
+ * itself within the budget, then stops; if this libmilter cannot stop
+ * accepting, it refuses new sessions as `'refuse'` does, and says so.
  */
 export class LibmilterEngine implements MilterEngine {
   readonly kind = 'libmilter' as const;
-  readonly canStopAccepting = false;
   readonly events = milter.events;
+  /** Set by the first close: whether it stopped accepting. */
+  private handedOff: boolean | undefined;
   private running: Promise<void> | undefined;
   private readonly ended: Promise<void>;
   private settle!: (p: Promise<void>) => void;
@@ -60,7 +63,25 @@ export class LibmilterEngine implements MilterEngine {
     this.settle(this.running);
   }
 
-  close(drain: number, _mode: DrainMode = 'refuse'): Promise<void> {
+  /**
+   * Whether `close(drain, 'handoff')` stops accepting. Only trying tells
+   * (see {@link milter.stopAccepting}): true until a close has run, then
+   * whether its handoff did.
+   */
+  get canStopAccepting(): boolean {
+    return this.handedOff ?? true;
+  }
+
+  close(drain: number, mode: DrainMode = 'refuse'): Promise<void> {
+    if (mode === 'handoff' && this.handedOff === undefined) {
+      try {
+        milter.stopAccepting();
+        this.handedOff = true;
+      } catch (err) {
+        this.handedOff = false;
+        this.setup.logger.warn(`${(err as Error).message}; new sessions are refused (421) while the open ones drain`);
+      }
+    }
     return milter.stop({ drain });
   }
 

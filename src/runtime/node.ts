@@ -5,8 +5,6 @@
  * @internal
  * @module
  */
-import type * as net from 'node:net';
-
 import { MilterServer } from '../engine/server';
 import type { EngineCounters } from '../types';
 import type { DrainMode, EngineSetup, MilterEngine } from './engine';
@@ -34,14 +32,12 @@ export class NodeEngine implements MilterEngine {
 
   async close(drain: number, mode: DrainMode = 'refuse'): Promise<void> {
     if (mode === 'handoff') {
-      // A worker hands new connections to the others: closing this
-      // process's listener leaves the shared socket open in the supervisor
-      // and the other workers. (MilterServer keeps its net.Server to
-      // itself; its close() below finds it closed.) Then every MTA
+      // A worker hands new connections to the others: the shared socket
+      // stays open in the supervisor and the other workers. Then every MTA
       // connection gets the budget to end by itself, not only those in a
       // message: an MTA holds its milter connection for the whole SMTP
       // session and answers 4xx for the rest of it once that closes.
-      (this.server as unknown as { server: net.Server }).server.close();
+      this.server.stopAccepting();
       const until = Date.now() + drain;
       while (this.server.connectionCount > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 25));
       return this.server.close({ drain: Math.max(0, until - Date.now()) });
