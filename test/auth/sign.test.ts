@@ -4,13 +4,16 @@
 // equal to whole input, and signing off the event loop. Every signature
 // made here is checked with mailauth's verifier (verifyMessage);
 // test/auth/opendkim.test.ts has OpenDKIM check them too.
+import { spawnSync } from 'node:child_process';
 import { createHash, generateKeyPairSync } from 'node:crypto';
+import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 
 import { BodyCanonicalizer, DkimSignError, DkimSigner, canonicalBody, canonicalHeader, dkimSign, loadPrivateKey, parseCanonicalization, signingKey, staticResolver, verifyMessage } from '../../src/auth/index';
 import { signHeaderBlock } from '../../src/auth/sign';
 import { InvalidArgumentError } from '../../src/errors';
+import { ROOT } from '../examples/common';
 import * as V from './vectors';
 
 const sha = (s: string) => createHash('sha256').update(s, 'latin1').digest('base64');
@@ -135,7 +138,7 @@ describe('DKIM signing', () => {
     }
   });
 
-  it('signs an empty body and a body of only CRLFs with the RFC body hashes', async () => {
+  it('signs an empty body, a body of only CRLFs and a last line without CRLF with the RFC body hashes', async () => {
     for (const body of ['', '\r\n', '\r\n\r\n\r\n']) {
       const msg = `From: a@example.com\r\nSubject: x\r\n\r\n${body}`;
       const simple = await dkimSign(msg, [ED_KEY], { canonicalization: 'simple/simple' });
@@ -145,6 +148,11 @@ describe('DKIM signing', () => {
       expect(await verdicts(simple + msg)).toEqual(['ed=pass']);
       expect(await verdicts(relaxed + msg)).toEqual(['ed=pass']);
     }
+    // No final CRLF (trailing WSP too): relaxed adds the CRLF and drops the WSP, simple keeps the WSP.
+    const open = 'From: a@example.com\r\nSubject: x\r\n\r\nlast line  ';
+    expect(tag(await dkimSign(open, [ED_KEY], { canonicalization: 'relaxed/relaxed' }), 'bh')).toBe(sha('last line\r\n'));
+    expect(tag(await dkimSign(open, [ED_KEY], { canonicalization: 'relaxed/simple' }), 'bh')).toBe(sha('last line  \r\n'));
+    for (const canonicalization of CANONS) expect(await verdicts((await dkimSign(open, [ED_KEY], { canonicalization })) + open), canonicalization).toEqual(['ed=pass']);
     // A message with no blank line at all is all header and an empty body.
     const headOnly = 'From: a@example.com\r\nSubject: x\r\n';
     expect(tag(await dkimSign(headOnly, [ED_KEY], { canonicalization: 'simple/simple' }), 'bh')).toBe(sha('\r\n'));
@@ -231,5 +239,27 @@ describe('DKIM signing', () => {
     expect(sig.match(/^DKIM-Signature:/gm)).toHaveLength(16);
     // Synchronous signing would run all 16 (tens of ms of CPU) in one turn of the loop, with no tick between.
     expect(ticks).toBeGreaterThan(16);
+  });
+
+  it('signs without mailauth installed (verifying still says to install it)', () => {
+    const script = `
+      const Module = require('module');
+      const orig = Module._resolveFilename;
+      Module._resolveFilename = function (req, ...rest) {
+        if (req === 'mailauth') { const e = new Error("Cannot find module 'mailauth'"); e.code = 'MODULE_NOT_FOUND'; throw e; }
+        return orig.call(this, req, ...rest);
+      };
+      const auth = require(${JSON.stringify(path.join(ROOT, 'dist/src/auth/index.js'))});
+      const key = auth.signingKey('example.com', 'ed', ${JSON.stringify(V.RFC8463_ED25519_SEED)});
+      auth.dkimSign('From: a@example.com\\r\\n\\r\\nx\\r\\n', [key]).then(async (sig) => {
+        let verify;
+        try { await auth.verifyMessage(sig, { authservId: 'x' }); verify = 'no error'; } catch (e) { verify = [e.name, e.packageName]; }
+        console.log(JSON.stringify({ sig, verify }));
+      });`;
+    const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8' });
+    expect(r.stderr).toBe('');
+    const out = JSON.parse(r.stdout);
+    expect(out.sig).toMatch(/^DKIM-Signature: v=1; a=ed25519-sha256; /);
+    expect(out.verify).toEqual(['MissingDependencyError', 'mailauth']);
   });
 });
