@@ -140,8 +140,8 @@ export class BodyCanonicalizer {
  * @example
  * ```ts
  * const bh = new BodyHasher('relaxed');
- * bh.update(Buffer.from('Hi.\r\n\r\n'));
- * bh.digest();   // the bh= of a body "Hi.\r\n"
+ * bh.update(Buffer.from('Hi. \r\n\r\n'));   // canonical: "Hi.\r\n"
+ * bh.digest();   // 'UrA8rmgY3eNBotmDWtzAmHyn5RyZv8Gea45sNGsP0zw='
  * ```
  */
 export class BodyHasher {
