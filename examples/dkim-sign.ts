@@ -29,7 +29,8 @@
  *   `127.0.0.1/8,::1`); clients that authenticated (`{auth_authen}`) are
  *   signed too.
  * - `DKIM_CANONICALIZATION` (default `relaxed/relaxed`), `DKIM_SIGN_HEADERS`
- *   (colon or comma list), `DKIM_EXPIRE` (seconds).
+ *   (colon or comma list), `DKIM_OVERSIGN_HEADERS` (the same; e.g. `From`),
+ *   `DKIM_EXPIRE` (seconds).
  * - `DKIM_ON_ERROR`: `tempfail` (default) or `accept` when signing fails.
  */
 import { ACCEPT, ADDHDRS, Base, CONTINUE, P_HDR_LEADSPC, TEMPFAIL, IpList, parse_addr, runmilter, InvalidArgumentError } from 'nodemilter';
@@ -153,6 +154,7 @@ export function configure(env: Record<string, string | undefined> = process.env)
   config.sign = {
     canonicalization: s.DKIM_CANONICALIZATION || undefined,
     headerList: s.DKIM_SIGN_HEADERS ? s.DKIM_SIGN_HEADERS.split(/[\s,:]+/).filter(Boolean) : undefined,
+    oversign: s.DKIM_OVERSIGN_HEADERS ? s.DKIM_OVERSIGN_HEADERS.split(/[\s,:]+/).filter(Boolean) : undefined,
     expireAfter: s.DKIM_EXPIRE ? intSetting('DKIM_EXPIRE', s.DKIM_EXPIRE, 0, 1) : undefined,
   };
   const onError = s.DKIM_ON_ERROR || 'tempfail';

@@ -31,7 +31,15 @@ export interface DkimSignOptions {
    * Default {@link DEFAULT_SIGNED_HEADERS}, which never includes Received.
    */
   headerList?: string[];
-  /** The `t=` time (default now). */
+  /**
+   * Header field names to list once more in `h=` than the message has them
+   * (OpenDKIM's OversignHeaders, e.g. `['From']`): the extra entry signs
+   * "no such field", so a field of that name added later, above the signed
+   * ones, breaks the signature (RFC 6376 §5.4.2, §8.15). The fields of these
+   * names are signed too, listed in `headerList` or not. Default none.
+   */
+  oversign?: string[];
+  /** The `t=` time (default: when {@link DkimSigner.sign} runs). */
   signTime?: Date;
   /** Seconds until the signature expires (`x=`); default none. */
   expireAfter?: number;
@@ -118,7 +126,8 @@ export class DkimSigner {
   readonly #canon: Canonicalization;
   readonly #c: string;
   readonly #names: Set<string>;
-  readonly #signTime: Date;
+  readonly #oversign: string[];
+  readonly #signTime: Date | undefined;
   readonly #expireAfter: number | undefined;
   readonly #bodyHash: BodyHasher;
   /** Header fields as delivered (`Name: value`, CRLF folds, no final CRLF). */
@@ -138,11 +147,16 @@ export class DkimSigner {
     }
     this.#expireAfter = options.expireAfter;
     const list = options.headerList ?? DEFAULT_SIGNED_HEADERS;
-    for (const n of list) if (!HEADER_NAME.test(n)) throw new InvalidArgumentError(`DKIM headerList entry ${JSON.stringify(n)} is not a header field name`);
+    const over = options.oversign ?? [];
+    for (const [what, names] of [['headerList', list], ['oversign', over]] as const) {
+      for (const n of names) if (!HEADER_NAME.test(n)) throw new InvalidArgumentError(`DKIM ${what} entry ${JSON.stringify(n)} is not a header field name`);
+    }
     this.#names = new Set(list.map((n) => n.toLowerCase()));
     if (!this.#names.has('from')) throw new InvalidArgumentError(`DKIM headerList ${JSON.stringify(list)} lacks From, which every signature must cover (RFC 6376 §5.4)`);
-    this.#signTime = options.signTime ?? new Date();
-    if (Number.isNaN(this.#signTime.getTime())) throw new InvalidArgumentError('DKIM signTime is an invalid Date');
+    this.#oversign = over.filter((n, i) => over.findIndex((m) => m.toLowerCase() === n.toLowerCase()) === i);
+    for (const n of this.#oversign) this.#names.add(n.toLowerCase());
+    this.#signTime = options.signTime;
+    if (this.#signTime && Number.isNaN(this.#signTime.getTime())) throw new InvalidArgumentError('DKIM signTime is an invalid Date');
     this.#bodyHash = new BodyHasher(this.#canon.body);
   }
 
@@ -223,8 +237,10 @@ export class DkimSigner {
       names.push(name);
     }
     if (!names.some((n) => n.toLowerCase() === 'from')) throw new DkimSignError('the message has no From header field, which a DKIM signature must cover (RFC 6376 §5.4)');
+    // An oversigned name adds nothing to the hashed data: the verifier finds no field for it.
+    names.push(...this.#oversign);
     const bh = this.#bodyHash.digest();
-    const t = Math.floor(this.#signTime.getTime() / 1000);
+    const t = Math.floor((this.#signTime ?? new Date()).getTime() / 1000);
     const headerData = signed.join('');
     const sigs = await Promise.all(keys.map((k) => this.#signOne(k, names, bh, t, headerData)));
     return sigs.map((s) => `${s}\r\n`).join('');

@@ -76,6 +76,19 @@ describe('dkim-sign with TestCtx', () => {
     await t.close();
   });
 
+  it('signs the fields DKIM_SIGN_HEADERS names and oversigns DKIM_OVERSIGN_HEADERS', async () => {
+    sign.configure({ ...SIGNER_ENV, DKIM_SIGN_HEADERS: 'From:Subject', DKIM_OVERSIGN_HEADERS: 'From' });
+    const t = new TestCtx(sign.DkimSignMilter);
+    await t.feedMessage(OUTGOING, {});
+    const out = t.resultMessage().toString('latin1');
+    await t.close();
+    const h = [...out.replace(/\r\n[ \t]/g, ' ').matchAll(/; h=([^;]+);/g)].map((m) => m[1].replace(/\s+/g, ''));
+    expect(h).toEqual(['Subject:From:From', 'Subject:From:From']);
+    expect(await dkimOf(out)).toEqual(['rsa2026=pass', 'ed2026=pass']);
+    expect(await dkimOf(out.replace('To: bob@', 'To: eve@'))).toEqual(['rsa2026=pass', 'ed2026=pass']); // To is not signed
+    expect(await dkimOf(out.replace('From: Alice', 'From: x@example.com\r\nFrom: Alice'))).toEqual(['rsa2026=fail', 'ed2026=fail']);
+  });
+
   it('reads an OpenDKIM KeyTable and SigningTable named in a DKIM_CONFIG file', async () => {
     const fs = await import('node:fs');
     const path = await import('node:path');

@@ -108,17 +108,21 @@ describe.skipIf(skip)('OpenDKIM interoperability', () => {
     }
   });
 
-  it('OpenDKIM verifies what dkimSign signs from a whole message, and fails it when a signed header changes', async () => {
+  it('OpenDKIM verifies what dkimSign signs from a whole message (From and Reply-To oversigned), and fails it when a signed header changes or a From is added', async () => {
     const spec = await startOpendkim('v');
     const keys = auth.SigningTable.forDomain('example.com', [
       auth.signingKey('example.com', 'rsa2026', fs.readFileSync(RSA_KEYFILE)),
       auth.signingKey('example.com', 'ed2026', fs.readFileSync(ED_KEYFILE)),
     ]).keysFor('alice@example.com');
     for (const canonicalization of CANONS) {
-      const signed = (await auth.dkimSign(OUTGOING, keys, { canonicalization })) + OUTGOING;
+      const signed = (await auth.dkimSign(OUTGOING, keys, { canonicalization, oversign: ['From', 'Reply-To'] })) + OUTGOING;
+      expect(signed).toMatch(/h=[^;]*:From:From:Reply-To;/);
       expect(await opendkimVerdicts(spec, signed), canonicalization).toEqual(ourPasses(signed));
       const changed = await opendkimVerdicts(spec, signed.replace('To: bob@', 'To: eve@'));
       expect(changed.map((v) => v.split(' ')[0]), canonicalization).toEqual(['dkim=fail', 'dkim=fail']);
+      // Oversigned: a second From added above the signed one fails too.
+      const forged = await opendkimVerdicts(spec, signed.replace('From: Alice', 'From: Mallory <m@example.com>\r\nFrom: Alice'));
+      expect(forged.map((v) => v.split(' ')[0]), canonicalization).toEqual(['dkim=fail', 'dkim=fail']);
     }
   });
 

@@ -181,6 +181,25 @@ describe('DKIM signing', () => {
     await expect(dkimSign(msg, [ED_KEY], { headerList: ['From', 'Bad Name'] })).rejects.toThrow(/headerList entry "Bad Name" is not a header field name/);
   });
 
+  it('oversigns: a From added above the signed one breaks the signature only with oversign', async () => {
+    const msg = 'From: a@example.com\r\nSubject: s\r\n\r\nbody\r\n';
+    const forged = (sig: string) => `${sig}From: ceo@example.com\r\n${msg}`;
+    const plain = await dkimSign(msg, [ED_KEY]);
+    expect(tag(plain, 'h')).toBe('Subject:From');
+    expect(await verdicts(forged(plain))).toEqual(['ed=pass']); // what oversigning is for
+    const over = await dkimSign(msg, [ED_KEY], { oversign: ['from', 'FROM', 'Reply-To'] });
+    expect(tag(over, 'h')).toBe('Subject:From:from:Reply-To');
+    expect(await verdicts(over + msg)).toEqual(['ed=pass']);
+    expect(await verdicts(forged(over))).toEqual(['ed=fail']);
+    expect(await verdicts(`${over}Reply-To: x@evil.example\r\n${msg}`)).toEqual(['ed=fail']);
+    // An oversigned name is signed even when headerList leaves it out.
+    const cc = await dkimSign(`Cc: c@example.org\r\n${msg}`, [ED_KEY], { headerList: ['From'], oversign: ['Cc'] });
+    expect(tag(cc, 'h')).toBe('From:Cc:Cc');
+    expect(await verdicts(`${cc}Cc: c@example.org\r\n${msg}`)).toEqual(['ed=pass']);
+    expect(await verdicts(`${cc}Cc: d@example.org\r\n${msg}`)).toEqual(['ed=fail']);
+    await expect(dkimSign(msg, [ED_KEY], { oversign: ['Bad:Name'] })).rejects.toThrow(/oversign entry "Bad:Name" is not a header field name/);
+  });
+
   it('writes t= and x=, and the tags in a fixed order', async () => {
     const sig = await dkimSign('From: a@example.com\r\n\r\n', [ED_KEY], { signTime: new Date(1_700_000_000_500), expireAfter: 3600 });
     expect(unfold(sig)).toMatch(/^DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed\/relaxed; d=example\.com; h=From; q=dns\/txt; s=ed; t=1700000000; x=1700003600; bh=[^;]+; b=[A-Za-z0-9+/= ]+\r\n$/);
