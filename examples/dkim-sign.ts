@@ -151,12 +151,22 @@ export function configure(env: Record<string, string | undefined> = process.env)
     throw new InvalidArgumentError('dkim-sign needs keys: DKIM_KEYTABLE + DKIM_SIGNINGTABLE, or DKIM_DOMAIN + DKIM_SELECTOR + DKIM_KEYFILE');
   }
   if (s.DKIM_INTERNAL_HOSTS) config.internal = new IpList(listSetting(s.DKIM_INTERNAL_HOSTS));
-  config.sign = {
+  const names = (v: string | undefined) => (v ? v.split(/[\s,:]+/).filter(Boolean) : undefined);
+  const sign: DkimSignOptions = {
     canonicalization: s.DKIM_CANONICALIZATION || undefined,
-    headerList: s.DKIM_SIGN_HEADERS ? s.DKIM_SIGN_HEADERS.split(/[\s,:]+/).filter(Boolean) : undefined,
-    oversign: s.DKIM_OVERSIGN_HEADERS ? s.DKIM_OVERSIGN_HEADERS.split(/[\s,:]+/).filter(Boolean) : undefined,
+    headerList: names(s.DKIM_SIGN_HEADERS),
+    oversign: names(s.DKIM_OVERSIGN_HEADERS),
     expireAfter: s.DKIM_EXPIRE ? intSetting('DKIM_EXPIRE', s.DKIM_EXPIRE, 0, 1) : undefined,
   };
+  // Check each signing setting now, so a bad one stops the milter at start, not every message.
+  for (const [setting, option] of [['DKIM_CANONICALIZATION', 'canonicalization'], ['DKIM_SIGN_HEADERS', 'headerList'], ['DKIM_OVERSIGN_HEADERS', 'oversign']] as const) {
+    try {
+      new DkimSigner({ [option]: sign[option] });
+    } catch (err) {
+      throw new InvalidArgumentError(`${setting}: ${(err as Error).message}`);
+    }
+  }
+  config.sign = sign;
   const onError = s.DKIM_ON_ERROR || 'tempfail';
   if (onError !== 'tempfail' && onError !== 'accept') throw new InvalidArgumentError(`DKIM_ON_ERROR=${JSON.stringify(onError)} is invalid: expected tempfail or accept`);
   config.onError = onError;

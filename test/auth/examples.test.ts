@@ -110,6 +110,9 @@ describe('dkim-sign with TestCtx', () => {
     expect(() => sign.configure({ DKIM_KEYTABLE: '/x' })).toThrow(/DKIM_KEYTABLE and DKIM_SIGNINGTABLE go together/);
     expect(() => sign.configure({ DKIM_DOMAIN: 'example.com', DKIM_SELECTOR: 'a,b', DKIM_KEYFILE: '/x' })).toThrow(/as many selectors as key files/);
     expect(() => sign.configure({ ...SIGNER_ENV, DKIM_ON_ERROR: 'maybe' })).toThrow(/DKIM_ON_ERROR="maybe" is invalid/);
+    expect(() => sign.configure({ ...SIGNER_ENV, DKIM_CANONICALIZATION: 'loose' })).toThrow(/DKIM_CANONICALIZATION: DKIM canonicalization "loose" is invalid/);
+    expect(() => sign.configure({ ...SIGNER_ENV, DKIM_SIGN_HEADERS: 'Subject:To' })).toThrow(/DKIM_SIGN_HEADERS: .* lacks From/);
+    expect(() => sign.configure({ ...SIGNER_ENV, DKIM_OVERSIGN_HEADERS: 'Frôm' })).toThrow(/DKIM_OVERSIGN_HEADERS: .*"Frôm" is not a header field name/);
   });
 });
 
