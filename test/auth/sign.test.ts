@@ -265,6 +265,38 @@ describe('DKIM signing', () => {
     expect(ticks).toBeGreaterThan(32);
   });
 
+  it('keeps no body: 128 MiB through DkimSigner.body grows the heap by less than 16 MiB', () => {
+    const script = `
+      const auth = require(${JSON.stringify(path.join(ROOT, 'dist/src/auth/index.js'))});
+      const key = auth.signingKey('example.com', 'ed', ${JSON.stringify(V.RFC8463_ED25519_SEED)});
+      const chunk = ('x'.repeat(78) + '  \\r\\n').repeat(800); // 64 KiB of lines, trailing WSP on each
+      const heap = () => { global.gc(); return process.memoryUsage().heapUsed + process.memoryUsage().arrayBuffers; };
+      (async () => {
+        const out = {};
+        for (const canonicalization of ['simple/simple', 'relaxed/relaxed']) {
+          const s = new auth.DkimSigner({ canonicalization });
+          s.header('From', ' a@example.com', true);
+          const before = heap();
+          let most = 0;
+          const mib = canonicalization === 'simple/simple' ? 128 : 32;
+          for (let i = 0; i < mib * 16; i++) {
+            s.body(Buffer.from(chunk));
+            if (i % 256 === 0) most = Math.max(most, heap() - before);
+          }
+          const sig = await s.sign([key]);
+          out[canonicalization] = { grew: Math.max(most, heap() - before), signed: sig.startsWith('DKIM-Signature:') };
+        }
+        console.log(JSON.stringify(out));
+      })();`;
+    const r = spawnSync(process.execPath, ['--expose-gc', '-e', script], { encoding: 'utf8' });
+    expect(r.stderr).toBe('');
+    const out = JSON.parse(r.stdout);
+    for (const c of ['simple/simple', 'relaxed/relaxed']) {
+      expect(out[c].signed).toBe(true);
+      expect(out[c].grew, c).toBeLessThan(16 * 1024 * 1024);
+    }
+  });
+
   it('signs without mailauth installed (verifying still says to install it)', () => {
     const script = `
       const Module = require('module');
