@@ -2,11 +2,13 @@
  * dkim-sign: DKIM-sign mail from authenticated senders and trusted
  * networks (OpenDKIM's signing mode, dkim-milter.py's job), with RSA and
  * Ed25519 keys (RFC 8463) chosen per From domain by an OpenDKIM-style
- * KeyTable and SigningTable. Needs mailauth (`npm install mailauth@4`).
+ * KeyTable and SigningTable. Needs nothing beyond nodemilter (Node's
+ * crypto signs; mailauth is not used).
  *
  * The signature is computed over the header bytes exactly as the MTA will
- * deliver them: the milter asks for SMFIP_HDR_LEADSPC (raw header values)
- * and signs what it collected. Postfix's own Received header, which the
+ * deliver them: the milter asks for SMFIP_HDR_LEADSPC (raw header values).
+ * The body is hashed as it arrives and never kept; the key signs at end of
+ * message on libuv's thread pool. Postfix's own Received header, which the
  * milter never sees, is not signed. The DKIM-Signature headers go on top.
  *
  * Run it (after `npm run build:ts`):
@@ -27,15 +29,14 @@
  *   `127.0.0.1/8,::1`); clients that authenticated (`{auth_authen}`) are
  *   signed too.
  * - `DKIM_CANONICALIZATION` (default `relaxed/relaxed`), `DKIM_SIGN_HEADERS`
- *   (colon or comma list), `DKIM_EXPIRE` (seconds).
+ *   (colon or comma list), `DKIM_OVERSIGN_HEADERS` (the same; e.g. `From`),
+ *   `DKIM_EXPIRE` (seconds).
  * - `DKIM_ON_ERROR`: `tempfail` (default) or `accept` when signing fails.
  */
-import { ACCEPT, ADDHDRS, CONTINUE, TEMPFAIL, IpList, parse_addr, runmilter, InvalidArgumentError } from 'nodemilter';
-import type { Family, HostAddr } from 'nodemilter';
-import { CollectingMilter } from 'nodemilter/mime';
-import type { MessageCollector } from 'nodemilter/mime';
-import { SigningTable, clientIp, dkimSign, flagSetting, insertOnTop, intSetting, listSetting, readSettings, signingKey } from 'nodemilter/auth';
-import type { DkimSignOptions } from 'nodemilter/auth';
+import { ACCEPT, ADDHDRS, Base, CONTINUE, P_HDR_LEADSPC, TEMPFAIL, IpList, parse_addr, runmilter, InvalidArgumentError } from 'nodemilter';
+import type { Bytes, Family, HostAddr } from 'nodemilter';
+import { DkimSigner, SigningTable, clientIp, flagSetting, insertOnTop, intSetting, listSetting, readSettings, signingKey } from 'nodemilter/auth';
+import type { DkimSignOptions, SigningKey } from 'nodemilter/auth';
 import { readFileSync } from 'node:fs';
 
 /** Settings of the signer; set by {@link configure} from the environment, or by a test. */
@@ -52,16 +53,20 @@ interface SignMessage {
   fromCount: number;
   /** Why this message is signed (for the log). */
   who: string;
+  /** The keys for the From address (known at end of headers). */
+  keys: SigningKey[];
+  /** Hashes the message as it arrives (from envfrom on, for clients we sign for). */
+  signer?: DkimSigner;
 }
 
-export class DkimSignMilter extends CollectingMilter<SignMessage> {
+export class DkimSignMilter extends Base<SignMessage> {
   static override flags = ADDHDRS;
   static override headerLeadingSpace = true;
 
   ip?: string;
 
   protected override newMessage(): SignMessage {
-    return { fromCount: 0, who: '' };
+    return { fromCount: 0, who: '', keys: [] };
   }
 
   override connect(hostname: string, family: Family, hostaddr: HostAddr) {
@@ -76,24 +81,39 @@ export class DkimSignMilter extends CollectingMilter<SignMessage> {
     else if (!this.ip) this.message.who = 'local client';
     // Nothing to sign from here: let the rest of the message pass without us.
     else return ACCEPT;
+    this.message.signer = new DkimSigner(config.sign);
     return CONTINUE;
   }
 
-  override header(name: string, value: string) {
+  override header(name: string, value: Bytes) {
+    const m = this.message;
     if (name.toLowerCase() === 'from') {
-      this.message.fromCount++;
-      const [user, domain] = parse_addr(value);
-      if (domain) this.message.from = `${user}@${domain}`;
+      m.fromCount++;
+      const [user, domain] = parse_addr(Buffer.from(value).toString());
+      if (domain) m.from = `${user}@${domain}`;
     }
-    return super.header(name, value);
+    m.signer?.header(name, value, (this.steps & P_HDR_LEADSPC) !== 0);
+    return CONTINUE;
   }
 
-  protected override async checkmessage(collected: MessageCollector) {
+  override eoh() {
     const m = this.message;
-    const keys = m.from && m.fromCount === 1 && config.table ? config.table.keysFor(m.from) : [];
-    if (!keys.length) return CONTINUE;
+    m.keys = m.from && m.fromCount === 1 && config.table ? config.table.keysFor(m.from) : [];
+    // No key for this From (or no single From): nothing more to do here.
+    return m.keys.length && m.signer ? CONTINUE : ACCEPT;
+  }
+
+  override body(chunk: Buffer) {
+    this.message.signer?.body(chunk);
+    return CONTINUE;
+  }
+
+  override async eom() {
+    const m = this.message;
+    if (!m.signer || !m.keys.length) return CONTINUE;
+    const keys = m.keys;
     try {
-      insertOnTop(this, await dkimSign(collected.stream(), keys, config.sign));
+      insertOnTop(this, await m.signer.sign(keys));
       this.log('signed', m.from, 'for', m.who, 'with', keys.map((k) => `${k.selector}._domainkey.${k.domain}`).join(' '));
     } catch (err) {
       this.log('signing failed:', (err as Error).message);
@@ -131,11 +151,22 @@ export function configure(env: Record<string, string | undefined> = process.env)
     throw new InvalidArgumentError('dkim-sign needs keys: DKIM_KEYTABLE + DKIM_SIGNINGTABLE, or DKIM_DOMAIN + DKIM_SELECTOR + DKIM_KEYFILE');
   }
   if (s.DKIM_INTERNAL_HOSTS) config.internal = new IpList(listSetting(s.DKIM_INTERNAL_HOSTS));
-  config.sign = {
+  const names = (v: string | undefined) => (v ? v.split(/[\s,:]+/).filter(Boolean) : undefined);
+  const sign: DkimSignOptions = {
     canonicalization: s.DKIM_CANONICALIZATION || undefined,
-    headerList: s.DKIM_SIGN_HEADERS ? s.DKIM_SIGN_HEADERS.split(/[\s,:]+/).filter(Boolean) : undefined,
+    headerList: names(s.DKIM_SIGN_HEADERS),
+    oversign: names(s.DKIM_OVERSIGN_HEADERS),
     expireAfter: s.DKIM_EXPIRE ? intSetting('DKIM_EXPIRE', s.DKIM_EXPIRE, 0, 1) : undefined,
   };
+  // Check each signing setting now, so a bad one stops the milter at start, not every message.
+  for (const [setting, option] of [['DKIM_CANONICALIZATION', 'canonicalization'], ['DKIM_SIGN_HEADERS', 'headerList'], ['DKIM_OVERSIGN_HEADERS', 'oversign']] as const) {
+    try {
+      new DkimSigner({ [option]: sign[option] });
+    } catch (err) {
+      throw new InvalidArgumentError(`${setting}: ${(err as Error).message}`);
+    }
+  }
+  config.sign = sign;
   const onError = s.DKIM_ON_ERROR || 'tempfail';
   if (onError !== 'tempfail' && onError !== 'accept') throw new InvalidArgumentError(`DKIM_ON_ERROR=${JSON.stringify(onError)} is invalid: expected tempfail or accept`);
   config.onError = onError;

@@ -1,8 +1,9 @@
 /**
  * `nodemilter/auth`: the pieces of a DKIM signer, an SPF/DKIM/DMARC/ARC
- * verifier, an ARC sealer and an SRS forwarder, on **mailauth** (an
- * optional peer dependency: `npm install mailauth@4`) for everything
- * cryptographic and every SPF, DKIM, DMARC and ARC rule. Ready milters
+ * verifier, an ARC sealer and an SRS forwarder. DKIM signing is
+ * nodemilter's own (RFC 6376 and RFC 8463 over Node's crypto); every
+ * verification rule (SPF, DKIM, DMARC, ARC) and ARC sealing come from
+ * **mailauth** (an optional peer dependency: `npm install mailauth@4`). Ready milters
  * built from them are in examples/ (dkim-sign, dmarc, srs); docs/auth.md
  * explains them and maps OpenDKIM, OpenDMARC and postsrsd settings.
  *
@@ -22,7 +23,9 @@ export { headerFields, insertOnTop } from './headers';
 export type { HeaderField, HeaderInserter } from './headers';
 export { SigningTable, loadPrivateKey, signingKey } from './keys';
 export type { SigningKey } from './keys';
-export { dkimSign, dkimSignatureFields, DkimSignError } from './sign';
+export { dkimSign, dkimSignatureFields, DkimSigner, DkimSignError, DEFAULT_SIGNED_HEADERS } from './sign';
+export { BodyCanonicalizer, BodyHasher, canonicalBody, canonicalHeader, parseCanonicalization } from './canon';
+export type { BodySink, CanonAlgorithm, Canonicalization } from './canon';
 export type { DkimSignOptions } from './sign';
 export { checkSpf, spfAuthResults, verifyMessage, dmarcDisposition, arcSeal } from './verify';
 export type { SpfCheck, SpfInput, DmarcOutcome, DmarcDisposition, VerifyOptions, Verification, ArcSealOptions } from './verify';

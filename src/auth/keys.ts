@@ -21,6 +21,12 @@ export interface SigningKey {
   privateKey: string;
   /** `rsa-sha256` or `ed25519-sha256`, from the key's type. */
   algorithm: 'rsa-sha256' | 'ed25519-sha256';
+  /**
+   * The private key parsed once ({@link loadPrivateKey} and
+   * {@link signingKey} set it), so signing does not parse the PEM again
+   * for every message. Without it the signer parses `privateKey` each time.
+   */
+  keyObject?: KeyObject;
 }
 
 /**
@@ -33,7 +39,7 @@ export interface SigningKey {
  * loadPrivateKey('nWGxne/9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A=');   // RFC 8463's example key
  * ```
  */
-export function loadPrivateKey(text: string | Buffer, what = 'private key'): { privateKey: string; algorithm: SigningKey['algorithm'] } {
+export function loadPrivateKey(text: string | Buffer, what = 'private key'): { privateKey: string; algorithm: SigningKey['algorithm']; keyObject: KeyObject } {
   const s = (Buffer.isBuffer(text) ? text.toString('latin1') : String(text)).trim();
   let key: KeyObject;
   try {
@@ -47,7 +53,7 @@ export function loadPrivateKey(text: string | Buffer, what = 'private key'): { p
   }
   const type = key.asymmetricKeyType;
   if (type !== 'rsa' && type !== 'ed25519') throw new InvalidArgumentError(`${what} is a ${type} key: expected RSA or Ed25519`);
-  return { privateKey: key.export({ type: 'pkcs8', format: 'pem' }).toString(), algorithm: type === 'rsa' ? 'rsa-sha256' : 'ed25519-sha256' };
+  return { privateKey: key.export({ type: 'pkcs8', format: 'pem' }).toString(), algorithm: type === 'rsa' ? 'rsa-sha256' : 'ed25519-sha256', keyObject: key };
 }
 
 const DOMAIN = /^(?=.{1,253}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/i;

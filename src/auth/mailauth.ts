@@ -9,12 +9,11 @@ import type { Readable } from 'node:stream';
 
 import { MissingDependencyError } from '../errors';
 
-/** A message for mailauth: the bytes (headers, blank line, body; CRLF), or a stream of them (e.g. `MessageCollector.stream()`, which does not load a spooled message into memory). */
+/** A message for the signer and for mailauth: the bytes (headers, blank line, body; CRLF), or a stream of them (e.g. `MessageCollector.stream()`, which does not load a spooled message into memory). */
 export type MessageInput = Buffer | string | Readable;
 
 /** The parts of mailauth this module calls (its own typings are not re-exported). */
 export interface Mailauth {
-  dkimSign(input: MessageInput, options: Record<string, unknown>): Promise<{ signatures: string; errors: Array<{ selector?: string; signingDomain?: string; err?: Error }> }>;
   dkimVerify(input: MessageInput, options: Record<string, unknown>): Promise<any>;
   spf(options: Record<string, unknown>): Promise<any>;
   dmarc(options: Record<string, unknown>): Promise<any>;

@@ -67,13 +67,26 @@ describe('dkim-sign with TestCtx', () => {
     await two.close();
   });
 
-  it('signs a message larger than the collector keeps in memory (streamed from the spool file)', async () => {
+  it('signs a ~3 MiB message (the body hashed as it arrives, never kept)', async () => {
     const body = 'x'.repeat(998) + '\r\n';
-    const big = OUTGOING.replace('Hello Bob,', body.repeat(3 * 1024)); // ~3 MiB, past the 1 MiB threshold
+    const big = OUTGOING.replace('Hello Bob,', body.repeat(3 * 1024)); // ~3 MiB, in many body chunks
     const t = new TestCtx(sign.DkimSignMilter);
     expect(await t.feedMessage(big, {})).toBe(CONTINUE);
     expect(await dkimOf(t.resultMessage())).toEqual(['rsa2026=pass', 'ed2026=pass']);
     await t.close();
+  });
+
+  it('signs the fields DKIM_SIGN_HEADERS names and oversigns DKIM_OVERSIGN_HEADERS', async () => {
+    sign.configure({ ...SIGNER_ENV, DKIM_SIGN_HEADERS: 'From:Subject', DKIM_OVERSIGN_HEADERS: 'From' });
+    const t = new TestCtx(sign.DkimSignMilter);
+    await t.feedMessage(OUTGOING, {});
+    const out = t.resultMessage().toString('latin1');
+    await t.close();
+    const h = [...out.replace(/\r\n[ \t]/g, ' ').matchAll(/; h=([^;]+);/g)].map((m) => m[1].replace(/\s+/g, ''));
+    expect(h).toEqual(['Subject:From:From', 'Subject:From:From']);
+    expect(await dkimOf(out)).toEqual(['rsa2026=pass', 'ed2026=pass']);
+    expect(await dkimOf(out.replace('To: bob@', 'To: eve@'))).toEqual(['rsa2026=pass', 'ed2026=pass']); // To is not signed
+    expect(await dkimOf(out.replace('From: Alice', 'From: x@example.com\r\nFrom: Alice'))).toEqual(['rsa2026=fail', 'ed2026=fail']);
   });
 
   it('reads an OpenDKIM KeyTable and SigningTable named in a DKIM_CONFIG file', async () => {
@@ -97,6 +110,9 @@ describe('dkim-sign with TestCtx', () => {
     expect(() => sign.configure({ DKIM_KEYTABLE: '/x' })).toThrow(/DKIM_KEYTABLE and DKIM_SIGNINGTABLE go together/);
     expect(() => sign.configure({ DKIM_DOMAIN: 'example.com', DKIM_SELECTOR: 'a,b', DKIM_KEYFILE: '/x' })).toThrow(/as many selectors as key files/);
     expect(() => sign.configure({ ...SIGNER_ENV, DKIM_ON_ERROR: 'maybe' })).toThrow(/DKIM_ON_ERROR="maybe" is invalid/);
+    expect(() => sign.configure({ ...SIGNER_ENV, DKIM_CANONICALIZATION: 'loose' })).toThrow(/DKIM_CANONICALIZATION: DKIM canonicalization "loose" is invalid/);
+    expect(() => sign.configure({ ...SIGNER_ENV, DKIM_SIGN_HEADERS: 'Subject:To' })).toThrow(/DKIM_SIGN_HEADERS: .* lacks From/);
+    expect(() => sign.configure({ ...SIGNER_ENV, DKIM_OVERSIGN_HEADERS: 'Frôm' })).toThrow(/DKIM_OVERSIGN_HEADERS: .*"Frôm" is not a header field name/);
   });
 });
 
