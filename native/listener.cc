@@ -82,6 +82,7 @@ void* NamedThread(void* p) {
   ThreadStart start = *static_cast<ThreadStart*>(p);
   delete static_cast<ThreadStart*>(p);
   pthread_setname_np(pthread_self(), "nodemilter");
+  PrepareThreadForCrash(THREAD_ADDON);
   return start.fn(start.arg);
 }
 
@@ -259,6 +260,7 @@ void NotifyStopped(int rc, bool via_main) {
 }
 
 void* ListenerThread(void*) {
+  PrepareThreadForCrash(THREAD_LISTENER);
   Addon& a = State();
   int rc;
   if (mi_listener) {

@@ -367,6 +367,13 @@ export interface Diag extends EngineCounters {
   queueWaits: number;
   /** The most bytes of no-reply events queued for JavaScript at once. */
   queuePeakBytes: number;
+  /**
+   * The addon's crash report for fatal signals (docs/reliability.md,
+   * "Crashes"): `'installed'`, `'off: NODEMILTER_CRASH_HANDLER=0'`,
+   * `'installed by another copy of the addon in this process'` or
+   * `'failed: <why>'`.
+   */
+  crashHandler: string;
 }
 
 /** The engine's counters (pymilter's getdiag gives the context counts). */
@@ -388,6 +395,7 @@ export function getdiag(): Diag {
     actionsFailed: d.actionsFailed,
     queueWaits: d.queueWaits,
     queuePeakBytes: d.queuePeakBytes,
+    crashHandler: addon().crashHandler().state,
   };
 }
 
