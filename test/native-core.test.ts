@@ -369,7 +369,7 @@ describe('crashes stay visible', () => {
     return { p, exit, events: events(p) };
   }
 
-  function expectReport(stderr: string, signal: string, thread: RegExp) {
+  function expectReport(stderr: string, signal: string, thread: RegExp, opts: { addonFrames?: boolean } = {}) {
     // Exactly one report, complete, in order.
     expect(stderr.split(HEADER).length - 1).toBe(1);
     const report = stderr.slice(stderr.indexOf(HEADER), stderr.indexOf('==== end of nodemilter crash report ====') + 1);
@@ -381,7 +381,7 @@ describe('crashes stay visible', () => {
     // The backtrace goes through the faulting function (in the shim) and the addon.
     const bt = report.slice(report.indexOf('nodemilter: backtrace'));
     expect(bt).toMatch(/\/fault-shim\((\w*\+0x[0-9a-f]+)?\)\[0x[0-9a-f]+\]/);
-    expect(bt).toMatch(/\/nodemilter\.node\((\w*\+0x[0-9a-f]+)?\)\[0x[0-9a-f]+\]/);
+    if (opts.addonFrames !== false) expect(bt).toMatch(/\/nodemilter\.node\((\w*\+0x[0-9a-f]+)?\)\[0x[0-9a-f]+\]/);
     expect(report).toContain(`nodemilter: the process now dies of ${signal} with the default action`);
     // The sanitizer's own stack printer, when one is loaded.
     if (UNDER_ASAN) expect(report).toMatch(/#0 0x[0-9a-f]+ in __sanitizer_print_stack_trace/);
@@ -392,11 +392,13 @@ describe('crashes stay visible', () => {
     it(`a ${kind} fault on a libmilter worker is reported (signal, address, thread, backtrace), then the process dies of ${SIGNALS[kind]}`, async () => {
       const { p, exit } = await workerFault(kind);
       expect(exit).toEqual({ code: null, signal: SIGNALS[kind] });
-      const report = expectReport(p.stderr, SIGNALS[kind], THREAD.worker);
+      // An overflowed stack's 64 innermost frames are all the recursion's.
+      const report = expectReport(p.stderr, SIGNALS[kind], THREAD.worker, { addonFrames: kind !== 'stack' });
       if (kind === 'segv') expect(report).toContain('address not mapped (si_code 1), fault address 0x0000000000000000');
-      if (kind === 'stack') expect(report).toMatch(/fault address 0x[0-9a-f]{16}/);
+      // Reported at all only because the handler ran on the alternate stack.
+      if (kind === 'stack') expect(report).toMatch(/invalid permissions for the mapping \(si_code 2\), fault address 0x[0-9a-f]{16}/);
       if (kind === 'bus') expect(report).toMatch(/nonexistent physical address .* fault address 0x[0-9a-f]{16}/);
-      if (kind === 'ill') expect(report).toMatch(/illegal opcode \(si_code \d+\), fault address 0x/);
+      if (kind === 'ill') expect(report).toMatch(/illegal (opcode|operand) \(si_code \d+\), fault address 0x/);
       if (kind === 'abrt') expect(report).toMatch(/sent by tgkill\(\) \(raise, abort, pthread_kill\) \(si_code -6\), from pid \d+/);
     }, 30_000);
   }
@@ -424,7 +426,7 @@ describe('crashes stay visible', () => {
     expect(loaded.crash).toMatchObject({ state: 'installed', wasmTraps: 0 });
     const wasm = evs.find((e) => e.ev === 'wasm')!;
     expect(wasm.inBounds).toBe(0);
-    expect(wasm.error).toBe('RangeError: memory access out of bounds');
+    expect(wasm.error).toBe('RuntimeError: memory access out of bounds');
     // The out-of-bounds load was a real SIGSEGV, handed to V8 by the addon's handler.
     expect(wasm.crash.wasmTraps).toBeGreaterThanOrEqual(1);
     expect(p.stderr).not.toContain(HEADER);
