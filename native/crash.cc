@@ -216,7 +216,8 @@ void Report(int sig, siginfo_t* info, void* uc) {
   prctl(PR_GET_NAME, name, 0, 0, 0);
   Out o;
   o.Flush();
-  o.S("==== nodemilter crash report: fatal signal ").S(SignalName(sig)).S(" (this is nodemilter's native addon's crash handler) ====").Flush();
+  o.S("==== nodemilter crash report: fatal signal ").S(SignalName(sig))
+      .S(" (written by nodemilter's native addon; the thread and backtrace say where it happened) ====").Flush();
   o.S("nodemilter: signal ").Dec(sig).S(" ").S(SignalName(sig)).S(", ");
   const int code = info ? info->si_code : 0;
   o.S(CodeName(sig, code)).S(" (si_code ").Dec(code).S(")");
@@ -225,6 +226,8 @@ void Report(int sig, siginfo_t* info, void* uc) {
   o.Flush();
   o.S("nodemilter: instruction pointer ").Hex(InstructionPointer(uc)).S(", pid ").Dec(static_cast<long>(getpid())).Flush();
   o.S("nodemilter: thread ").Dec(tid).S(" \"").S(name).S("\": ").S(RoleName(t_role, name)).Flush();
+  if (sig == SIGABRT)
+    o.S("nodemilter: SIGABRT comes from abort(): what was printed just before (Node's FATAL ERROR, a failed assertion) says why").Flush();
   o.S("nodemilter: backtrace (module(symbol+offset)[address]; resolve with addr2line -f -e MODULE OFFSET):").Flush();
   void* frames[64];
   const int n = backtrace(frames, 64);
