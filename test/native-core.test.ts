@@ -424,6 +424,8 @@ describe('crashes stay visible', () => {
     expect(exit).toEqual({ code: 0, signal: null });
     const loaded = evs.find((e) => e.ev === 'loaded')!;
     expect(loaded.crash).toMatchObject({ state: 'installed', wasmTraps: 0 });
+    expect(loaded.crash.altStackBytes).toBeGreaterThanOrEqual(64 * 1024);
+    expect(loaded.diag).toBe('installed');
     const wasm = evs.find((e) => e.ev === 'wasm')!;
     expect(wasm.inBounds).toBe(0);
     expect(wasm.error).toBe('RuntimeError: memory access out of bounds');
@@ -446,7 +448,9 @@ describe('crashes stay visible', () => {
   it('NODEMILTER_CRASH_HANDLER=0 leaves the signals to the operator\'s own handler', async () => {
     const off = await probe({}, { NODEMILTER_CRASH_HANDLER: '0' });
     expect(off.exit).toEqual({ code: 0, signal: null });
-    expect(off.events.find((e) => e.ev === 'loaded')!.crash).toMatchObject({ state: 'off: NODEMILTER_CRASH_HANDLER=0', altStackBytes: 0 });
+    const loaded = off.events.find((e) => e.ev === 'loaded')!;
+    expect(loaded.crash).toMatchObject({ state: 'off: NODEMILTER_CRASH_HANDLER=0', altStackBytes: 0 });
+    expect(loaded.diag).toBe('off: NODEMILTER_CRASH_HANDLER=0');
     // The shim's stand-in for an operator's crash reporter, installed at run time.
     const { p, exit } = await workerFault('segv', { NODEMILTER_CRASH_HANDLER: '0', NODEMILTER_SHIM_REPORTER: '1' });
     expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
