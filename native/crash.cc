@@ -1,13 +1,14 @@
 // Crash reports: what a fatal signal prints before the process dies of it.
 //
-// Why this exists. Node resets every signal disposition at start-up, so a
-// handler installed before main() (a preloaded sanitizer's SEGV handler
-// among them) is gone. Node then installs one SIGSEGV handler of its own,
-// for V8's WebAssembly trap handler: a fault V8 does not recognise as a
-// wasm trap is re-raised with the default action, and SIGBUS, SIGILL, SIGFPE
-// and SIGABRT have no handler at all. A fault in libmilter or in this addon,
-// on a libmilter thread or on the JavaScript thread, therefore killed the
-// process with nothing on stderr but the shell's "Segmentation fault".
+// Why this exists. At start-up Node 20 keeps the handlers a preloaded
+// library installed (it resets only an inherited SIG_IGN), but installs its
+// own SIGSEGV handler over them, for V8's WebAssembly trap handler: a fault
+// V8 does not recognise as a wasm trap is re-raised with the default action,
+// and the handler it replaced (a preloaded sanitizer's) is never called.
+// SIGBUS, SIGILL, SIGFPE and SIGABRT have no handler unless a preloaded
+// library set one. A fault in libmilter or in this addon, on a libmilter
+// thread or on the JavaScript thread, therefore killed the process with
+// nothing on stderr but the shell's "Segmentation fault".
 //
 // What it does. Once per process (the first load of the addon in any
 // environment; NODEMILTER_CRASH_HANDLER=0 opts out) it installs a handler
@@ -20,9 +21,11 @@
 //      thread of the addon, or a thread that is none of nodemilter's), a
 //      backtrace, and under a sanitizer the sanitizer's own stack;
 //   3. calls the handler that was there before (Node's, for SIGSEGV: it
-//      restores the terminal and re-raises), then restores the default
-//      action and re-raises, so the process dies of the same signal: the
-//      exit status, systemd's status=11/SEGV and core dumps stay as they were.
+//      restores the terminal and re-raises; a preloaded sanitizer's for
+//      SIGBUS and SIGFPE: it prints its own report and exits), then restores
+//      the default action and re-raises, so the process dies of the same
+//      signal: the exit status, systemd's status=11/SEGV and core dumps stay
+//      as they were.
 // The handler runs on an alternate signal stack on every thread the addon
 // starts and on every libmilter thread that ran one of its callbacks, so a
 // stack overflow there is reported too. JavaScript threads keep the stack
@@ -44,7 +47,10 @@
 // recovery Node needs, and they are handled before the report.
 
 #include <dlfcn.h>
+#if __has_include(<execinfo.h>)
 #include <execinfo.h>
+#define NODEMILTER_HAVE_BACKTRACE 1
+#endif
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -95,9 +101,15 @@ struct sigaction g_prev[NSIG];  // written before the handler is installed, read
 pthread_key_t g_stack_key;
 size_t g_stack_size = 0, g_page = 4096;
 
-// Initial-exec TLS: reading it in the handler is one load from the thread
-// pointer, never a call into the loader (which may allocate).
+// Read in the handler. glibc allocates a dlopen'ed module's dynamic TLS on
+// a thread's first access (malloc); initial-exec TLS is one load from the
+// thread pointer. musl allocates all TLS up front, and refuses initial-exec
+// TLS in a dlopen'ed module, so it keeps the default model.
+#if defined(__GLIBC__)
 __thread uint8_t t_role __attribute__((tls_model("initial-exec"))) = THREAD_UNKNOWN;
+#else
+__thread uint8_t t_role = THREAD_UNKNOWN;
+#endif
 
 // A line assembled on the stack and written with one write(2).
 class Out {
@@ -229,6 +241,7 @@ void Report(int sig, siginfo_t* info, void* uc) {
   if (sig == SIGABRT)
     o.S("nodemilter: SIGABRT comes from abort(): what was printed just before (Node's FATAL ERROR, a failed assertion) says why").Flush();
   o.S("nodemilter: backtrace (module(symbol+offset)[address]; resolve with addr2line -f -e MODULE OFFSET):").Flush();
+#ifdef NODEMILTER_HAVE_BACKTRACE
   void* frames[64];
   const int n = backtrace(frames, 64);
   // Start at the faulting instruction: the frames before it are this
@@ -241,6 +254,9 @@ void Report(int sig, siginfo_t* info, void* uc) {
       break;
     }
   backtrace_symbols_fd(frames + first, n - first, STDERR_FILENO);
+#else
+  o.S("nodemilter: (no backtrace(): this C library has no execinfo.h)").Flush();
+#endif
   if (__sanitizer_print_stack_trace) {
     o.S("nodemilter: the sanitizer's stack of this thread:").Flush();
     __sanitizer_print_stack_trace();
@@ -305,8 +321,10 @@ void Install() {
   }
   // The first backtrace() loads libgcc_s (malloc, the loader's lock): do it
   // now, not in the handler.
+#ifdef NODEMILTER_HAVE_BACKTRACE
   void* warm[2];
   backtrace(warm, 2);
+#endif
   g_page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const long min = sysconf(_SC_SIGSTKSZ);
   g_stack_size = kMinAltStack;
@@ -399,7 +417,10 @@ extern "C" void nodemilter_fatal_signal(int sig, siginfo_t* info, void* uc) {
     for (int waited = 0; waited < kReportWaitMs; waited += 10) SleepMs(10);
   }
   Chain(sig, info, uc);
-  signal(sig, SIG_DFL);
+  struct sigaction dfl;
+  memset(&dfl, 0, sizeof(dfl));
+  dfl.sa_handler = SIG_DFL;
+  sigaction(sig, &dfl, nullptr);
   // Blocked until the handler returns (sa_mask), then taken with the
   // default action; a fault would also repeat at the same instruction.
   raise(sig);
