@@ -222,6 +222,13 @@ void SleepMs(long ms) {
   }
 }
 
+// Whether a handler (not SIG_DFL or SIG_IGN) was installed for `sig` before ours.
+bool HasPrevious(int sig) {
+  const struct sigaction& prev = g_prev[sig];
+  if (prev.sa_flags & SA_SIGINFO) return prev.sa_sigaction != nullptr;
+  return prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN && prev.sa_handler != nullptr;
+}
+
 void Report(int sig, siginfo_t* info, void* uc) {
   const long tid = syscall(SYS_gettid);
   char name[17] = {0};
@@ -261,18 +268,20 @@ void Report(int sig, siginfo_t* info, void* uc) {
     o.S("nodemilter: the sanitizer's stack of this thread:").Flush();
     __sanitizer_print_stack_trace();
   }
-  o.S("nodemilter: the process now dies of ").S(SignalName(sig)).S(" with the default action (exit status 128+").Dec(sig)
+  if (HasPrevious(sig))
+    o.S("nodemilter: next, the ").S(SignalName(sig)).S(" handler that was there before this one (it may report and exit its own way), then");
+  else
+    o.S("nodemilter: the process now dies of ").S(SignalName(sig)).S(" with");
+  o.S(" the default action (exit status 128+").Dec(sig)
       .S(" in a shell, a core dump where enabled); NODEMILTER_CRASH_HANDLER=0 turns this report off").Flush();
   o.S("==== end of nodemilter crash report ====").Flush();
 }
 
 void Chain(int sig, siginfo_t* info, void* uc) {
+  if (!HasPrevious(sig)) return;
   const struct sigaction& prev = g_prev[sig];
-  if (prev.sa_flags & SA_SIGINFO) {
-    if (prev.sa_sigaction != nullptr) prev.sa_sigaction(sig, info, uc);
-  } else if (prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN && prev.sa_handler != nullptr) {
-    prev.sa_handler(sig);
-  }
+  if (prev.sa_flags & SA_SIGINFO) prev.sa_sigaction(sig, info, uc);
+  else prev.sa_handler(sig);
 }
 
 void FreeAltStack(void* mem) {
