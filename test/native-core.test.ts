@@ -429,7 +429,20 @@ describe('crashes stay visible', () => {
     const { p, exit, events: evs } = await probe({ fault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js' });
     expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
     expect(evs.map((e) => e.ev)).toEqual(['loaded', 'faulting']);
-    expectReport(p.stderr, 'SIGSEGV', THREAD.js);
+    const report = expectReport(p.stderr, 'SIGSEGV', THREAD.js);
+    // Node's main thread: its thread id is the process id.
+    expect(/nodemilter: thread (\d+) /.exec(report)![1]).toBe(/, pid (\d+)/.exec(report)![1]);
+  }, 30_000);
+
+  it('a fault inside the addon on a worker_threads Worker is reported as a JavaScript thread\'s', async () => {
+    const { p, exit, events: evs } = await probe({ workerFault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js' });
+    expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
+    expect(evs.map((e) => e.ev)).toEqual(['loaded', 'faulting-in-worker']);
+    const report = expectReport(p.stderr, 'SIGSEGV', THREAD.js);
+    // Not the main thread: the thread id differs from the process id.
+    const threadId = Number(/nodemilter: thread (\d+) /.exec(report)![1]);
+    const processId = Number(/, pid (\d+)/.exec(report)![1]);
+    expect(threadId).not.toBe(processId);
   }, 30_000);
 
   it('WebAssembly still traps as a JavaScript exception after the addon loaded (V8\'s trap handler keeps its SIGSEGV)', async () => {
