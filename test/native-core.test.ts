@@ -425,25 +425,19 @@ describe('crashes stay visible', () => {
     expectReport(p.stderr, 'SIGSEGV', THREAD.listener);
   }, 30_000);
 
-  it('a fault inside the addon on the JavaScript thread is reported as the JavaScript thread\'s', async () => {
-    const { p, exit, events: evs } = await probe({ fault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js' });
-    expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
-    expect(evs.map((e) => e.ev)).toEqual(['loaded', 'faulting']);
-    const report = expectReport(p.stderr, 'SIGSEGV', THREAD.js);
-    // Node's main thread: its thread id is the process id.
-    expect(/nodemilter: thread (\d+) /.exec(report)![1]).toBe(/, pid (\d+)/.exec(report)![1]);
-  }, 30_000);
-
-  it('a fault inside the addon on a worker_threads Worker is reported as a JavaScript thread\'s', async () => {
-    const { p, exit, events: evs } = await probe({ workerFault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js' });
-    expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
-    expect(evs.map((e) => e.ev)).toEqual(['loaded', 'faulting-in-worker']);
-    const report = expectReport(p.stderr, 'SIGSEGV', THREAD.js);
-    // Not the main thread: the thread id differs from the process id.
-    const threadId = Number(/nodemilter: thread (\d+) /.exec(report)![1]);
-    const processId = Number(/, pid (\d+)/.exec(report)![1]);
-    expect(threadId).not.toBe(processId);
-  }, 30_000);
+  for (const where of ['main', 'worker'] as const) {
+    it(`a fault inside the addon on a JavaScript thread (${where === 'main' ? "Node's main thread" : 'a worker_threads Worker'}) is reported as a JavaScript thread's`, async () => {
+      const { p, exit, events: evs } = await probe(where === 'main' ? { fault: true } : { workerFault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js' });
+      expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
+      expect(evs.map((e) => e.ev)).toEqual(['loaded', where === 'main' ? 'faulting' : 'faulting-in-worker']);
+      const report = expectReport(p.stderr, 'SIGSEGV', THREAD.js);
+      // The main thread's id is the process id; a Worker's is not.
+      const tid = /nodemilter: thread (\d+) /.exec(report)![1];
+      const pid = /, pid (\d+)/.exec(report)![1];
+      if (where === 'main') expect(tid).toBe(pid);
+      else expect(tid).not.toBe(pid);
+    }, 30_000);
+  }
 
   it('WebAssembly still traps as a JavaScript exception after the addon loaded (V8\'s trap handler keeps its SIGSEGV)', async () => {
     const { p, exit, events: evs } = await probe({ wasm: true });
