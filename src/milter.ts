@@ -370,8 +370,9 @@ export interface Diag extends EngineCounters {
   /**
    * The addon's crash report for fatal signals (docs/reliability.md,
    * "Crashes"): `'installed'`, `'off: NODEMILTER_CRASH_HANDLER=0'`,
-   * `'installed by another copy of the addon in this process'` or
-   * `'failed: <why>'`.
+   * `'installed by another copy of the addon in this process'`,
+   * `'failed: <why>'`, or `'none in this build of the addon'` (an addon
+   * built before the crash handler existed).
    */
   crashHandler: string;
 }
@@ -395,7 +396,8 @@ export function getdiag(): Diag {
     actionsFailed: d.actionsFailed,
     queueWaits: d.queueWaits,
     queuePeakBytes: d.queuePeakBytes,
-    crashHandler: addon().crashHandler().state,
+    // An addon built before the crash handler (an old prebuild, NODEMILTER_ADDON) has no such call.
+    crashHandler: addon().crashHandler?.().state ?? 'none in this build of the addon',
   };
 }
 

@@ -116,8 +116,8 @@ export interface NativeCrashHandler {
 
 export interface NativeBinding {
   version(): [number, number, number];
-  /** The crash handler, installed once per process when the addon first loads. */
-  crashHandler(): NativeCrashHandler;
+  /** The crash handler, installed once per process when the addon first loads (absent from addons built before it). */
+  crashHandler?(): NativeCrashHandler;
   setconn(spec: string): void;
   settimeout(seconds: number): void;
   setbacklog(backlog: number): void;
