@@ -370,6 +370,20 @@ Napi::Value CrashHandlerInfo(const Napi::CallbackInfo& info) {
   const int s = g_state.load();
   std::string state = StateText(s);
   if (s == FAILED && g_install_errno != 0) state += std::string(": ") + strerror(g_install_errno);
+  // Read back, as the kernel has it now: a handler installed after ours
+  // replaced it, or a sanitizer refused the change (ASan with
+  // allow_user_segv_handler=0 answers success and keeps its own).
+  std::string elsewhere;
+  if (s == INSTALLED) {
+    for (int sig : kFatalSignals) {
+      struct sigaction cur;
+      if (sigaction(sig, nullptr, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == nodemilter_fatal_signal)
+        continue;
+      elsewhere += std::string(elsewhere.empty() ? "" : ", ") + SignalName(sig);
+    }
+  }
+  if (!elsewhere.empty())
+    state += "; handled elsewhere now: " + elsewhere + " (a handler installed after the addon, or a sanitizer that kept its own)";
   o.Set("state", state);
   o.Set("wasmTraps", static_cast<double>(g_wasm_traps.load()));
   o.Set("altStackBytes", static_cast<double>(s == INSTALLED ? g_stack_size : 0));

@@ -372,7 +372,9 @@ export interface Diag extends EngineCounters {
    * "Crashes"): `'installed'`, `'off: NODEMILTER_CRASH_HANDLER=0'`,
    * `'installed by another copy of the addon in this process'`,
    * `'failed: <why>'`, or `'none in this build of the addon'` (an addon
-   * built before the crash handler existed).
+   * built before the crash handler existed). `'installed'` is followed by
+   * `'; handled elsewhere now: SIGSEGV ...'` when another handler has taken
+   * one of the signals since.
    */
   crashHandler: string;
 }

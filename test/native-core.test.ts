@@ -465,6 +465,14 @@ describe('crashes stay visible', () => {
     expectReport(p.stderr, 'SIGSEGV', THREAD.js);
   }, 30_000);
 
+  it('getdiag().crashHandler says when a handler installed after the addon took a signal from it', async () => {
+    const { exit, events: evs } = await probe({ version: true }, { NODEMILTER_SHIM_REPORTER: '1' });
+    expect(exit).toEqual({ code: 0, signal: null });
+    expect(evs.find((e) => e.ev === 'loaded')!.diag).toBe('installed');
+    const after = 'installed; handled elsewhere now: SIGSEGV (a handler installed after the addon, or a sanitizer that kept its own)';
+    expect(evs.find((e) => e.ev === 'version')).toMatchObject({ diag: after, crash: { state: after } });
+  }, 30_000);
+
   it('NODEMILTER_CRASH_HANDLER=0 leaves the signals to the operator\'s own handler', async () => {
     const off = await probe({}, { NODEMILTER_CRASH_HANDLER: '0' });
     expect(off.exit).toEqual({ code: 0, signal: null });
