@@ -6,6 +6,7 @@
         "native/addon.cc",
         "native/channel.cc",
         "native/context.cc",
+        "native/crash.cc",
         "native/dispatch.cc",
         "native/guard.cc",
         "native/listener.cc",

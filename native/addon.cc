@@ -5,6 +5,7 @@
 namespace nodemilter {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  InitCrash(env, exports);  // first: a fault in the rest of Init is reported
   InitListener(env, exports);
   InitDispatch(env, exports);
   InitChannel(env, exports);

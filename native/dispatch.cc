@@ -69,6 +69,7 @@ void RememberNegotiation(Conn* c, SMFICTX* ctx, uint32_t actions, uint32_t steps
 }
 
 Conn* GetConn(SMFICTX* ctx, bool negotiating = false) {
+  NoteLibmilterThread();
   Conn* c = static_cast<Conn*>(smfi_getpriv(ctx));
   if (c) return c;
   Addon& a = State();

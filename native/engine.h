@@ -288,6 +288,15 @@ std::string MacroGuardProblem();
 // listener.cc
 void InitListener(Napi::Env env, Napi::Object exports);
 
+// crash.cc: the crash report for fatal signals (installed once per process).
+enum ThreadRole : uint8_t { THREAD_UNKNOWN, THREAD_JS, THREAD_LISTENER, THREAD_LIBMILTER, THREAD_ADDON };
+// Names the calling thread's role in a crash report and gives it an
+// alternate signal stack (freed when the thread exits).
+void PrepareThreadForCrash(ThreadRole role);
+// The same for a libmilter thread, once: cheap enough for every callback.
+void NoteLibmilterThread();
+void InitCrash(Napi::Env env, Napi::Object exports);
+
 // context.cc
 void InitContext(Napi::Env env, Napi::Object exports);
 Conn* UnwrapConn(Napi::Env env, const Napi::Value& v);

@@ -87,6 +87,7 @@ void* NamedThread(void* p) {
   ThreadStart start = *static_cast<ThreadStart*>(p);
   delete static_cast<ThreadStart*>(p);
   pthread_setname_np(pthread_self(), "nodemilter");
+  PrepareThreadForCrash(THREAD_ADDON);
   return start.fn(start.arg);
 }
 
@@ -352,6 +353,7 @@ int InstallWakeSignal() {
 }
 
 void* ListenerThread(void*) {
+  PrepareThreadForCrash(THREAD_LISTENER);
   Addon& a = State();
   {
     std::lock_guard<std::mutex> lk(a.lmu);

@@ -369,6 +369,16 @@ export interface Diag extends EngineCounters {
   queuePeakBytes: number;
   /** {@link stopAccepting} took effect: this process accepts no new connection. */
   acceptingStopped: boolean;
+  /**
+   * The addon's crash report for fatal signals (docs/reliability.md,
+   * "Crashes"): `'installed'`, `'off: NODEMILTER_CRASH_HANDLER=0'`,
+   * `'installed by another copy of the addon in this process'`,
+   * `'failed: <why>'`, or `'none in this build of the addon'` (an addon
+   * built before the crash handler existed). `'installed'` is followed by
+   * `'; handled elsewhere now: SIGSEGV ...'` when another handler has taken
+   * one of the signals since.
+   */
+  crashHandler: string;
 }
 
 /** The engine's counters (pymilter's getdiag gives the context counts). */
@@ -391,6 +401,8 @@ export function getdiag(): Diag {
     queueWaits: d.queueWaits,
     queuePeakBytes: d.queuePeakBytes,
     acceptingStopped: d.acceptingStopped,
+    // An addon built before the crash handler (an old prebuild, NODEMILTER_ADDON) has no such call.
+    crashHandler: addon().crashHandler?.().state ?? 'none in this build of the addon',
   };
 }
 

@@ -106,8 +106,20 @@ export type EventHandler = (
   macros: string[] | undefined,
 ) => void;
 
+/** The addon's crash handler for fatal signals (native/crash.cc). */
+export interface NativeCrashHandler {
+  /** `installed`, `off: NODEMILTER_CRASH_HANDLER=0`, `installed by another copy of the addon in this process`, or `failed: <why>`. */
+  state: string;
+  /** SIGSEGVs handed to V8 that V8 handled as WebAssembly traps. */
+  wasmTraps: number;
+  /** Size of the alternate signal stack given to each addon and libmilter thread (0 when not installed). */
+  altStackBytes: number;
+}
+
 export interface NativeBinding {
   version(): [number, number, number];
+  /** The crash handler, installed once per process when the addon first loads (absent from addons built before it). */
+  crashHandler?(): NativeCrashHandler;
   setconn(spec: string): void;
   settimeout(seconds: number): void;
   setbacklog(backlog: number): void;

@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { MilterClient } from '../src/testing/client';
-import { buildC, freeInetSpec, jsonEvents, startFixtureMilter, stopAll, tmpDir, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
+import { buildC, freeInetSpec, jsonEvents, startFixtureMilter, startProcess, stopAll, tmpDir, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
 
 const FIXTURE = path.join(__dirname, 'fixtures', 'node', 'native-core.cjs');
 
@@ -318,22 +318,171 @@ describe('the session cap', () => {
 });
 
 describe('crashes stay visible', () => {
-  it('a fault on a libmilter thread reaches the process\'s crash handler (SIGSEGV is not blocked there)', async () => {
-    // The shim stands in for a crash reporter (its SIGSEGV handler prints
-    // FAULT-REPORT) and faults inside smfi_getsymval, which the addon calls
-    // on the libmilter worker that captures macros for a no-reply connect.
-    const shim = await buildC(path.join(__dirname, 'fixtures', 'c', 'fault-shim.c'), { cflags: ['-shared', '-fPIC'], libs: ['-ldl', '-lpthread'] });
-    const preload = [process.env.NODEMILTER_CHILD_PRELOAD, shim].filter(Boolean).join(' ');
+  // Real faults (test/fixtures/c/fault-shim.c, preloaded) inside the libmilter
+  // calls the addon makes, on the thread that makes them; the addon's crash
+  // handler (native/crash.cc) must report each one and let the process die
+  // of the same signal.
+  const SHIM_SRC = path.join(__dirname, 'fixtures', 'c', 'fault-shim.c');
+  const PROBE = path.join(__dirname, 'fixtures', 'node', 'crash-probe.cjs');
+  const UNDER_ASAN = /libasan/.test(process.env.NODEMILTER_CHILD_PRELOAD ?? '');
+  const HEADER = '==== nodemilter crash report: fatal signal';
+  const SIGNALS = { segv: 'SIGSEGV', bus: 'SIGBUS', ill: 'SIGILL', fpe: 'SIGFPE', abrt: 'SIGABRT', stack: 'SIGSEGV' } as const;
+  const THREAD = {
+    worker: /nodemilter: thread \d+ "nodemilter": a libmilter worker thread \(it ran the nodemilter addon's callbacks\)/,
+    listener: /nodemilter: thread \d+ "nodemilter": libmilter's listener thread \(started by the nodemilter addon\)/,
+    js: /nodemilter: thread \d+ "[^"]*": a JavaScript thread \(Node's main thread/,
+  };
+
+  const shim = () => buildC(SHIM_SRC, { cflags: ['-shared', '-fPIC'], libs: ['-ldl', '-lpthread'] });
+
+  async function crashEnv(extra: Record<string, string>): Promise<Record<string, string>> {
+    return {
+      LD_PRELOAD: [process.env.NODEMILTER_CHILD_PRELOAD, await shim()].filter(Boolean).join(' '),
+      // Under test:asan the sanitizer's stack goes to stderr, where these
+      // tests read it, not to the report files test-asan.sh counts.
+      ASAN_OPTIONS: `${process.env.ASAN_OPTIONS ?? ''}:log_path=stderr`,
+      ...extra,
+    };
+  }
+
+  async function exitWithin(p: RunningProcess, ms = 15_000) {
+    return Promise.race([p.exited, new Promise<'alive'>((r) => setTimeout(() => r('alive'), ms))]);
+  }
+
+  /** A libmilter worker faults with `kind` while capturing macros for a no-reply connect. */
+  async function workerFault(kind: keyof typeof SIGNALS, env: Record<string, string> = {}) {
     const p = await startMilter(
       { callbacks: ['connect', 'eom'], noreply: ['connect'], symlists: { 0: ['{nodemilter_fault}'] } },
-      { LD_PRELOAD: preload, ASAN_OPTIONS: `${process.env.ASAN_OPTIONS ?? ''}:allow_user_segv_handler=1` },
+      await crashEnv({ NODEMILTER_SHIM_FAULT: kind, ...env }),
     );
     const c = await MilterClient.connect(p.spec);
     await c.connect('crash.example', 'inet', '192.0.2.13', 25).catch(() => undefined);
-    const exit = await Promise.race([p.exited, new Promise<'alive'>((r) => setTimeout(() => r('alive'), 8000))]);
+    const exit = await exitWithin(p);
     c.destroy();
+    return { p, exit };
+  }
+
+  /** The crash probe (no milter), under the shim; resolves once it exited. */
+  async function probe(cfg: Record<string, unknown>, env: Record<string, string> = {}) {
+    const p = await startProcess(process.execPath, { args: [PROBE], env: { CRASH_CONFIG: JSON.stringify(cfg), ...(await crashEnv(env)) } });
+    const exit = await exitWithin(p);
+    return { p, exit, events: events(p) };
+  }
+
+  function expectReport(stderr: string, signal: string, thread: RegExp, opts: { addonFrames?: boolean } = {}) {
+    // Exactly one report, complete, in order.
+    expect(stderr.split(HEADER).length - 1).toBe(1);
+    const report = stderr.slice(stderr.indexOf(HEADER), stderr.indexOf('==== end of nodemilter crash report ====') + 1);
+    expect(report.length).toBeGreaterThan(1);
+    expect(report).toContain(`${HEADER} ${signal} (written by nodemilter's native addon; the thread and backtrace say where it happened) ====`);
+    expect(report).toMatch(new RegExp(`nodemilter: signal \\d+ ${signal}, `));
+    expect(report).toMatch(/nodemilter: instruction pointer 0x[0-9a-f]{16}, pid \d+/);
+    expect(report).toMatch(thread);
+    // The backtrace goes through the faulting function (in the shim) and the addon.
+    const bt = report.slice(report.indexOf('nodemilter: backtrace'));
+    expect(bt).toMatch(/\/fault-shim\((\w*\+0x[0-9a-f]+)?\)\[0x[0-9a-f]+\]/);
+    if (opts.addonFrames !== false) expect(bt).toMatch(/\/nodemilter\.node\((\w*\+0x[0-9a-f]+)?\)\[0x[0-9a-f]+\]/);
+    // Node's own SIGSEGV handler (V8's wasm traps) was there before; nothing else was, outside ASan.
+    expect(report).toContain(
+      signal === 'SIGSEGV' || (UNDER_ASAN && (signal === 'SIGBUS' || signal === 'SIGFPE'))
+        ? `nodemilter: next, the ${signal} handler that was there before this one (it may report and exit its own way), then the default action`
+        : `nodemilter: the process now dies of ${signal} with the default action`,
+    );
+    // The sanitizer's own stack printer, when one is loaded.
+    if (UNDER_ASAN) expect(report).toMatch(/#0 0x[0-9a-f]+ in __sanitizer_print_stack_trace/);
+    return report;
+  }
+
+  for (const kind of Object.keys(SIGNALS) as (keyof typeof SIGNALS)[]) {
+    it(`a ${kind} fault on a libmilter worker is reported (signal, address, thread, backtrace), then the process dies of ${SIGNALS[kind]}`, async () => {
+      const { p, exit } = await workerFault(kind);
+      if (UNDER_ASAN && (kind === 'bus' || kind === 'fpe')) {
+        // ASan's own SIGBUS and SIGFPE handlers, installed before Node
+        // started, are the ones the addon's chains to: ASan reports and
+        // exits with its exit code.
+        expect(exit).toEqual({ code: 1, signal: null });
+        expect(p.stderr).toContain(`ERROR: AddressSanitizer: ${kind.toUpperCase()} on unknown address`);
+      } else {
+        expect(exit).toEqual({ code: null, signal: SIGNALS[kind] });
+      }
+      // An overflowed stack's 64 innermost frames are all the recursion's.
+      const report = expectReport(p.stderr, SIGNALS[kind], THREAD.worker, { addonFrames: kind !== 'stack' });
+      if (kind === 'segv') expect(report).toContain('address not mapped (si_code 1), fault address 0x0000000000000000');
+      // Reported at all only because the handler ran on the alternate stack.
+      if (kind === 'stack') expect(report).toMatch(/invalid permissions for the mapping \(si_code 2\), fault address 0x[0-9a-f]{16}/);
+      if (kind === 'bus') expect(report).toMatch(/nonexistent physical address .* fault address 0x[0-9a-f]{16}/);
+      if (kind === 'ill') expect(report).toMatch(/illegal (opcode|operand) \(si_code \d+\), fault address 0x/);
+      if (kind === 'abrt') expect(report).toMatch(/sent by tgkill\(\) \(raise, abort, pthread_kill\) \(si_code -6\), from pid \d+/);
+    }, 30_000);
+  }
+
+  it('a fault on libmilter\'s listener thread is reported as the listener\'s', async () => {
+    const p = await startProcess(process.execPath, {
+      args: [FIXTURE],
+      env: { MILTER_CONFIG: JSON.stringify({ socket: await freeInetSpec() }), ...(await crashEnv({ NODEMILTER_SHIM_FAULT_AT: 'listener' })) },
+    });
+    expect(await exitWithin(p)).toEqual({ code: null, signal: 'SIGSEGV' });
+    expectReport(p.stderr, 'SIGSEGV', THREAD.listener);
+  }, 30_000);
+
+  for (const where of ['main', 'worker'] as const) {
+    it(`a fault inside the addon on a JavaScript thread (${where === 'main' ? "Node's main thread" : 'a worker_threads Worker'}) is reported as a JavaScript thread's`, async () => {
+      const { p, exit, events: evs } = await probe(where === 'main' ? { fault: true } : { workerFault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js' });
+      expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
+      expect(evs.map((e) => e.ev)).toEqual(['loaded', where === 'main' ? 'faulting' : 'faulting-in-worker']);
+      const report = expectReport(p.stderr, 'SIGSEGV', THREAD.js);
+      // The main thread's id is the process id; a Worker's is not.
+      const tid = /nodemilter: thread (\d+) /.exec(report)![1];
+      const pid = /, pid (\d+)/.exec(report)![1];
+      if (where === 'main') expect(tid).toBe(pid);
+      else expect(tid).not.toBe(pid);
+    }, 30_000);
+  }
+
+  it('WebAssembly still traps as a JavaScript exception after the addon loaded (V8\'s trap handler keeps its SIGSEGV)', async () => {
+    const { p, exit, events: evs } = await probe({ wasm: true });
+    expect(exit).toEqual({ code: 0, signal: null });
+    const loaded = evs.find((e) => e.ev === 'loaded')!;
+    expect(loaded.crash).toMatchObject({ state: 'installed', wasmTraps: 0 });
+    expect(loaded.crash.altStackBytes).toBeGreaterThanOrEqual(64 * 1024);
+    expect(loaded.diag).toBe('installed');
+    const wasm = evs.find((e) => e.ev === 'wasm')!;
+    expect(wasm.inBounds).toBe(0);
+    expect(wasm.error).toBe('RuntimeError: memory access out of bounds');
+    // The out-of-bounds load was a real SIGSEGV, handed to V8 by the addon's handler.
+    expect(wasm.crash.wasmTraps).toBeGreaterThanOrEqual(1);
+    expect(p.stderr).not.toContain(HEADER);
+  }, 30_000);
+
+  it('installs once per process: a worker thread, a second load and a copy of the addon share one handler, one report', async () => {
+    const { p, exit, events: evs } = await probe({ worker: true, reload: true, copy: true, fault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js' });
     expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
-    // The handler ran, on one of libmilter's threads (they carry the listener's name).
+    const state = (name: string) => evs.find((e) => e.ev === name)?.crash?.state;
+    expect(state('loaded')).toBe('installed');
+    expect(state('worker')).toBe('installed');
+    expect(state('reloaded')).toBe('installed');
+    expect(state('copy')).toBe('installed by another copy of the addon in this process');
+    expectReport(p.stderr, 'SIGSEGV', THREAD.js);
+  }, 30_000);
+
+  it('getdiag().crashHandler says when a handler installed after the addon took a signal from it', async () => {
+    const { exit, events: evs } = await probe({ version: true }, { NODEMILTER_SHIM_REPORTER: '1' });
+    expect(exit).toEqual({ code: 0, signal: null });
+    expect(evs.find((e) => e.ev === 'loaded')!.diag).toBe('installed');
+    const after = 'installed; handled elsewhere now: SIGSEGV (a handler installed after the addon, or a sanitizer that kept its own)';
+    expect(evs.find((e) => e.ev === 'version')).toMatchObject({ diag: after, crash: { state: after } });
+  }, 30_000);
+
+  it('NODEMILTER_CRASH_HANDLER=0 leaves the signals to the operator\'s own handler', async () => {
+    const off = await probe({}, { NODEMILTER_CRASH_HANDLER: '0' });
+    expect(off.exit).toEqual({ code: 0, signal: null });
+    const loaded = off.events.find((e) => e.ev === 'loaded')!;
+    expect(loaded.crash).toMatchObject({ state: 'off: NODEMILTER_CRASH_HANDLER=0', altStackBytes: 0 });
+    expect(loaded.diag).toBe('off: NODEMILTER_CRASH_HANDLER=0');
+    // The shim's stand-in for an operator's crash reporter, installed at run time.
+    const { p, exit } = await workerFault('segv', { NODEMILTER_CRASH_HANDLER: '0', NODEMILTER_SHIM_REPORTER: '1' });
+    expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
     expect(p.stderr).toMatch(/FAULT-REPORT signal 11 on thread \d+ \(nodemilter\)/);
+    expect(p.stderr).not.toContain(HEADER);
   }, 30_000);
 });
