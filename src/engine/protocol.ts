@@ -311,8 +311,13 @@ export function rawText(b: Buffer): string | Buffer {
  * as it almost always is); 8-bit text is copied out as a Buffer of its own.
  */
 export function rawTextIn(b: Buffer, start: number, end: number): string | Buffer {
-  for (let i = start; i < end; i++) if (b[i] >= 0x80) return Buffer.from(b.subarray(start, end));
-  return b.toString('latin1', start, end);
+  return asciiIn(b, start, end) ? b.toString('latin1', start, end) : Buffer.from(b.subarray(start, end));
+}
+
+/** Whether the bytes `start` to `end` of `b` are all ASCII (checked in place, no view made). */
+function asciiIn(b: Buffer, start: number, end: number): boolean {
+  for (let i = start; i < end; i++) if (b[i] >= 0x80) return false;
+  return true;
 }
 
 /**
@@ -320,8 +325,7 @@ export function rawTextIn(b: Buffer, start: number, end: number): string | Buffe
  * ({@link rawText} of each), in one decode when they are ASCII.
  */
 export function rawStringsIn(b: Buffer, start: number, end: number): (string | Buffer)[] {
-  for (let i = start; i < end; i++) if (b[i] >= 0x80) return splitStrings(b.subarray(start, end)).map(rawText);
-  return asciiStringsIn(b, start, end);
+  return asciiIn(b, start, end) ? asciiStringsIn(b, start, end) : splitStrings(b.subarray(start, end)).map(rawText);
 }
 
 /** {@link splitStrings} of bytes known to be ASCII, as strings, in one decode. */

@@ -548,13 +548,13 @@ export class MilterServer extends EventEmitter {
 
 }
 
-/** The soft limit on open files (RLIMIT_NOFILE) as Linux reports it; 0 where unknown. */
 /** The statuses a step negotiated as no-reply does not send (libmilter's sendreply). */
 const ANSWERS_DROPPED_NR: readonly number[] = [C.CONTINUE, C.TEMPFAIL, C.REJECT, C.DISCARD, C.ACCEPT, C.SKIP];
 
 /** Monotonic milliseconds: the clock of deadlines and timeouts (immune to wall-clock changes). */
 const now = (): number => performance.now();
 
+/** The soft limit on open files (RLIMIT_NOFILE) as Linux reports it; 0 where unknown. */
 function softFdLimit(): number {
   try {
     const m = /^Max open files\s+(\d+)/m.exec(fs.readFileSync('/proc/self/limits', 'latin1'));
