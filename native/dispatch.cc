@@ -165,6 +165,22 @@ sfsistat Unanswered(SMFICTX* ctx, int type, const char* why) {
   return st;
 }
 
+// Spins until `flag` is set or `ns` nanoseconds pass; true if it was set.
+bool SpinFor(const std::atomic<bool>& flag, int64_t ns) {
+  const auto until = Clock::now() + std::chrono::nanoseconds(ns);
+  for (;;) {
+    for (int i = 0; i < 64; i++) {
+      if (flag.load(std::memory_order_acquire)) return true;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#elif defined(__aarch64__)
+      asm volatile("yield");
+#endif
+    }
+    if (Clock::now() >= until) return flag.load(std::memory_order_acquire);
+  }
+}
+
 // Queue an event and park this worker until JavaScript answers or the
 // deadline passes. The worker writes the actions JavaScript recorded (at
 // once for a progress, else with the answer), with the session lock
@@ -182,6 +198,7 @@ sfsistat Wait(SMFICTX* ctx, Conn* c, Event* ev) {
   c->waiting = true;
   c->waiting_type = static_cast<uint8_t>(type);
   c->answered = false;
+  c->answered_hint.store(false, std::memory_order_relaxed);
   c->pending.clear();
   c->flush_now = false;
   // After stop (or while the owner environment goes away) nobody will see
@@ -196,6 +213,21 @@ sfsistat Wait(SMFICTX* ctx, Conn* c, Event* ev) {
   const bool progress = type == EV_EOM && a.reg.progress_ms > 0;
   auto next_progress = Clock::now() + std::chrono::milliseconds(a.reg.progress_ms);
   bool ok = true;
+  // Spin only when this is the one worker waiting and the process serves
+  // fewer sessions than there are CPUs: with more, the cores are busy with
+  // the other sessions (and the MTA), and a spin takes one from them.
+  const bool alone = a.waiting_workers.fetch_add(1, std::memory_order_relaxed) == 0;
+  if (alone && a.spin_ns > 0 &&
+      a.created.load(std::memory_order_relaxed) - a.deleted.load(std::memory_order_relaxed) < a.spin_below_sessions) {
+    lk.unlock();
+    if (SpinFor(c->answered_hint, a.spin_ns)) a.spin_hits.fetch_add(1, std::memory_order_relaxed);
+    else a.spin_misses.fetch_add(1, std::memory_order_relaxed);
+    lk.lock();
+  }
+  struct Unpark {
+    Addon& a;
+    ~Unpark() { a.waiting_workers.fetch_sub(1, std::memory_order_relaxed); }
+  } unpark{a};
   for (;;) {
     if (!c->pending.empty() && (c->answered || c->flush_now)) {
       std::vector<Action> batch;
@@ -547,6 +579,7 @@ Napi::Value Reply(const Napi::CallbackInfo& info) {
     }
     c->status = status;
     c->answered = true;
+    c->answered_hint.store(true, std::memory_order_release);
   }
   // Wake the worker after unlocking: woken under the lock it would at once
   // block again on c->mu (one more futex wait and wake, and a context

@@ -118,6 +118,9 @@ struct Conn {
   uint8_t waiting_type = 0;
   uint32_t seq = 0;
   bool answered = false;
+  // Set with `answered`, read without the lock by a worker spinning for its
+  // answer (see Addon::spin_ns).
+  std::atomic<bool> answered_hint{false};
   int status = SMFIS_CONTINUE;
   uint32_t neg_actions = 0, neg_steps = 0;  // negotiate answer from JS
   std::vector<Action> pending;              // recorded, not yet written
@@ -242,6 +245,19 @@ struct Addon {
   std::atomic<uint64_t> queue_waits{0};
   std::atomic<uint64_t> threads_failed{0};
   std::atomic<uint64_t> queue_peak{0};
+
+  // A worker that is the only one waiting for JavaScript spins for its
+  // answer up to spin_ns before it sleeps on its condition variable: at low
+  // concurrency the answer mostly comes within microseconds, and a futex
+  // sleep and wake-up costs more than that. With other workers waiting
+  // (JavaScript is busy), with as many sessions open as CPUs, or on one
+  // CPU, nobody spins. 0: never (set once at
+  // start; NODEMILTER_SPIN_US).
+  int64_t spin_ns = 0;
+  uint64_t spin_below_sessions = 2;  // the CPU count
+  std::atomic<int> waiting_workers{0};
+  std::atomic<uint64_t> spin_hits{0};
+  std::atomic<uint64_t> spin_misses{0};
 
   std::mutex negmu;
   std::unordered_map<SMFICTX*, Negotiated> negotiated;

@@ -270,6 +270,23 @@ int64_t IntProp(const Napi::Object& o, const char* key, int64_t dflt) {
   return v.IsNumber() ? v.As<Napi::Number>().Int64Value() : dflt;
 }
 
+// How long a lone waiting worker spins for its answer (Addon::spin_ns):
+// NODEMILTER_SPIN_US microseconds (0 turns it off), 50 by default, and never
+// on a single CPU, where the spin would keep JavaScript from answering.
+// -1: the variable is not a whole number from 0 to 1000.
+int64_t SpinNs() {
+  const char* v = getenv("NODEMILTER_SPIN_US");
+  long us = 50;
+  if (v && *v) {
+    char* end = nullptr;
+    errno = 0;
+    us = strtol(v, &end, 10);
+    if (*end || errno || us < 0 || us > 1000) return -1;
+  }
+  if (sysconf(_SC_NPROCESSORS_ONLN) < 2) return 0;
+  return static_cast<int64_t>(us) * 1000;
+}
+
 // register({name, actions, steps, handled, noreply, dynamicNegotiate,
 //           symlists[7], deadlines[EV_COUNT], progressMs, fallbackStatus, watch[],
 //           maxSessions, sessionCapClose, allowSmfiMain})
@@ -278,6 +295,10 @@ Napi::Value Register(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Addon& a = State();
   if (a.started.load()) return Throw(env, "register() after main()");
+  const int64_t spin_ns = SpinNs();
+  if (spin_ns < 0)
+    return Throw(env, std::string("NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got '") +
+                          getenv("NODEMILTER_SPIN_US") + "'");
   Napi::Object o = info[0].As<Napi::Object>();
   Registration& r = a.reg;
   r.name = o.Get("name").ToString().Utf8Value();
@@ -302,6 +323,8 @@ Napi::Value Register(const Napi::CallbackInfo& info) {
   r.max_sessions = IntProp(o, "maxSessions", 1000);
   r.cap_closes = o.Get("sessionCapClose").ToBoolean();
   a.allow_smfi_main = o.Get("allowSmfiMain").ToBoolean();
+  a.spin_ns = spin_ns;
+  a.spin_below_sessions = static_cast<uint64_t>(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
 
   a.desc = Callbacks();
   a.desc.xxfi_name = const_cast<char*>(r.name.c_str());
@@ -594,6 +617,9 @@ Napi::Value GetDiag(const Napi::CallbackInfo& info) {
   o.Set("sessionsRefused", static_cast<double>(a.sessions_refused.load()));
   o.Set("actionsFailed", static_cast<double>(a.actions_failed.load()));
   o.Set("queueWaits", static_cast<double>(a.queue_waits.load()));
+  o.Set("spinUs", static_cast<double>(a.spin_ns / 1000));
+  o.Set("spinHits", static_cast<double>(a.spin_hits.load()));
+  o.Set("spinMisses", static_cast<double>(a.spin_misses.load()));
   o.Set("queuePeakBytes", static_cast<double>(a.queue_peak.load()));
   o.Set("threadsFailed", static_cast<double>(a.threads_failed.load()));
   {

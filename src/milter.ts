@@ -367,6 +367,17 @@ export interface Diag extends EngineCounters {
   queueWaits: number;
   /** The most bytes of no-reply events queued for JavaScript at once. */
   queuePeakBytes: number;
+  /**
+   * How long a libmilter worker that is the only one waiting for JavaScript
+   * spins for its answer before it sleeps, in microseconds (docs/native.md,
+   * "The spin"): 50 by default, `NODEMILTER_SPIN_US` at start, 0 on one CPU
+   * (and from an addon built before the spin).
+   */
+  spinUs: number;
+  /** Replied steps answered while their worker spun (no sleep, no wake-up). */
+  spinHits: number;
+  /** Replied steps whose worker spun, then slept until the answer came. */
+  spinMisses: number;
   /** {@link stopAccepting} took effect: this process accepts no new connection. */
   acceptingStopped: boolean;
   /**
@@ -400,15 +411,31 @@ export function getdiag(): Diag {
     actionsFailed: d.actionsFailed,
     queueWaits: d.queueWaits,
     queuePeakBytes: d.queuePeakBytes,
+    spinUs: d.spinUs ?? 0,
+    spinHits: d.spinHits ?? 0,
+    spinMisses: d.spinMisses ?? 0,
     acceptingStopped: d.acceptingStopped,
     // An addon built before the crash handler (an old prebuild, NODEMILTER_ADDON) has no such call.
     crashHandler: addon().crashHandler?.().state ?? 'none in this build of the addon',
   };
 }
 
+/**
+ * NODEMILTER_SPIN_US, checked before the addon reads it: a whole number of
+ * microseconds from 0 to 1000 (docs/native.md, "The spin").
+ */
+function checkSpinEnv(): void {
+  const v = process.env.NODEMILTER_SPIN_US;
+  if (v === undefined || v === '') return;
+  if (!/^\d{1,4}$/.test(v) || Number(v) > 1000) {
+    throw new InvalidArgumentError(`NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got '${v}'`);
+  }
+}
+
 function commit(): void {
   if (committed) return;
   if (!registered || !registered.name) throw new MilterStateError('register() must be called first');
+  checkSpinEnv();
   const { name, callbacks, options } = registered;
   const { handled, noreply } = eventMasks(callbacks, options.noreply);
   const symlists = symlistStrings(options.symlists);

@@ -90,6 +90,12 @@ export interface NativeDiag extends EngineCounters {
   queuePeakBytes: number;
   /** Threads the addon could not create. */
   threadsFailed: number;
+  /** How long a lone waiting worker spins for its answer, in microseconds (0: never). */
+  spinUs?: number;
+  /** Replied steps answered while their worker spun. */
+  spinHits?: number;
+  /** Replied steps whose worker spun, then slept. */
+  spinMisses?: number;
   /** Which load of the addon owns libmilter: this one, another (a worker, a reloaded module) or none yet. */
   owner: 'this' | 'other' | 'none';
 }

@@ -4,7 +4,9 @@
 // stall under a body flood, the session cap, and a fault on a libmilter
 // thread. Real libmilter, each milter in its own child process
 // (test/fixtures/node/native-core.cjs), driven over real sockets.
+import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 
@@ -284,6 +286,60 @@ describe('bounded queue memory', () => {
     expect(diag.queueWaits).toBeGreaterThan(0);
     if (!process.env.NODEMILTER_CHILD_PRELOAD) expect(grew).toBeLessThan(16);
   }, 60_000);
+});
+
+describe('a lone waiting worker spins for its answer', () => {
+  const cpus = os.availableParallelism();
+
+  it('by default (50 us, on more than one CPU): every replied step of a lone session spins first, every answer right', async () => {
+    const p = await startMilter({});
+    const lat = await flow(p.spec, 40, 1);
+    expect(lat).toHaveLength(40);
+    const stopped = await stopMilter(p);
+    const d = stopped.diag;
+    // Whether an answer comes within the spin depends on the machine's load; the effect is measured in bench/, not here.
+    console.log(`spin ${d.spinUs} us: ${d.spinHits} steps answered while spinning, ${d.spinMisses} after it (${cpus} CPUs)`);
+    if (cpus < 2) {
+      // One CPU: a spin would keep JavaScript from answering; nobody spins.
+      expect(d.spinUs).toBe(0);
+      expect(d.spinHits + d.spinMisses).toBe(0);
+    } else {
+      expect(d.spinUs).toBe(50);
+      // The replied steps (connect once, envfrom and eom of each of the 40
+      // messages) each waited alone, one session open: each spun once.
+      expect(d.spinHits + d.spinMisses).toBe(1 + 40 * 2);
+    }
+  });
+
+  it('an answer slower than the spin is still taken (the worker sleeps after spinning), and NODEMILTER_SPIN_US=0 turns spinning off', async () => {
+    const slow = await startMilter({ eomDelay: 20 }, { NODEMILTER_SPIN_US: '5' });
+    await flow(slow.spec, 5, 1);
+    const d = (await stopMilter(slow)).diag;
+    if (cpus >= 2) {
+      expect(d.spinUs).toBe(5);
+      // Each eom answered 20 ms later: past the spin.
+      expect(d.spinMisses).toBeGreaterThanOrEqual(5);
+    }
+    const off = await startMilter({}, { NODEMILTER_SPIN_US: '0' });
+    await flow(off.spec, 10, 1);
+    const o = (await stopMilter(off)).diag;
+    expect(o.spinUs).toBe(0);
+    expect(o.spinHits + o.spinMisses).toBe(0);
+  });
+
+  it('refuses a NODEMILTER_SPIN_US that is not a whole number from 0 to 1000 with an InvalidArgumentError naming it', () => {
+    for (const bad of ['abc', '-1', '1001', '20us']) {
+      const r = spawnSync(process.execPath, [FIXTURE], {
+        env: { ...process.env, NODEMILTER_SPIN_US: bad, MILTER_CONFIG: JSON.stringify({ socket: `unix:${path.join(tmpDir(), 'spin.sock')}` }) },
+        encoding: 'utf8',
+        timeout: 20_000,
+      });
+      expect(r.status).not.toBe(0);
+      // The fixture reports what opensocket() threw as {"ev":"fatal","message":...}.
+      const fatal = r.stdout.split('\n').filter(Boolean).map((l) => JSON.parse(l)).find((e) => e.ev === 'fatal');
+      expect(fatal?.message).toContain(`InvalidArgumentError: NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got '${bad}'`);
+    }
+  });
 });
 
 describe('the session cap', () => {
