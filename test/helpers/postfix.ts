@@ -111,6 +111,8 @@ export interface PostfixInstance {
   waitDelivered(queueId: string, timeout?: number): Promise<DeliveredMessage[]>;
   /** Queue ids in the hold queue (`postqueue -p` marks them with "!"). */
   heldQueueIds(): Promise<string[]>;
+  /** Everything smtp-sink has received so far, in file-name order. */
+  delivered(): DeliveredMessage[];
   /** The mail log so far. */
   log(): string;
   /** Stop Postfix and smtp-sink and remove the directory. Safe to call twice. */
@@ -285,6 +287,7 @@ export async function startPostfix(opts: PostfixOptions): Promise<PostfixInstanc
       return [...stdout.matchAll(/^([0-9A-F]+)!/gm)].map((m) => m[1]);
     },
     log,
+    delivered: () => readSink(sinkDir),
     async stop() {
       if (stopped) return;
       stopped = true;

@@ -4,7 +4,10 @@
 // reliability). The SMTP clients here act as a sending MTA would: a message
 // answered 4xx (or whose connection closed before the final answer) was not
 // accepted and is retried; one answered 250 must be delivered, once, with the
-// milter's X-Stamp.
+// milter's X-Stamp. reloadUnderSmtpSource drives the same Postfix with its
+// own C load generator, smtp-source, instead.
+import { execFile } from 'node:child_process';
+
 import { afterEach, expect } from 'vitest';
 
 import { freeInetSpec, stopAll, type Engine } from '../helpers';
@@ -130,6 +133,38 @@ export async function crashUnderLoad(engine: Engine, seconds: number): Promise<v
   await pf.stop();
 }
 
+/** `reloads` SIGHUPs spread evenly over `seconds` from `started`, each awaited until the supervisor logs it done; returns how many were done. */
+async function reloadsDuring(m: Runtime, started: number, seconds: number, reloads: number): Promise<number> {
+  const every = (seconds * 1000) / (reloads + 1);
+  let done = 0;
+  for (let i = 1; i <= reloads; i++) {
+    await sleep(Math.max(0, started + i * every - Date.now()));
+    const before = logs(m).filter((l) => /reload done/.test(l)).length;
+    process.kill(m.pid, 'SIGHUP');
+    await waitLine(m, () => logs(m).filter((l) => /reload done/.test(l)).length > before, 30_000);
+    done++;
+  }
+  return done;
+}
+
+/** What reloads must leave behind, whatever the client: no milter warning in Postfix's log, every old worker drained by stopping accepting, more than one generation served. */
+function reloadEvidence(m: Runtime, pf: PostfixInstance): { gens: number; milterWarnings: string[]; handedOff: number } {
+  return {
+    gens: new Set(lines(m).filter((l) => l.ev === 'eom').map((l) => l.gen)).size,
+    milterWarnings: pf.log().split('\n').filter((l) => /warning: .*milter/i.test(l)),
+    handedOff: logs(m).filter((l) => /stopped accepting; draining/.test(l)).length,
+  };
+}
+
+function expectCleanReloads(e: ReturnType<typeof reloadEvidence>, done: number, reloads: number): void {
+  expect(done).toBe(reloads);
+  expect(e.gens).toBeGreaterThan(1);
+  // Every old worker drained by handing off, none by refusing (2 per reload).
+  expect(e.handedOff).toBe(2 * reloads);
+  // No milter connection refused, timed out or cut on Postfix's side.
+  expect(e.milterWarnings).toEqual([]);
+}
+
 /**
  * `reloads` SIGHUPs spread over `seconds` of load through Postfix, on
  * either engine: no message answered by anything but the milter (no 4xx,
@@ -144,34 +179,91 @@ export async function reloadUnderLoad(engine: Engine, seconds: number, reloads: 
   const started = Date.now();
   const stop = () => Date.now() - started > seconds * 1000;
   const sending = load(pf, o, 6, stop);
-  const every = (seconds * 1000) / (reloads + 1);
-  let done = 0;
-  for (let i = 1; i <= reloads; i++) {
-    await sleep(Math.max(0, started + i * every - Date.now()));
-    const before = logs(m).filter((l) => /reload done/.test(l)).length;
-    process.kill(m.pid, 'SIGHUP');
-    await waitLine(m, () => logs(m).filter((l) => /reload done/.test(l)).length > before, 30_000);
-    done++;
-  }
+  const done = await reloadsDuring(m, started, seconds, reloads);
   const n = await sending;
   const { stamped, unstamped } = await settle(pf, o, n);
-  const gens = new Set(lines(m).filter((l) => l.ev === 'eom').map((l) => l.gen));
-  const milterWarnings = pf.log().split('\n').filter((l) => /warning: .*milter/i.test(l));
-  const handedOff = logs(m).filter((l) => /stopped accepting; draining/.test(l)).length;
+  const e = reloadEvidence(m, pf);
   console.log(
-    `[runtime] ${engine}: ${done} reloads in ${seconds} s of load through Postfix (6 SMTP clients): ${n} messages over ${gens.size} worker generations, ` +
+    `[runtime] ${engine}: ${done} reloads in ${seconds} s of load through Postfix (6 SMTP clients): ${n} messages over ${e.gens} worker generations, ` +
       `answered by something else than the milter ${o.notMilter.length}${o.notMilter.length ? ` (${[...new Set(o.notMilter.map((x) => x.what.slice(0, 50)))].join('; ')})` : ''}; ` +
-      `Postfix milter warnings ${milterWarnings.length}${milterWarnings.length ? ` (${milterWarnings[0].slice(0, 160)})` : ''}; ` +
-      `old workers that stopped accepting ${handedOff}; delivered ${o.accepted.length}, stamped ${stamped}, unstamped ${unstamped}`,
+      `Postfix milter warnings ${e.milterWarnings.length}${e.milterWarnings.length ? ` (${e.milterWarnings[0].slice(0, 160)})` : ''}; ` +
+      `old workers that stopped accepting ${e.handedOff}; delivered ${o.accepted.length}, stamped ${stamped}, unstamped ${unstamped}`,
   );
-  expect(done).toBe(reloads);
-  expect(gens.size).toBeGreaterThan(1);
-  // Every old worker drained by handing off, none by refusing (2 per reload).
-  expect(handedOff).toBe(2 * reloads);
+  expectCleanReloads(e, done, reloads);
   expect(stamped).toBe(n);
   expect(unstamped).toBe(0);
   expect(o.notMilter).toEqual([]);
-  // No milter connection refused, timed out or cut on Postfix's side.
-  expect(milterWarnings).toEqual([]);
+  await pf.stop();
+}
+
+export const SMTP_SOURCE_BIN = '/usr/sbin/smtp-source';
+
+interface Batch {
+  id: number;
+  messages: number;
+  code: number | null;
+  stderr: string;
+}
+
+/** One run of smtp-source: `messages` messages over `sessions` parallel sessions, a connection each, subject "reload batch ID", recipients numbered from 0 (-N). */
+function smtpSource(port: number, id: number, messages: number, sessions: number): Promise<Batch> {
+  const args = ['-N', '-s', String(sessions), '-m', String(messages), '-l', '512', '-f', 'sender@example.org', '-t', 'rcpt@example.net', '-S', `reload batch ${id}`, `127.0.0.1:${port}`];
+  return new Promise((resolve) => {
+    execFile(SMTP_SOURCE_BIN, args, { timeout: 60_000 }, (err, _stdout, stderr) => {
+      const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : null) : 0;
+      resolve({ id, messages, code, stderr: String(stderr) });
+    });
+  });
+}
+
+/**
+ * The reload run of issue 20 with a C load generator: Postfix's own
+ * smtp-source submits through Postfix in batches of `batch` messages over
+ * `sessions` parallel SMTP sessions (a new SMTP connection, and so a new
+ * milter connection, per message), back to back for `seconds`, while the
+ * supervisor is reloaded `reloads` times. smtp-source aborts at the first
+ * reply that is not the positive one it expects (it runs without -A): with
+ * milter_default_action = tempfail, a batch that exits 0 with nothing on
+ * stderr had every message answered by the milter and accepted. Then every
+ * message submitted (batch subject and numbered recipient) must reach the
+ * sink exactly once, stamped.
+ */
+export async function reloadUnderSmtpSource(engine: Engine, seconds: number, reloads: number, sessions = 8, batch = 48): Promise<void> {
+  const { m, pf } = await setUp(engine, {});
+  const batches: Batch[] = [];
+  const started = Date.now();
+  const sending = (async () => {
+    for (let id = 0; Date.now() - started < seconds * 1000; id++) batches.push(await smtpSource(pf.smtpPort, id, batch, sessions));
+  })();
+  const done = await reloadsDuring(m, started, seconds, reloads);
+  await sending;
+  const failed = batches.filter((b) => b.code !== 0 || b.stderr.trim() !== '');
+  const submitted = batches.reduce((n, b) => n + b.messages, 0);
+  // Wait for Postfix to relay every accepted message to the sink.
+  const ours = () => pf.delivered().filter((d) => /^Subject: reload batch \d+$/m.test(d.message));
+  const until = Date.now() + 60_000;
+  while (ours().length < submitted && Date.now() < until) await sleep(200);
+  await sleep(1000); // time for a duplicate to show up
+  const got = ours();
+  const seen = new Map<string, number>();
+  let stamped = 0;
+  for (const d of got) {
+    const key = `${/^Subject: reload batch (\d+)$/m.exec(d.message)![1]}/${d.rcptArgs.join(',')}`;
+    seen.set(key, (seen.get(key) ?? 0) + 1);
+    if (/^X-Stamp: \d+ g\d+/m.test(d.message)) stamped++;
+  }
+  const duplicates = [...seen.values()].filter((c) => c > 1).length;
+  const e = reloadEvidence(m, pf);
+  console.log(
+    `[runtime] ${engine}: ${done} reloads in ${seconds} s of smtp-source through Postfix (${sessions} sessions): ${batches.length} batches, ${submitted} messages over ${e.gens} worker generations; ` +
+      `batches failed ${failed.length}${failed.length ? ` (${failed[0].stderr.trim().slice(0, 160)})` : ''}; Postfix milter warnings ${e.milterWarnings.length}${e.milterWarnings.length ? ` (${e.milterWarnings[0].slice(0, 160)})` : ''}; ` +
+      `old workers that stopped accepting ${e.handedOff}; delivered ${got.length} (${seen.size} distinct, ${duplicates} twice or more), stamped ${stamped}`,
+  );
+  expect(failed).toEqual([]);
+  expectCleanReloads(e, done, reloads);
+  expect(seen.size).toBe(submitted);
+  expect(duplicates).toBe(0);
+  expect(got.length).toBe(submitted);
+  expect(stamped).toBe(submitted);
   await pf.stop();
 }
