@@ -100,6 +100,8 @@ interface Worker {
   exited: Promise<void>;
   ready: Promise<boolean>;
   stderrTail: string;
+  /** The start of the last crash report of the addon on its stderr (its backtrace can push the start out of stderrTail). */
+  crashReport?: string;
   snapshot?: MetricsSnapshot;
 }
 
@@ -127,6 +129,8 @@ export class Supervisor {
   /** Why the supervisor gave up, once it has. */
   private failed: Error | undefined;
   private reloading: Promise<void> | undefined;
+  /** The reload asked for while one ran: it starts when that one ends. */
+  private reloadAgain: Promise<void> | undefined;
   private readonly timers = new Set<NodeJS.Timeout>();
   private announced = false;
   /** What the workers that are gone had counted (sessions open in them: none). */
@@ -190,8 +194,10 @@ export class Supervisor {
 
   /**
    * New workers from the code on disk; once all serve, the old ones drain
-   * (SIGTERM: they stop accepting, finish their sessions, exit). Calls
-   * while one runs share it.
+   * (SIGTERM: they stop accepting, finish their sessions, exit). A call
+   * while one runs asks for one more after it: the running one's workers may
+   * have loaded the code before the change that prompted the call. Calls
+   * meanwhile share that one.
    */
   reload(): Promise<void> {
     if (this.stopping) return Promise.reject(new MilterStateError('reload(): the milter is stopping'));
@@ -199,8 +205,18 @@ export class Supervisor {
       this.reloading = this.doReload().finally(() => {
         this.reloading = undefined;
       });
+      return this.reloading;
     }
-    return this.reloading;
+    if (!this.reloadAgain) {
+      this.log.info(`${this.o.name}: reload: one is running; another follows it`);
+      this.reloadAgain = this.reloading
+        .catch(() => undefined)
+        .then(() => {
+          this.reloadAgain = undefined;
+          return this.reload();
+        });
+    }
+    return this.reloadAgain;
   }
 
   private async doReload(): Promise<void> {
@@ -296,7 +312,12 @@ export class Supervisor {
     this.workers.add(w);
     child.stderr!.on('data', (d: Buffer) => {
       process.stderr.write(d);
-      w.stderrTail = (w.stderrTail + d.toString('utf8')).slice(-4000);
+      const text = d.toString('utf8');
+      const joined = w.stderrTail + text;
+      const at = joined.lastIndexOf(CRASH_BANNER);
+      if (at >= 0 && at >= joined.length - text.length - CRASH_BANNER.length) w.crashReport = joined.slice(at, at + 2000);
+      else if (w.crashReport !== undefined && w.crashReport.length < 2000) w.crashReport = (w.crashReport + text).slice(0, 2000);
+      w.stderrTail = joined.slice(-4000);
     });
     const readyTimer = setTimeout(() => {
       if (w.state !== 'starting') return;
@@ -331,7 +352,7 @@ export class Supervisor {
       markReady(false);
       markExited();
       if (w.retiring) return;
-      const why = exitReason(code, signal, w.stderrTail);
+      const why = exitReason(code, signal, w.stderrTail, w.crashReport);
       const when = wasServing ? `after serving ${(served / 1000).toFixed(1)} s` : 'before it served';
       this.lastFailure = `worker ${id} (pid ${w.pid}) ${why} ${when}`;
       if (this.stopping) return;
@@ -420,14 +441,25 @@ function sendTo(w: Worker, m: ToWorker): void {
   if (w.child.connected) w.child.send(m, undefined, undefined, () => undefined);
 }
 
-/** Why a worker ended, in words, with the last line of its stderr that looks like an error. */
-function exitReason(code: number | null, signal: NodeJS.Signals | null, stderr: string): string {
+const CRASH_BANNER = '==== nodemilter crash report';
+
+/**
+ * Why a worker ended, in words: from the addon's crash report if it wrote
+ * one (its signal and thread lines say what happened where), else with the
+ * last line of its stderr that looks like an error.
+ */
+function exitReason(code: number | null, signal: NodeJS.Signals | null, stderr: string, crashReport?: string): string {
   let why: string;
   if (signal === 'SIGKILL') why = 'was killed by SIGKILL (kill -9, or the kernel out of memory)';
   else if (signal) why = `was killed by ${signal}`;
   else if (code === 0) why = 'exited with code 0 without being asked to (process.exit?)';
   else if (code === 134) why = 'exited with code 134 (aborted: out of heap memory?)';
   else why = `exited with code ${code}`;
+  if (crashReport) {
+    const report = crashReport.split('\n').map((l) => l.trim());
+    const said = ['nodemilter: signal ', 'nodemilter: thread '].flatMap((p) => report.find((l) => l.startsWith(p))?.slice('nodemilter: '.length) ?? []);
+    if (said.length) return `${why}; its crash report said: ${said.join('; ').slice(0, 300)}`;
+  }
   const lines = stderr.split('\n').map((l) => l.trim()).filter(Boolean);
   const last = [...lines].reverse().find((l) => /error|fatal|abort|heap/i.test(l)) ?? lines[lines.length - 1];
   return last ? `${why}; its stderr said: ${last.slice(0, 300)}` : why;

@@ -193,6 +193,46 @@ describe.each(ENGINES)('workers (%s engine)', (engine) => {
   });
 });
 
+describe('workers: a worker that faults', () => {
+  it('a SIGSEGV in a libmilter-engine worker: the supervisor logs the signal and thread from the addon\'s crash report, and replaces it', async () => {
+    const spec = tmpSocketSpec();
+    const p = await startRuntime('libmilter', { socket: spec, workers: 2, restart: { initialDelay: 200 } });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    const [victim] = workerPids(p.pid);
+    process.kill(victim, 'SIGSEGV');
+    const line = await waitLine(p, (l) => new RegExp(`\\(pid ${victim}\\) was killed by SIGSEGV`).test(l.msg ?? ''));
+    // Not the report's banner: its signal line (sent by kill() from this pid) and its thread line.
+    expect(line.msg).toMatch(new RegExp(`was killed by SIGSEGV; its crash report said: signal 11 SIGSEGV, [^;]*from pid ${process.pid}; thread \\d+ "[^"]*": [^;]+ after serving`));
+    await waitLine(p, (l) => /serving again/.test(l.msg ?? ''));
+    const after = await Promise.all(Array.from({ length: 4 }, (_, i) => sendOne(spec, i)));
+    expect(after.map((s) => s.decision)).toEqual(after.map(() => 'continue'));
+  });
+});
+
+describe('workers: reload requests', () => {
+  it('a SIGHUP while a reload runs is not folded into it: one more reload follows and serves the code changed meanwhile', async () => {
+    const dir = tmpDir();
+    const verdictFile = path.join(dir, 'verdict');
+    const spec = tmpSocketSpec();
+    const p = await startRuntime('node', { socket: spec, workers: 1, eomSleep: 1500, verdictFile, drain: 10_000 });
+    await waitLine(p, (l) => l.ev === 'listening' && l.worker === undefined);
+    // A session in its 1.5 s eom keeps the first reload draining.
+    const held = sendOne(spec, 1);
+    await waitLine(p, (l) => l.ev === 'eom');
+    process.kill(p.pid, 'SIGHUP');
+    await waitLine(p, (l) => /reload: 1 new worker \(generation 2\) serving; draining 1 old/.test(l.msg ?? ''));
+    // The code changes while the first reload drains, and the operator reloads again.
+    fs.writeFileSync(verdictFile, 'reject');
+    process.kill(p.pid, 'SIGHUP');
+    await waitLine(p, (l) => /reload: one is running; another follows it/.test(l.msg ?? ''));
+    expect((await held).decision).toBe('continue');
+    await waitLine(p, (l) => /reload: 1 new worker \(generation 3\) serving/.test(l.msg ?? ''), 30_000);
+    await waitLine(p, () => logs(p).filter((l) => /reload done/.test(l)).length === 2, 30_000);
+    const r = await sendOne(spec, 2);
+    expect(r.decision).toBe('reject');
+  }, 60_000);
+});
+
 describe('workers: sockets and settings', () => {
   it('fd:3 from systemd-socket-activate: the supervisor hands the inherited socket to its workers; systemd hears READY=1 once all serve', async () => {
     const spec = await freeInetSpec();
