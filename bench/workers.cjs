@@ -91,10 +91,13 @@ async function main() {
           try {
             const pids = m.pids(m);
             const cpu0 = cpuOf(pids);
+            const t0 = process.hrtime.bigint();
             const r = await L.runLoadgen(m.socket, { conc, perConn: 100, seconds: o.seconds, warmup: 0.3 });
             const cpu = cpuOf(pids) - cpu0;
+            const wallS = Number(process.hrtime.bigint() - t0) / 1e9;
             if (r.errors || r.bad) console.error(`! ${cell.name} ${shape} c${conc}: ${r.errors} errors, ${r.bad} bad (${r.first_error})`);
-            results.push({ round, shape, conc, cell: cell.name, ...r, milterCpuS: cpu });
+            // wallS and both CPU figures cover the warm-up too.
+            results.push({ round, shape, conc, cell: cell.name, ...r, milterCpuS: cpu, wallS });
             process.stderr.write(
               `round ${round + 1}/${o.rounds} ${shape} c${conc} ${cell.name.padEnd(7)} ${r.rate.toFixed(0).padStart(6)} msg/s ` +
                 `p50 ${(r.p50_us / 1000).toFixed(2)} ms p99 ${(r.p99_us / 1000).toFixed(2)} ms cpu ${((cpu / Math.max(r.messages, 1)) * 1e6).toFixed(0)} us/msg\n`,
@@ -150,6 +153,34 @@ function summarize(results, cells, o) {
         `| ${shape} | ${conc} | ${names.map((n) => med(n, (r) => r.rate).toFixed(0)).join(' | ')} | ` +
           `${ratioCols.map(([a, b]) => ratio(a, b).toFixed(2)).join(' | ')} | ${names.map((n) => (med(n, (r) => r.p99_us) / 1000).toFixed(1)).join(' / ')} |`,
       );
+    }
+  }
+  // The most a second worker can give on this machine: with workers=1 the
+  // milter and the load generator together use some share of the cores; at
+  // the same CPU per message (milter and load generator), workers=2 can at
+  // best fill all of them. (The cost per message rises with more processes
+  // on the same cores, so the real bound is lower.)
+  const cores = L.machine().cores;
+  lines.push('');
+  lines.push(`| shape | conc | engine | w1: milter cores | w1: load generator cores | w2/w1 at most on ${cores} cores | w2/w1 measured |`);
+  lines.push('|---|---|---|---|---|---|---|');
+  for (const shape of o.shapes) {
+    for (const conc of o.conc) {
+      const cell = results.filter((r) => r.shape === shape && r.conc === conc);
+      for (const e of o.engines) {
+        const pre = e === 'node' ? 'ts' : 'node';
+        const w1 = cell.filter((r) => r.cell === `${pre}-w1`);
+        if (!w1.length || !o.workers.includes(2)) continue;
+        const milter = L.median(w1.map((r) => r.milterCpuS / r.wallS));
+        const lg = L.median(w1.map((r) => r.loadgen_cpu_s / r.wallS));
+        const rounds = [...new Set(cell.map((r) => r.round))];
+        const measured = L.median(rounds.map((round) => {
+          const a = cell.find((r) => r.round === round && r.cell === `${pre}-w2`);
+          const b = cell.find((r) => r.round === round && r.cell === `${pre}-w1`);
+          return a && b ? a.rate / b.rate : NaN;
+        }));
+        lines.push(`| ${shape} | ${conc} | ${pre} | ${milter.toFixed(2)} | ${lg.toFixed(2)} | ${(cores / (milter + lg)).toFixed(2)} | ${measured.toFixed(2)} |`);
+      }
     }
   }
   return lines.join('\n');
