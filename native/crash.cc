@@ -27,9 +27,10 @@
 //      signal: the exit status, systemd's status=11/SEGV and core dumps stay
 //      as they were.
 // The handler runs on an alternate signal stack on every thread the addon
-// starts and on every libmilter thread that ran one of its callbacks, so a
-// stack overflow there is reported too. JavaScript threads keep the stack
-// Node gave them.
+// starts, on every libmilter thread that ran one of its callbacks, and on
+// every JavaScript thread that loaded the addon and had none (Node sets
+// none), so a stack overflow there is reported too. A thread that already
+// has one (a sanitizer's) keeps it.
 //
 // Async-signal safety. The handler formats numbers itself and writes with
 // write(2). backtrace() is not async-signal-safe on its first call (glibc
@@ -417,7 +418,7 @@ void NoteLibmilterThread() {
 
 void InitCrash(Napi::Env env, Napi::Object exports) {
   Install();
-  t_role = THREAD_JS;
+  PrepareThreadForCrash(THREAD_JS);
   exports.Set("crashHandler", Napi::Function::New(env, CrashHandlerInfo, "crashHandler"));
 }
 

@@ -495,6 +495,15 @@ describe('crashes stay visible', () => {
     }, 30_000);
   }
 
+  it('a native stack overflow on Node\'s main thread is reported (the addon gives the thread an alternate signal stack)', async () => {
+    const { p, exit } = await probe({ fault: true }, { NODEMILTER_SHIM_FAULT_AT: 'js', NODEMILTER_SHIM_FAULT: 'stack' });
+    expect(exit).toEqual({ code: null, signal: 'SIGSEGV' });
+    // Reported at all only because the handler ran on the alternate stack; its 64 innermost frames are the recursion's.
+    const report = expectReport(p.stderr, 'SIGSEGV', THREAD.js, { addonFrames: false });
+    // The main thread's stack grows on demand up to its limit: the access past it hits no mapping.
+    expect(report).toMatch(/address not mapped \(si_code 1\), fault address 0x[0-9a-f]{16}/);
+  }, 30_000);
+
   it('WebAssembly still traps as a JavaScript exception after the addon loaded (V8\'s trap handler keeps its SIGSEGV)', async () => {
     const { p, exit, events: evs } = await probe({ wasm: true });
     expect(exit).toEqual({ code: 0, signal: null });
