@@ -356,23 +356,25 @@ void NotifyStopped(int rc, bool via_main) {
 // poll fails with EINTR, which mi_listener takes as "check the stop flag
 // and poll again". The signal is unblocked on the listener thread (and on
 // the pool threads it starts, which inherit its mask; nothing sends it to
-// them, and SA_RESTART restarts their other calls); it is installed only
-// while nobody else handles it, and nothing else in Node uses real-time
-// signals.
+// them, and SA_RESTART restarts their other calls). It is SIGRTMIN+4 unless
+// something else handles that one: then the next real-time signal nobody
+// handles (nothing in Node uses them; glibc keeps its own below SIGRTMIN).
 void WakeHandler(int) {}
 
 int InstallWakeSignal() {
-  const int sig = SIGRTMIN + 4;
-  struct sigaction old;
-  if (sig > SIGRTMAX || sigaction(sig, nullptr, &old) != 0) return 0;
-  if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == WakeHandler) return sig;
-  if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) return 0;  // someone else's
-  struct sigaction sa;
-  memset(&sa, 0, sizeof(sa));
-  sa.sa_handler = WakeHandler;
-  sa.sa_flags = SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  return sigaction(sig, &sa, nullptr) == 0 ? sig : 0;
+  for (int sig = SIGRTMIN + 4; sig <= SIGRTMAX; sig++) {
+    struct sigaction old;
+    if (sigaction(sig, nullptr, &old) != 0) continue;
+    if (!(old.sa_flags & SA_SIGINFO) && old.sa_handler == WakeHandler) return sig;
+    if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) continue;  // someone else's
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = WakeHandler;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(sig, &sa, nullptr) == 0) return sig;
+  }
+  return 0;
 }
 
 void* ListenerThread(void*) {
@@ -610,6 +612,7 @@ Napi::Value GetDiag(const Napi::CallbackInfo& info) {
   o.Set("serving", created - deleted - (refused - static_cast<double>(a.drain_refused_closed.load())));
   o.Set("running", a.running.load());
   o.Set("acceptingStopped", a.accepting_stopped.load());
+  o.Set("wakeSignal", a.wake_signal ? "SIGRTMIN+" + std::to_string(a.wake_signal - SIGRTMIN) : std::string());
   o.Set("usedSmfiMain", a.used_smfi_main);
   o.Set("macroLayout", MacroLayout());
   const int layout = MacroLayout();

@@ -381,6 +381,14 @@ export interface Diag extends EngineCounters {
   /** {@link stopAccepting} took effect: this process accepts no new connection. */
   acceptingStopped: boolean;
   /**
+   * The real-time signal the addon sends libmilter's listener thread so that
+   * a stop does not wait out its 5 s poll (docs/native.md, "Stop, drain,
+   * exit"): `'SIGRTMIN+4'`, or the next one nobody handles if something else
+   * handles that; `''` when none was free or before main() (a stop may then
+   * take up to 5 s).
+   */
+  wakeSignal: string;
+  /**
    * The addon's crash report for fatal signals (docs/reliability.md,
    * "Crashes"): `'installed'`, `'off: NODEMILTER_CRASH_HANDLER=0'`,
    * `'installed by another copy of the addon in this process'`,
@@ -415,6 +423,7 @@ export function getdiag(): Diag {
     spinHits: d.spinHits ?? 0,
     spinMisses: d.spinMisses ?? 0,
     acceptingStopped: d.acceptingStopped,
+    wakeSignal: d.wakeSignal ?? '',
     // An addon built before the crash handler (an old prebuild, NODEMILTER_ADDON) has no such call.
     crashHandler: addon().crashHandler?.().state ?? 'none in this build of the addon',
   };

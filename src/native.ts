@@ -75,6 +75,8 @@ export interface NativeDiag extends EngineCounters {
   serving: number;
   /** stopAccepting() took effect: this process accepts no new connection. */
   acceptingStopped: boolean;
+  /** The real-time signal that wakes libmilter's listener at stop ('SIGRTMIN+4' unless taken), '' if none was free, absent in an older addon. */
+  wakeSignal?: string;
   usedSmfiMain: boolean;
   /** Macro stages found in libmilter's context (guard against malformed macro lists); -1 unknown, -2 not yet. */
   macroLayout: number;

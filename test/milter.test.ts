@@ -7,7 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import * as C from '../src/constants';
 import { MilterClient } from '../src/testing/client';
-import { freeInet6Spec, jsonEvents, startFixtureMilter, stopAll, tmpSocketSpec, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
+import { buildC, freeInet6Spec, jsonEvents, startFixtureMilter, stopAll, tmpSocketSpec, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
 
 const FIXTURE = path.join(__dirname, 'fixtures', 'node', 'milter.cjs');
 const HANDOFF = path.join(__dirname, 'fixtures', 'node', 'handoff.cjs');
@@ -502,9 +502,24 @@ describe('signals, stop and drain', () => {
     // No session refused (none arrived), and the listener's 5 s poll was
     // woken: no connection can do that once this process stopped accepting.
     expect((done.diag as { drainRefused: number }).drainRefused).toBe(0);
+    expect((done.diag as { wakeSignal: string }).wakeSignal).toBe('SIGRTMIN+4');
     expect(done.ms).toBeLessThan(2000);
     expect((await p.exited).code).toBe(0);
     expect(events(p).some((e) => e.ev === 'main-rejected')).toBe(false);
+  });
+
+  it('when something else handles SIGRTMIN+4, stop() wakes the listener with the next free real-time signal: still at once after stopAccepting()', async () => {
+    const shim = await buildC(path.join(__dirname, 'fixtures', 'c', 'rtsig-shim.c'), { cflags: ['-shared', '-fPIC'], libs: [] });
+    const p = await startFixtureMilter(HANDOFF, { drain: 5000 }, { env: { LD_PRELOAD: [process.env.NODEMILTER_CHILD_PRELOAD, shim].filter(Boolean).join(' ') } });
+    await waitEvent(p, 'ready');
+    process.kill(p.pid, 'SIGUSR2');
+    const stopped = await waitEvent(p, 'accepting-stopped');
+    expect((stopped.diag as { wakeSignal: string }).wakeSignal).toBe('SIGRTMIN+5');
+    process.kill(p.pid, 'SIGTERM');
+    const done = await waitEvent(p, 'stopped', 10_000);
+    // Only the signal can end libmilter's 5 s poll once this process stopped accepting.
+    expect(done.ms).toBeLessThan(2000);
+    expect((await p.exited).code).toBe(0);
   });
 
   it('exits cleanly with process.exit() while callbacks are pending', async () => {
