@@ -6,11 +6,12 @@
 #   scripts/build-libmilter.sh [SRC_DIR] [OUT_DIR]
 #
 # SRC_DIR holds Debian's sendmail_<version>.dsc with the files it names
-# (orig tarball, debian tarball); without it the source is fetched with
+# (orig tarball, debian tarball); without it (or with an empty argument) the source is fetched with
 # `apt-get source --download-only sendmail` into a scratch directory, using
 # a deb-src entry for Debian bookworm written into that scratch directory
 # (the machine's apt configuration is not changed). OUT_DIR (default
-# build/libmilter) receives libmilter.a and VERSION, the line the prebuild
+# libmilter-build/, git-ignored; not under build/, which node-gyp rebuild
+# removes) receives libmilter.a and VERSION, the line the prebuild
 # records in nodemilter.json.
 #
 # dpkg-source -x checks the files against the .dsc's checksums and applies
@@ -28,7 +29,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 src_in="${1:-}"
-out="${2:-$root/build/libmilter}"
+out="${2:-$root/libmilter-build}"
 patch_file="$root/native/libmilter/odd-macros.patch"
 work="$(mktemp -d /tmp/nodemilter-libmilter.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
