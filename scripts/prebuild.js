@@ -36,7 +36,8 @@ function sourceFiles() {
     .filter((f) => /\.(cc|h)$/.test(f))
     .sort()
     .map((f) => `native/${f}`);
-  return [...native, 'binding.gyp'];
+  // The patch is in the binary when the patched libmilter is linked.
+  return [...native, 'native/libmilter/odd-macros.patch', 'binding.gyp'];
 }
 
 function sourcesHash() {
