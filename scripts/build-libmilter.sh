@@ -6,8 +6,9 @@
 #   scripts/build-libmilter.sh [SRC_DIR] [OUT_DIR]
 #
 # SRC_DIR holds Debian's sendmail_<version>.dsc with the files it names
-# (orig tarball, debian tarball); without it (or with an empty argument) the source is fetched with
-# `apt-get source --download-only sendmail` into a scratch directory, using
+# (orig tarball, debian tarball); without it (or given as "") the source is
+# fetched with `apt-get source --download-only sendmail` into a scratch
+# directory, using
 # a deb-src entry for Debian bookworm written into that scratch directory
 # (the machine's apt configuration is not changed). OUT_DIR (default
 # libmilter-build/, git-ignored; not under build/, which node-gyp rebuild
@@ -24,13 +25,14 @@
 # the system's libmilter.a when there is one: they must be the same but for
 # the patch's marker, mi_macros_paired.
 #
-# For tests (test/libmilter-patch.test.ts) only:
+# For tests (test/libmilter-patch.test.ts) and sanitizer runs
+# (scripts/test-asan.sh):
 #   NODEMILTER_LIBMILTER_CFLAGS  extra compiler flags (e.g. -fsanitize=address)
 #   NODEMILTER_LIBMILTER_NOPATCH=1  leave the patch out: Debian's libmilter
 #                                as is, the control that shows the bug
 #
-# Exit status 2: the source could not be had (no SRC_DIR and apt could not
-# fetch it); tests skip on that.
+# Exit status 2: the source could not be had (apt could not fetch it, or
+# SRC_DIR holds no .dsc); tests skip on that.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 src_in="${1:-}"
@@ -105,8 +107,12 @@ sources=(main engine listener worker handler comm smfi signal sm_gethost monitor
 cp "$work/src/libsm/errstring.c" "$work/src/libsm/strl.c" "$lm/"
 echo "== compiling libmilter ($label)"
 objs=()
+# From inside libmilter/ with relative names, as sendmail's Build does: the
+# file names that end up in the objects (__FILE__ in assertions) are then
+# Debian's; -ffile-prefix-map keeps the scratch path out of the debug info.
+cflags+=("-ffile-prefix-map=$work/src=.")
 for s in "${sources[@]}" errstring strl; do
-  gcc "${cflags[@]}" "${defines[@]}" "${includes[@]}" -c "$lm/$s.c" -o "$obj/$s.o"
+  (cd "$lm" && gcc "${cflags[@]}" "${defines[@]}" "${includes[@]}" -c "$s.c" -o "$obj/$s.o")
   objs+=("$obj/$s.o")
 done
 defined() { nm -g --defined-only "$1" 2>/dev/null | awk 'NF == 3 { print $2, $3 }' | sort -u; }

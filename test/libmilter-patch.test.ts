@@ -1,9 +1,10 @@
 // The patched static libmilter (scripts/build-libmilter.sh, native/libmilter/
 // odd-macros.patch): built from Debian's sendmail source, checked against
-// the system's archive, shown under AddressSanitizer to fix the odd macro
+// the system's archive (without the patch, its code is byte for byte
+// Debian's), shown under AddressSanitizer to fix the odd macro
 // list at its root (Debian's libmilter as is, the control, reads past it),
 // and linked into a prebuild that the odd-macro tests of milter.test.ts pass
-// against. Long (source download, three libmilter builds, an addon build):
+// against. Long (source download, four libmilter builds, an addon build):
 // run with `npm run test:libmilter`; the default suite skips it. Without a
 // directory of source files in NODEMILTER_SENDMAIL_SRC it fetches the source
 // with apt, and skips, saying so, when apt cannot.
@@ -50,6 +51,8 @@ async function startC(bin: string, env: Record<string, string>): Promise<{ spec:
     work = tmpDir('nm-libmilter-');
     await buildArchive(path.join(work, 'patched'));
     if (unavailable) return;
+    // Without the patch, to compare with Debian's archive.
+    await buildArchive(path.join(work, 'plain'), { NODEMILTER_LIBMILTER_NOPATCH: '1' });
     // The same source under AddressSanitizer, with and without the patch.
     const asan = { NODEMILTER_LIBMILTER_CFLAGS: ASAN.join(' ') };
     await buildArchive(path.join(work, 'asan-patched'), asan);
@@ -75,6 +78,32 @@ async function startC(bin: string, env: Record<string, string>): Promise<{ spec:
     const plain = execFileSync('nm', ['-g', '--defined-only', path.join(work, 'asan-plain', 'libmilter.a')], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
     expect(plain).not.toMatch(/ mi_macros_paired$/m);
     expect(fs.readFileSync(path.join(work, 'patched', 'VERSION'), 'utf8').trim()).toMatch(/^8\.\d+\.\d+\.\d+-\S+ \+ native\/libmilter\/odd-macros\.patch$/);
+  });
+
+  it("compiles Debian's libmilter.a exactly: without the patch every object's code is the system archive's", (ctx) => {
+    if (unavailable) return ctx.skip(unavailable);
+    const system = '/usr/lib/x86_64-linux-gnu/libmilter.a';
+    if (!fs.existsSync(system)) return ctx.skip(`no ${system} (libmilter-dev) to compare with`);
+    const installed = execFileSync('dpkg-query', ['-W', '-f=${Version}', 'libmilter-dev'], { encoding: 'utf8' });
+    const built = fs.readFileSync(path.join(work, 'plain', 'VERSION'), 'utf8').split(' ')[0];
+    if (installed !== built) return ctx.skip(`libmilter-dev ${installed} is installed, the source is ${built}`);
+    const unpack = (archive: string, dir: string) => {
+      fs.mkdirSync(dir);
+      execFileSync('ar', ['x', archive], { cwd: dir });
+      return fs.readdirSync(dir).sort();
+    };
+    const objs = unpack(system, path.join(work, 'cmp-system'));
+    expect(unpack(path.join(work, 'plain', 'libmilter.a'), path.join(work, 'cmp-plain'))).toEqual(objs);
+    // To a file: objcopy replaces its output by renaming a temporary file onto it.
+    const text = (file: string) => {
+      const out = `${file}.text`;
+      execFileSync('objcopy', ['-O', 'binary', '--only-section=.text', file, out]);
+      return fs.readFileSync(out);
+    };
+    for (const o of objs) {
+      expect(text(path.join(work, 'cmp-plain', o)).equals(text(path.join(work, 'cmp-system', o))), o).toBe(true);
+    }
+    expect(objs).toContain('engine.o');
   });
 
   for (const v of ['plain', 'patched'] as const) {
