@@ -34,6 +34,12 @@
 # Exit status 2: the source could not be had (apt could not fetch it, or
 # SRC_DIR holds no .dsc); tests skip on that.
 set -euo pipefail
+for tool in dpkg-source dpkg-buildflags patch gcc ar nm; do
+  command -v "$tool" >/dev/null || {
+    echo "build-libmilter: needs $tool (Debian: apt-get install dpkg-dev gcc; scripts/system-packages.txt)" >&2
+    exit 1
+  }
+done
 root="$(cd "$(dirname "$0")/.." && pwd)"
 src_in="${1:-}"
 out="${2:-$root/libmilter-build}"
