@@ -17,7 +17,7 @@
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
       "conditions": [
         ["'<!(node -p \"process.env.NODEMILTER_STATIC || 0\")'=='1'", {
-          "libraries": ["-l:libmilter.a", "-lpthread", "-ldl"]
+          "libraries": ["<!(node -p \"process.env.NODEMILTER_LIBMILTER_A || '-l:libmilter.a'\")", "-lpthread", "-ldl"]
         }, {
           "libraries": ["-lmilter", "-lpthread", "-ldl"]
         }],

@@ -298,6 +298,9 @@ void DeliverOne(napi_env env, napi_value fn, Event* ev);
 bool MacrosSafe(SMFICTX* ctx);
 // Stages found in libmilter's context for MacrosSafe; -2 not yet known, -1 unknown layout.
 int MacroLayout();
+// True when libmilter is built with native/libmilter/odd-macros.patch (its marker mi_macros_paired is
+// defined): its macro lists are always name/value pairs and MacrosSafe needs no layout.
+bool PatchedLibmilter();
 // Why the guard is off (empty while it is on or not yet calibrated).
 std::string MacroGuardProblem();
 

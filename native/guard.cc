@@ -8,6 +8,15 @@
 
 #include "engine.h"
 
+// Defined only by a libmilter built with native/libmilter/odd-macros.patch
+// (scripts/build-libmilter.sh, linked into the prebuild): that libmilter
+// itself drops a trailing macro name without a value, so smfi_getsymval
+// cannot walk past a list and the guard is not needed. Weak: with any other
+// libmilter its address is null.
+extern "C" {
+extern const int mi_macros_paired __attribute__((weak));
+}
+
 namespace nodemilter {
 
 namespace {
@@ -107,6 +116,8 @@ void WarnGuardOff(const std::string& why) {
 
 int MacroLayout() { return g_stages.load(); }
 
+bool PatchedLibmilter() { return &mi_macros_paired != nullptr && mi_macros_paired == 1; }
+
 std::string MacroGuardProblem() {
   std::lock_guard<std::mutex> lk(g_calmu);
   return GuardProblem();
@@ -114,6 +125,7 @@ std::string MacroGuardProblem() {
 
 bool MacrosSafe(SMFICTX* ctx) {
   if (ctx == nullptr) return false;
+  if (PatchedLibmilter()) return true;  // libmilter keeps its lists in pairs itself
   int stages = g_stages.load();
   if (stages == -2) {
     const void* priv = smfi_getpriv(ctx);

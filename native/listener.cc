@@ -616,7 +616,10 @@ Napi::Value GetDiag(const Napi::CallbackInfo& info) {
   o.Set("usedSmfiMain", a.used_smfi_main);
   o.Set("macroLayout", MacroLayout());
   const int layout = MacroLayout();
-  o.Set("macroGuard", layout == -2 ? "not calibrated" : layout < 0 ? "off: " + MacroGuardProblem() : "layout");
+  o.Set("macroGuard", PatchedLibmilter() ? "patched libmilter"
+                      : layout == -2      ? "not calibrated"
+                      : layout < 0        ? "off: " + MacroGuardProblem()
+                                          : "layout");
   o.Set("sessionsRefused", static_cast<double>(a.sessions_refused.load()));
   o.Set("actionsFailed", static_cast<double>(a.actions_failed.load()));
   o.Set("queueWaits", static_cast<double>(a.queue_waits.load()));

@@ -13,6 +13,13 @@
 // checks it against native/ so a stale prebuild fails the tests), the
 // Node-API version, the libmilter version and the newest glibc symbol
 // version the binary needs.
+//
+// libmilter: the archive scripts/build-libmilter.sh builds from Debian's
+// source with native/libmilter/odd-macros.patch (libmilter-build/, or the
+// path in NODEMILTER_LIBMILTER_A) when it is there, else Debian's
+// libmilter-dev as is. Which one is recorded in nodemilter.json. Set
+// NODEMILTER_PREBUILD_OUT to write the binary and its JSON to another
+// directory (a scratch build to test) instead of prebuilds/.
 'use strict';
 const crypto = require('node:crypto');
 const fs = require('node:fs');
@@ -29,7 +36,8 @@ function sourceFiles() {
     .filter((f) => /\.(cc|h)$/.test(f))
     .sort()
     .map((f) => `native/${f}`);
-  return [...native, 'binding.gyp'];
+  // The patch is in the binary when the patched libmilter is linked.
+  return [...native, 'native/libmilter/odd-macros.patch', 'binding.gyp'];
 }
 
 function sourcesHash() {
@@ -52,7 +60,21 @@ function sh(cmd, args, opts = {}) {
   return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], ...opts });
 }
 
+/** The patched static libmilter to link, with its version line, or null for Debian's. */
+function patchedLibmilter() {
+  const archive = process.env.NODEMILTER_LIBMILTER_A || path.join(root, 'libmilter-build', 'libmilter.a');
+  if (!fs.existsSync(archive)) {
+    if (process.env.NODEMILTER_LIBMILTER_A) throw new Error(`NODEMILTER_LIBMILTER_A: no file ${archive}`);
+    return null;
+  }
+  const versionFile = path.join(path.dirname(archive), 'VERSION');
+  const version = fs.existsSync(versionFile) ? fs.readFileSync(versionFile, 'utf8').trim() : '';
+  if (!version) throw new Error(`${archive} has no VERSION beside it: rebuild it with scripts/build-libmilter.sh`);
+  return { archive: path.resolve(archive), version };
+}
+
 function build() {
+  const patched = patchedLibmilter();
   const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'nodemilter-prebuild-'));
   try {
     fs.cpSync(path.join(root, 'native'), path.join(scratch, 'native'), { recursive: true });
@@ -65,10 +87,10 @@ function build() {
     execFileSync(process.execPath, args, {
       cwd: scratch,
       stdio: ['ignore', 'ignore', 'inherit'],
-      env: { ...process.env, NODEMILTER_STATIC: '1', NODEMILTER_SANITIZE: '0' },
+      env: { ...process.env, NODEMILTER_STATIC: '1', NODEMILTER_SANITIZE: '0', NODEMILTER_LIBMILTER_A: patched ? patched.archive : '' },
     });
     const built = path.join(scratch, 'build', 'Release', 'nodemilter.node');
-    const outDir = path.join(root, 'prebuilds', platformDir());
+    const outDir = process.env.NODEMILTER_PREBUILD_OUT ? path.resolve(process.env.NODEMILTER_PREBUILD_OUT) : path.join(root, 'prebuilds', platformDir());
     fs.mkdirSync(outDir, { recursive: true });
     const out = path.join(outDir, 'nodemilter.node');
     sh('strip', ['--strip-unneeded', '-o', out, built]);
@@ -80,15 +102,20 @@ function build() {
     if (needed.some((n) => n.startsWith('libmilter'))) throw new Error(`prebuild still needs ${needed.join(', ')}`);
     const syms = sh('readelf', ['--dyn-syms', '-W', out]);
     if (!/\sFUNC\s+GLOBAL\s+DEFAULT\s+\d+\s+mi_listener$/m.test(syms)) throw new Error('mi_listener is not a defined dynamic symbol of the prebuild');
+    // The patch's marker, defined in the binary exactly when the patched archive was linked.
+    const marker = /\sOBJECT\s+GLOBAL\s+DEFAULT\s+\d+\s+mi_macros_paired$/m.test(syms);
+    if (marker !== !!patched) throw new Error(`mi_macros_paired is ${marker ? '' : 'not '}defined in the prebuild, linked with ${patched ? patched.archive : "Debian's libmilter.a"}`);
     const glibc = [...syms.matchAll(/@GLIBC_(\d+)\.(\d+)(?:\.(\d+))?/g)]
       .map((m) => [Number(m[1]), Number(m[2]), Number(m[3] ?? 0)])
       .sort((a, b) => a[0] - b[0] || a[1] - b[1] || a[2] - b[2])
       .pop();
-    let libmilter = 'unknown';
-    try {
-      libmilter = `libmilter-dev ${sh('dpkg-query', ['-W', '-f=${Version}', 'libmilter-dev'], { stdio: ['ignore', 'pipe', 'ignore'] })}`;
-    } catch {
-      // not a Debian system: the version stays unknown
+    let libmilter = patched ? patched.version : 'unknown';
+    if (!patched) {
+      try {
+        libmilter = `libmilter-dev ${sh('dpkg-query', ['-W', '-f=${Version}', 'libmilter-dev'], { stdio: ['ignore', 'pipe', 'ignore'] })}`;
+      } catch {
+        // not a Debian system: the version stays unknown
+      }
     }
     const meta = {
       sourcesHash: sourcesHash(),
@@ -110,4 +137,4 @@ if (require.main === module) {
   else build();
 }
 
-module.exports = { sourcesHash, sourceFiles, platformDir };
+module.exports = { sourcesHash, sourceFiles, platformDir, patchedLibmilter };

@@ -8,6 +8,13 @@
 # build/ is left alone) and picked up through NODEMILTER_ADDON. Node itself
 # is not instrumented, so the ASan runtime is preloaded; leak detection is
 # off because Node deliberately leaks at exit (valgrind covers leaks).
+#
+# With NODEMILTER_LIBMILTER_A=<libmilter.a> the addon links that archive
+# statically instead of the system's libmilter.so: a patched libmilter from
+# scripts/build-libmilter.sh, built with
+# NODEMILTER_LIBMILTER_CFLAGS="-fsanitize=address -fno-omit-frame-pointer" so
+# libmilter's own reads are checked too (its findings are inside
+# nodemilter.node, so they count).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d /tmp/nodemilter-asan.XXXXXX)"
@@ -16,7 +23,12 @@ cp "$root/binding.gyp" "$work/"
 ln -s "$root/native" "$work/native"
 ln -s "$root/node_modules" "$work/node_modules"
 echo "== building the addon with -fsanitize=address,undefined in $work"
-(cd "$work" && NODEMILTER_SANITIZE=1 npx --prefix "$root" node-gyp rebuild >"$work/build.log" 2>&1) || {
+static=0
+if [ -n "${NODEMILTER_LIBMILTER_A:-}" ]; then
+  static=1
+  echo "== linking $NODEMILTER_LIBMILTER_A"
+fi
+(cd "$work" && NODEMILTER_STATIC=$static NODEMILTER_SANITIZE=1 npx --prefix "$root" node-gyp rebuild >"$work/build.log" 2>&1) || {
   cat "$work/build.log"
   exit 1
 }

@@ -348,11 +348,15 @@ export interface Diag extends EngineCounters {
    * Macro stages found in libmilter's context by the guard that keeps a
    * malformed macro list from crashing smfi_getsymval (7 with sendmail
    * 8.17); -1 when the layout was not recognised (macros are then not read
-   * from libmilter), -2 before the first session.
+   * from libmilter), -2 before the first session or with a patched
+   * libmilter (see {@link Diag.macroGuard}).
    */
   macroLayout: number;
   /**
    * Which guard keeps malformed macro lists from crashing libmilter:
+   * `'patched libmilter'` (the addon is linked with a libmilter built with
+   * native/libmilter/odd-macros.patch, which keeps its macro lists in pairs
+   * itself: no guard is needed, so `macroLayout` stays -2),
    * `'layout'` (libmilter's context layout was recognised and checked),
    * `'not calibrated'` (before the first session), or `'off: <why>'` (not
    * recognised: macros are not read from libmilter; a warning went to the

@@ -80,7 +80,7 @@ export interface NativeDiag extends EngineCounters {
   usedSmfiMain: boolean;
   /** Macro stages found in libmilter's context (guard against malformed macro lists); -1 unknown, -2 not yet. */
   macroLayout: number;
-  /** Which macro guard is active: 'layout', 'not calibrated', or 'off: <why>'. */
+  /** Which macro guard is active: 'patched libmilter', 'layout', 'not calibrated', or 'off: <why>'. */
   macroGuard: string;
   /** Sessions refused because `maxSessions` were being served. */
   sessionsRefused: number;

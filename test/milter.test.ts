@@ -7,7 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import * as C from '../src/constants';
 import { MilterClient } from '../src/testing/client';
-import { buildC, freeInet6Spec, jsonEvents, startFixtureMilter, stopAll, tmpSocketSpec, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
+import { addonFile, buildC, freeInet6Spec, jsonEvents, linksPatchedLibmilter, startFixtureMilter, stopAll, tmpSocketSpec, waitJsonEvent, type JsonEvent, type RunningProcess } from './helpers';
 
 const FIXTURE = path.join(__dirname, 'fixtures', 'node', 'milter.cjs');
 const HANDOFF = path.join(__dirname, 'fixtures', 'node', 'handoff.cjs');
@@ -283,8 +283,15 @@ describe('async handlers, ordering and concurrency', () => {
 });
 
 describe('hostile input', () => {
+  // With a libmilter built with native/libmilter/odd-macros.patch (a
+  // prebuild linked with scripts/build-libmilter.sh's archive, loaded with
+  // NODEMILTER_ADDON), libmilter itself drops the trailing name and the
+  // pairs before it are read; with any other libmilter the guard reads none.
+  const addon = addonFile();
+  const patched = addon !== undefined && linksPatchedLibmilter(addon);
+
   it('survives a macro list with an odd number of entries (libmilter would read past it)', async () => {
-    const p = await startMilter({ noreply: ['connect'], callbacks: ['connect', 'helo', 'close'], macros: ['j', 'zz'] });
+    const p = await startMilter({ noreply: ['connect'], callbacks: ['connect', 'helo', 'close'], macros: ['j', 'k', 'zz'] });
     const c = await MilterClient.connect(p.spec);
     // Name, value, name: the last name has no value.
     c.sendRaw('D', Buffer.from('Cj\0mx.example\0k\0', 'latin1'));
@@ -300,13 +307,68 @@ describe('hostile input', () => {
     await waitCount(p, 'close', 2);
     const connects = events(p).filter((e) => e.ev === 'connect');
     expect(connects, JSON.stringify(events(p))).toHaveLength(2);
-    expect(connects[0].macros).toEqual({});
+    // The name without a value is never answered (and never read past).
+    expect(connects[0].macros).toEqual(patched ? { j: 'mx.example' } : {});
     expect(connects[1].macros).toEqual({ j: 'mx2.example' });
     process.kill(p.pid, 'SIGTERM');
     const stopped = await waitEvent(p, 'stopped');
-    // The guard found libmilter's seven macro stages in its context.
-    expect((stopped.diag as { macroLayout: number }).macroLayout).toBe(7);
-    expect((stopped.diag as { macroGuard: string }).macroGuard).toBe('layout');
+    const diag = stopped.diag as { macroLayout: number; macroGuard: string };
+    if (patched) {
+      // No guard needed, so no calibration.
+      expect(diag.macroGuard).toBe('patched libmilter');
+      expect(diag.macroLayout).toBe(-2);
+    } else {
+      // The guard found libmilter's seven macro stages in its context.
+      expect(diag.macroLayout).toBe(7);
+      expect(diag.macroGuard).toBe('layout');
+    }
+    expect((await p.exited).code).toBe(0);
+  });
+
+  it('answers getsymval right after odd macro lists at every stage, pairs before the stray name intact', async () => {
+    const stages = ['connect', 'helo', 'envfrom', 'envrcpt', 'data', 'eoh', 'eom'] as const;
+    const p = await startMilter({ callbacks: [...stages, 'close'], macros: ['j', '{a}', 'b', '{c}', '{stray}', '{late}'] });
+    const c = await MilterClient.connect(p.spec);
+    // One odd list per stage byte, each with a stray name last; the value
+    // strings are long so that a walk past the list would meet heap data.
+    const odd = (stage: string, pairs: [string, string][]) =>
+      c.sendRaw('D', Buffer.from(`${stage}${pairs.map(([n, v]) => `${n}\0${v}\0`).join('')}{stray}\0`, 'latin1'));
+    const v = (s: string) => `${s}-${'x'.repeat(200)}`;
+    odd('C', [['j', v('mx')]]);
+    await c.connect('h.example', 'inet', '192.0.2.1', 25);
+    odd('H', [['{a}', v('helo')]]);
+    await c.helo('h.example');
+    odd('M', [['b', v('mail')], ['{c}', v('mail2')]]);
+    await c.envfrom('<a@example.org>');
+    odd('R', []);
+    await c.envrcpt('<b@example.net>');
+    odd('T', [['{a}', v('data')]]);
+    await c.data();
+    await c.header('Subject', 'x');
+    odd('N', [['{late}', v('eoh')]]);
+    await c.eoh();
+    odd('E', [['{c}', v('eom')]]);
+    const r = await c.eom();
+    expect(r.status).toBe('continue');
+    await c.close();
+    await waitEvent(p, 'close');
+    const got = Object.fromEntries(events(p).filter((e) => stages.includes(e.ev as never)).map((e) => [e.ev, e.macros]));
+    const expected = patched
+      ? {
+          connect: { j: v('mx') },
+          helo: { j: v('mx'), '{a}': v('helo') },
+          envfrom: { j: v('mx'), '{a}': v('helo'), b: v('mail'), '{c}': v('mail2') },
+          envrcpt: { j: v('mx'), '{a}': v('helo'), b: v('mail'), '{c}': v('mail2') },
+          // Later stages win, as in smfi_getsymval's backwards search.
+          data: { j: v('mx'), '{a}': v('data'), b: v('mail'), '{c}': v('mail2') },
+          eoh: { j: v('mx'), '{a}': v('data'), b: v('mail'), '{c}': v('mail2'), '{late}': v('eoh') },
+          eom: { j: v('mx'), '{a}': v('data'), b: v('mail'), '{c}': v('eom'), '{late}': v('eoh') },
+        }
+      : Object.fromEntries(stages.map((s) => [s, {}]));
+    expect(got).toEqual(expected);
+    process.kill(p.pid, 'SIGTERM');
+    const stopped = await waitEvent(p, 'stopped');
+    expect((stopped.diag as { macroGuard: string }).macroGuard).toBe(patched ? 'patched libmilter' : 'layout');
     expect((await p.exited).code).toBe(0);
   });
 });

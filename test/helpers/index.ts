@@ -19,3 +19,4 @@ export const PY_TESTMILTER = path.join(FIXTURES, 'py', 'testmilter.py');
  * earlier in PATH, e.g. pyenv's, does not see Debian's dist-packages).
  */
 export const SYSTEM_PYTHON = fs.existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
+export * from './libmilter';
