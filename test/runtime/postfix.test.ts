@@ -1,11 +1,12 @@
 // Workers behind a real Postfix, short runs for npm test (the long ones, 20 s
 // of load with 10 reloads, are in test/reliability/workers-postfix.test.ts):
-// kill -9 of one of two workers under load, and reloads under load (Node SMTP
-// clients, and Postfix's C load generator smtp-source), on both engines. Scenarios in ./postfix-scenarios.ts.
+// kill -9 of one of two workers under load, and reloads under load, on both
+// engines (the run with Postfix's C load generator, smtp-source, is in the
+// long file only). Scenarios in ./postfix-scenarios.ts.
 import { describe, it } from 'vitest';
 
 import { ENGINES } from '../helpers';
-import { crashUnderLoad, postfixSuite, reloadUnderLoad, reloadUnderSmtpSource } from './postfix-scenarios';
+import { crashUnderLoad, postfixSuite, reloadUnderLoad } from './postfix-scenarios';
 
 const { unavailable, skip } = postfixSuite();
 
@@ -18,10 +19,5 @@ describe.skipIf(skip).each(ENGINES)('workers behind Postfix, %s engine (short)',
   it('3 reloads in 6 s of load: every message answered by the milter and delivered stamped, no milter connection refused', async () => {
     if (unavailable) throw new Error(unavailable);
     await reloadUnderLoad(engine, 6, 3);
-  }, 120_000);
-
-  it('3 reloads in 6 s of smtp-source (C, 8 sessions) through Postfix: every batch accepted, every message delivered once, stamped', async () => {
-    if (unavailable) throw new Error(unavailable);
-    await reloadUnderSmtpSource(engine, 6, 3);
   }, 120_000);
 });
