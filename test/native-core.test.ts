@@ -330,7 +330,13 @@ describe('a lone waiting worker spins for its answer', () => {
   it('refuses a NODEMILTER_SPIN_US that is not a whole number from 0 to 1000 with an InvalidArgumentError naming it', () => {
     for (const bad of ['abc', '-1', '1001', '20us']) {
       const r = spawnSync(process.execPath, [FIXTURE], {
-        env: { ...process.env, NODEMILTER_SPIN_US: bad, MILTER_CONFIG: JSON.stringify({ socket: `unix:${path.join(tmpDir(), 'spin.sock')}` }) },
+        env: {
+          ...process.env,
+          // Under test:asan the sanitizer runtime must come first, as startFixtureMilter arranges.
+          LD_PRELOAD: process.env.NODEMILTER_CHILD_PRELOAD ?? process.env.LD_PRELOAD,
+          NODEMILTER_SPIN_US: bad,
+          MILTER_CONFIG: JSON.stringify({ socket: `unix:${path.join(tmpDir(), 'spin.sock')}` }),
+        },
         encoding: 'utf8',
         timeout: 20_000,
       });
