@@ -251,8 +251,8 @@ struct Addon {
   // concurrency the answer mostly comes within microseconds, and a futex
   // sleep and wake-up costs more than that. With other workers waiting
   // (JavaScript is busy), with as many sessions open as CPUs, or on one
-  // CPU, nobody spins. 0: never (set once at
-  // start; NODEMILTER_SPIN_US).
+  // CPU, nobody spins. 0: never (set at register(), from its spinUs:
+  // NODEMILTER_SPIN_US).
   int64_t spin_ns = 0;
   uint64_t spin_below_sessions = 2;  // the CPU count
   std::atomic<int> waiting_workers{0};

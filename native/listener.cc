@@ -270,35 +270,14 @@ int64_t IntProp(const Napi::Object& o, const char* key, int64_t dflt) {
   return v.IsNumber() ? v.As<Napi::Number>().Int64Value() : dflt;
 }
 
-// How long a lone waiting worker spins for its answer (Addon::spin_ns):
-// NODEMILTER_SPIN_US microseconds (0 turns it off), 50 by default, and never
-// on a single CPU, where the spin would keep JavaScript from answering.
-// -1: the variable is not a whole number from 0 to 1000.
-int64_t SpinNs() {
-  const char* v = getenv("NODEMILTER_SPIN_US");
-  long us = 50;
-  if (v && *v) {
-    char* end = nullptr;
-    errno = 0;
-    us = strtol(v, &end, 10);
-    if (*end || errno || us < 0 || us > 1000) return -1;
-  }
-  if (sysconf(_SC_NPROCESSORS_ONLN) < 2) return 0;
-  return static_cast<int64_t>(us) * 1000;
-}
-
 // register({name, actions, steps, handled, noreply, dynamicNegotiate,
 //           symlists[7], deadlines[EV_COUNT], progressMs, fallbackStatus, watch[],
-//           maxSessions, sessionCapClose, allowSmfiMain})
+//           maxSessions, sessionCapClose, allowSmfiMain, spinUs})
 Napi::Value Register(const Napi::CallbackInfo& info) {
   OWNER_ONLY(info, "register()");
   Napi::Env env = info.Env();
   Addon& a = State();
   if (a.started.load()) return Throw(env, "register() after main()");
-  const int64_t spin_ns = SpinNs();
-  if (spin_ns < 0)
-    return Throw(env, std::string("NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got '") +
-                          getenv("NODEMILTER_SPIN_US") + "'");
   Napi::Object o = info[0].As<Napi::Object>();
   Registration& r = a.reg;
   r.name = o.Get("name").ToString().Utf8Value();
@@ -323,8 +302,11 @@ Napi::Value Register(const Napi::CallbackInfo& info) {
   r.max_sessions = IntProp(o, "maxSessions", 1000);
   r.cap_closes = o.Get("sessionCapClose").ToBoolean();
   a.allow_smfi_main = o.Get("allowSmfiMain").ToBoolean();
-  a.spin_ns = spin_ns;
-  a.spin_below_sessions = static_cast<uint64_t>(std::max(1L, sysconf(_SC_NPROCESSORS_ONLN)));
+  // The spin (Addon::spin_ns): never on one CPU, where it would keep
+  // JavaScript from answering. The JavaScript layer checked the value.
+  const long cpus = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
+  a.spin_ns = cpus < 2 ? 0 : std::min<int64_t>(std::max<int64_t>(IntProp(o, "spinUs", 50), 0), 1000) * 1000;
+  a.spin_below_sessions = static_cast<uint64_t>(cpus);
 
   a.desc = Callbacks();
   a.desc.xxfi_name = const_cast<char*>(r.name.c_str());

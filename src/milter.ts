@@ -434,21 +434,23 @@ export function getdiag(): Diag {
 }
 
 /**
- * NODEMILTER_SPIN_US, checked before the addon reads it: a whole number of
- * microseconds from 0 to 1000 (docs/native.md, "The spin").
+ * How long a lone waiting libmilter worker spins for its answer, in
+ * microseconds: NODEMILTER_SPIN_US, a whole number from 0 to 1000, 50 when
+ * unset (docs/native.md, "The spin"). The addon turns it off on one CPU.
  */
-function checkSpinEnv(): void {
+function spinUs(): number {
   const v = process.env.NODEMILTER_SPIN_US;
-  if (v === undefined || v === '') return;
+  if (v === undefined || v === '') return 50;
   if (!/^\d{1,4}$/.test(v) || Number(v) > 1000) {
     throw new InvalidArgumentError(`NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got '${v}'`);
   }
+  return Number(v);
 }
 
 function commit(): void {
   if (committed) return;
   if (!registered || !registered.name) throw new MilterStateError('register() must be called first');
-  checkSpinEnv();
+  const spin = spinUs();
   const { name, callbacks, options } = registered;
   const { handled, noreply } = eventMasks(callbacks, options.noreply);
   const symlists = symlistStrings(options.symlists);
@@ -478,6 +480,7 @@ function commit(): void {
     maxSessions: options.maxSessions ?? DEFAULT_MAX_SESSIONS,
     sessionCapClose: options.sessionCapAction === 'close',
     allowSmfiMain: process.env.NODEMILTER_ALLOW_SMFI_MAIN === '1',
+    spinUs: spin,
   });
   committed = true;
 }

@@ -67,6 +67,8 @@ export interface NativeRegistration {
   sessionCapClose: boolean;
   /** Run on smfi_main when libmilter lacks mi_listener (its signal thread then takes TERM, INT, HUP). */
   allowSmfiMain: boolean;
+  /** How long a lone waiting worker spins for its answer, in microseconds (0: never; the addon ignores it on one CPU). */
+  spinUs: number;
 }
 
 /** Counters kept by the addon: every engine's, and the addon's own. */
