@@ -127,6 +127,17 @@ async function main() {
   if (o.json) fs.writeFileSync(o.json, JSON.stringify({ machine: mach, options: o, results }, null, 1));
 }
 
+/** The median over rounds of cell a's msg/s over cell b's in the same round. */
+function roundRatio(cell, a, b) {
+  return L.median(
+    [...new Set(cell.map((r) => r.round))].map((round) => {
+      const x = cell.find((r) => r.round === round && r.cell === a);
+      const y = cell.find((r) => r.round === round && r.cell === b);
+      return x && y ? x.rate / y.rate : NaN;
+    }),
+  );
+}
+
 function summarize(results, cells, o) {
   const lines = [];
   const names = cells.map((c) => c.name);
@@ -141,14 +152,7 @@ function summarize(results, cells, o) {
     for (const conc of o.conc) {
       const cell = results.filter((r) => r.shape === shape && r.conc === conc);
       const med = (name, f) => L.median(cell.filter((r) => r.cell === name).map(f));
-      const ratio = (a, b) =>
-        L.median(
-          [...new Set(cell.map((r) => r.round))].map((round) => {
-            const x = cell.find((r) => r.round === round && r.cell === a);
-            const y = cell.find((r) => r.round === round && r.cell === b);
-            return x && y ? x.rate / y.rate : NaN;
-          }),
-        );
+      const ratio = (a, b) => roundRatio(cell, a, b);
       lines.push(
         `| ${shape} | ${conc} | ${names.map((n) => med(n, (r) => r.rate).toFixed(0)).join(' | ')} | ` +
           `${ratioCols.map(([a, b]) => ratio(a, b).toFixed(2)).join(' | ')} | ${names.map((n) => (med(n, (r) => r.p99_us) / 1000).toFixed(1)).join(' / ')} |`,
@@ -173,12 +177,7 @@ function summarize(results, cells, o) {
         if (!w1.length || !o.workers.includes(2)) continue;
         const milter = L.median(w1.map((r) => r.milterCpuS / r.wallS));
         const lg = L.median(w1.map((r) => r.loadgen_cpu_s / r.wallS));
-        const rounds = [...new Set(cell.map((r) => r.round))];
-        const measured = L.median(rounds.map((round) => {
-          const a = cell.find((r) => r.round === round && r.cell === `${pre}-w2`);
-          const b = cell.find((r) => r.round === round && r.cell === `${pre}-w1`);
-          return a && b ? a.rate / b.rate : NaN;
-        }));
+        const measured = roundRatio(cell, `${pre}-w2`, `${pre}-w1`);
         lines.push(`| ${shape} | ${conc} | ${pre} | ${milter.toFixed(2)} | ${lg.toFixed(2)} | ${(cores / (milter + lg)).toFixed(2)} | ${measured.toFixed(2)} |`);
       }
     }
