@@ -65,6 +65,7 @@ import {
   MilterStateError,
 } from './errors';
 import type { MilterMetrics } from './metrics';
+import { LoopSpin, spinUsFromEnv } from './loopspin';
 import { ActionCode, ConnHandle, Ev, NativeBinding, loadNative } from './native';
 import { parseSocketSpec } from './socketspec';
 import type { Bytes, CallbackName, Callbacks, EngineCounters, Logger, MilterDescription } from './types';
@@ -382,6 +383,14 @@ export interface Diag extends EngineCounters {
   spinHits: number;
   /** Replied steps whose worker spun, then slept until the answer came. */
   spinMisses: number;
+  /**
+   * Spins of the JavaScript thread's event loop after a reply, for the next
+   * event (src/loopspin.ts: the same NODEMILTER_SPIN_US, only while fewer
+   * sessions than CPUs are open).
+   */
+  loopSpins: number;
+  /** Event-loop turns those spins took. */
+  loopSpinTurns: number;
   /** {@link stopAccepting} took effect: this process accepts no new connection. */
   acceptingStopped: boolean;
   /**
@@ -426,6 +435,8 @@ export function getdiag(): Diag {
     spinUs: d.spinUs ?? 0,
     spinHits: d.spinHits ?? 0,
     spinMisses: d.spinMisses ?? 0,
+    loopSpins: loopSpin?.counters.spins ?? 0,
+    loopSpinTurns: loopSpin?.counters.turns ?? 0,
     acceptingStopped: d.acceptingStopped,
     wakeSignal: d.wakeSignal ?? '',
     // An addon built before the crash handler (an old prebuild, NODEMILTER_ADDON) has no such call.
@@ -433,24 +444,10 @@ export function getdiag(): Diag {
   };
 }
 
-/**
- * How long a lone waiting libmilter worker spins for its answer, in
- * microseconds: NODEMILTER_SPIN_US, a whole number from 0 to 1000, 50 when
- * unset (docs/native.md, "The spin"). The addon turns it off on one CPU.
- */
-function spinUs(): number {
-  const v = process.env.NODEMILTER_SPIN_US;
-  if (v === undefined || v === '') return 50;
-  if (!/^\d{1,4}$/.test(v) || Number(v) > 1000) {
-    throw new InvalidArgumentError(`NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got '${v}'`);
-  }
-  return Number(v);
-}
-
 function commit(): void {
   if (committed) return;
   if (!registered || !registered.name) throw new MilterStateError('register() must be called first');
-  const spin = spinUs();
+  const spin = spinUsFromEnv();
   const { name, callbacks, options } = registered;
   const { handled, noreply } = eventMasks(callbacks, options.noreply);
   const symlists = symlistStrings(options.symlists);
@@ -482,6 +479,7 @@ function commit(): void {
     allowSmfiMain: process.env.NODEMILTER_ALLOW_SMFI_MAIN === '1',
     spinUs: spin,
   });
+  loopSpin = new LoopSpin(spin, () => sessions.size);
   committed = true;
 }
 
@@ -654,6 +652,8 @@ export function unref(): void {
 /* Sessions and dispatch                                                    */
 
 const sessions = new Map<number, Session>();
+/** The event loop's spin after each reply (made at register, from NODEMILTER_SPIN_US). */
+let loopSpin: LoopSpin | undefined;
 let dispatcher: Dispatcher | undefined;
 
 function report(error: Error, s: SessionCore, type: number, answered?: number): void {
@@ -700,6 +700,7 @@ class Session extends SessionCore {
   answer(seq: number, status: number, actions?: number, steps?: number): void {
     if (actions === undefined) addon().reply(this.handle, seq, status);
     else addon().reply(this.handle, seq, status, actions, steps ?? 0);
+    loopSpin?.kick();
   }
 
   fallbackReply(seq: number, rcode: string, xcode: string, text: string): void {

@@ -288,7 +288,7 @@ describe('bounded queue memory', () => {
   }, 60_000);
 });
 
-describe('a lone waiting worker spins for its answer', () => {
+describe('a lone waiting worker spins for its answer, and the JavaScript thread for the next event', () => {
   const cpus = os.availableParallelism();
 
   it('by default (50 us, on more than one CPU): every replied step of a lone session spins first, every answer right', async () => {
@@ -298,16 +298,23 @@ describe('a lone waiting worker spins for its answer', () => {
     const stopped = await stopMilter(p);
     const d = stopped.diag;
     // Whether an answer comes within the spin depends on the machine's load; the effect is measured in bench/, not here.
-    console.log(`spin ${d.spinUs} us: ${d.spinHits} steps answered while spinning, ${d.spinMisses} after it (${cpus} CPUs)`);
+    console.log(`spin ${d.spinUs} us: ${d.spinHits} steps answered while spinning, ${d.spinMisses} after it; the loop spun ${d.loopSpins} times, ${d.loopSpinTurns} turns (${cpus} CPUs)`);
     if (cpus < 2) {
       // One CPU: a spin would keep JavaScript from answering; nobody spins.
       expect(d.spinUs).toBe(0);
       expect(d.spinHits + d.spinMisses).toBe(0);
+      expect(d.loopSpins).toBe(0);
     } else {
       expect(d.spinUs).toBe(50);
       // The replied steps (connect once, envfrom and eom of each of the 40
       // messages) each waited alone, one session open: each spun once.
       expect(d.spinHits + d.spinMisses).toBe(1 + 40 * 2);
+      // And after each of those 81 answers the JavaScript thread's loop spun
+      // for the next event (src/loopspin.ts): a spin still running when the
+      // next answer goes out is extended, not counted again.
+      expect(d.loopSpins).toBeGreaterThan(0);
+      expect(d.loopSpins).toBeLessThanOrEqual(81);
+      expect(d.loopSpinTurns).toBeGreaterThanOrEqual(d.loopSpins);
     }
   });
 
@@ -325,6 +332,7 @@ describe('a lone waiting worker spins for its answer', () => {
     const o = (await stopMilter(off)).diag;
     expect(o.spinUs).toBe(0);
     expect(o.spinHits + o.spinMisses).toBe(0);
+    expect(o.loopSpins + o.loopSpinTurns).toBe(0);
   });
 
   it('refuses a NODEMILTER_SPIN_US that is not a whole number from 0 to 1000 with an InvalidArgumentError naming it', () => {

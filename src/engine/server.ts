@@ -15,6 +15,7 @@ import * as net from 'node:net';
 
 import * as C from '../constants';
 import { InvalidArgumentError, MilterError, MilterStateError, ActionNotAllowedError, ContextClosedError } from '../errors';
+import { LoopSpin, spinUsFromEnv } from '../loopspin';
 import { parseSocketSpec, refuseNonSocket, removeUnixSocket } from '../socketspec';
 import type { Bytes, EngineCounters, Logger, MilterDescription } from '../types';
 import type { Reply } from '../validate';
@@ -224,6 +225,12 @@ export interface EngineDiag extends EngineCounters {
   outputLimited: number;
   /** Times the process ran out of file descriptors (new connections were lost meanwhile). */
   fdExhausted: number;
+  /** Microseconds the event loop keeps polling after each reply (NODEMILTER_SPIN_US; 0: off, also on one CPU). */
+  spinUs: number;
+  /** Spins of the event loop started after a reply (only while fewer sessions than CPUs are open). */
+  loopSpins: number;
+  /** Event-loop turns those spins took. */
+  loopSpinTurns: number;
 }
 
 /** Options of {@link MilterServer.close}. */
@@ -276,6 +283,8 @@ export class MilterServer extends EventEmitter {
     this.dirty = [];
     for (const c of list) c.flush();
   };
+  /** @internal The event-loop spin after each reply (src/loopspin.ts; NODEMILTER_SPIN_US). */
+  readonly spin: LoopSpin;
 
   /** Build a server for `description`; {@link listen} starts it. Prefer {@link serve}. */
   constructor(description: MilterDescription, readonly options: ServeOptions) {
@@ -294,6 +303,7 @@ export class MilterServer extends EventEmitter {
     if (options.backlog !== undefined) checkBacklog(options.backlog);
     checkSessionCap(options);
     const maxSessions = options.maxSessions ?? defaultMaxSessions(this.fdLimit);
+    this.spin = new LoopSpin(spinUsFromEnv(), () => this.conns.size);
     this.name = description.name;
     this.logger = options.logger ?? console;
     this.exceptionStatus = policy;
@@ -425,7 +435,8 @@ export class MilterServer extends EventEmitter {
 
   /** The server's counters. */
   getdiag(): EngineDiag {
-    return { ...this.diag, active: this.diag.created - this.diag.deleted, running: this.listening };
+    const spin = this.spin.counters;
+    return { ...this.diag, active: this.diag.created - this.diag.deleted, running: this.listening, spinUs: this.spin.us, loopSpins: spin.spins, loopSpinTurns: spin.turns };
   }
 
   /** Set the exception policy (TEMPFAIL, REJECT, CONTINUE or ACCEPT). */
@@ -938,6 +949,7 @@ class Connection {
       this.blocked = true;
       this.watchStall();
     }
+    this.server.spin.kick();
   }
 
   /** libmilter's sendreply: the status of a step as the MTA sees it. */
