@@ -14,6 +14,13 @@ import { MilterClient } from '../src/testing/client';
 import type { MilterContext } from '../src/types';
 import { tmpSocketSpec } from './helpers';
 
+/** Set NODEMILTER_SPIN_US, or unset it for `undefined`. */
+function setSpinEnv(v: string | undefined): void {
+  if (v === undefined) delete process.env.NODEMILTER_SPIN_US;
+  else process.env.NODEMILTER_SPIN_US = v;
+}
+const savedSpinEnv = process.env.NODEMILTER_SPIN_US;
+
 /** Resolves after a timer of `ms` and one more turn of the loop (a spin's last pending turn ran by then). */
 const after = (ms: number) => new Promise<void>((r) => setTimeout(() => setImmediate(r), ms));
 
@@ -52,40 +59,35 @@ describe('LoopSpin', () => {
   });
 
   it('reads NODEMILTER_SPIN_US: 50 when unset or empty, a whole number from 0 to 1000, else an InvalidArgumentError naming the value', () => {
-    const saved = process.env.NODEMILTER_SPIN_US;
     try {
-      delete process.env.NODEMILTER_SPIN_US;
+      setSpinEnv(undefined);
       expect(spinUsFromEnv()).toBe(50);
-      process.env.NODEMILTER_SPIN_US = '';
+      setSpinEnv('');
       expect(spinUsFromEnv()).toBe(50);
       for (const ok of ['0', '7', '1000']) {
-        process.env.NODEMILTER_SPIN_US = ok;
+        setSpinEnv(ok);
         expect(spinUsFromEnv()).toBe(Number(ok));
       }
       for (const bad of ['abc', '-1', '1001', '20us', '1.5']) {
-        process.env.NODEMILTER_SPIN_US = bad;
+        setSpinEnv(bad);
         expect(() => spinUsFromEnv()).toThrow(InvalidArgumentError);
         expect(() => spinUsFromEnv()).toThrow(`NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got '${bad}'`);
       }
     } finally {
-      if (saved === undefined) delete process.env.NODEMILTER_SPIN_US;
-      else process.env.NODEMILTER_SPIN_US = saved;
+      setSpinEnv(savedSpinEnv);
     }
   });
 });
 
 describe('the TypeScript engine spins its loop after replies', () => {
   const servers: MilterServer[] = [];
-  const saved = process.env.NODEMILTER_SPIN_US;
   afterEach(async () => {
-    if (saved === undefined) delete process.env.NODEMILTER_SPIN_US;
-    else process.env.NODEMILTER_SPIN_US = saved;
+    setSpinEnv(savedSpinEnv);
     await Promise.all(servers.splice(0).map((s) => s.close()));
   });
 
   async function run(env: string | undefined): Promise<ReturnType<MilterServer['getdiag']>> {
-    if (env === undefined) delete process.env.NODEMILTER_SPIN_US;
-    else process.env.NODEMILTER_SPIN_US = env;
+    setSpinEnv(env);
     const socket = tmpSocketSpec();
     const s = await serve(
       {
@@ -129,7 +131,7 @@ describe('the TypeScript engine spins its loop after replies', () => {
   });
 
   it('refuses a bad NODEMILTER_SPIN_US when the server is built', async () => {
-    process.env.NODEMILTER_SPIN_US = 'fast';
+    setSpinEnv('fast');
     await expect(serve({ name: 'spin', callbacks: { eom: () => C.CONTINUE } }, { socket: tmpSocketSpec() })).rejects.toThrow(
       "NODEMILTER_SPIN_US must be a whole number of microseconds from 0 to 1000, got 'fast'",
     );

@@ -303,7 +303,7 @@ export class MilterServer extends EventEmitter {
     if (options.backlog !== undefined) checkBacklog(options.backlog);
     checkSessionCap(options);
     const maxSessions = options.maxSessions ?? defaultMaxSessions(this.fdLimit);
-    this.spin = new LoopSpin(spinUsFromEnv(), () => this.conns.size);
+    this.spin = new LoopSpin(spinUsFromEnv(), () => this.connectionCount);
     this.name = description.name;
     this.logger = options.logger ?? console;
     this.exceptionStatus = policy;
