@@ -12,7 +12,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { ENGINES, freeInetSpec, stopAll } from '../helpers';
 import * as path from 'node:path';
 
-import { mayskipPostfix, postfixUnavailable, readSink, startPostfix, stopAllPostfix } from '../helpers/postfix';
+import { hasQueueId, mayskipPostfix, postfixUnavailable, readSink, startPostfix, stopAllPostfix } from '../helpers/postfix';
 import type { DeliveredMessage, PostfixInstance } from '../helpers/postfix';
 import { dist, startExample, testing } from '../examples/common';
 import { OFFLINE, OUTGOING, PHISH, SIGNER_ENV, ZONE } from './common';
@@ -29,7 +29,7 @@ const skip = postfixUnavailable() !== undefined && mayskipPostfix();
 async function sunk(pf: PostfixInstance, queueId: string, timeout = 15_000): Promise<DeliveredMessage> {
   const deadline = Date.now() + timeout;
   for (;;) {
-    const found = readSink(path.join(pf.dir, 'sink')).find((m) => m.message.includes(` id ${queueId}`));
+    const found = readSink(path.join(pf.dir, 'sink')).find((m) => hasQueueId(m.message, queueId));
     if (found) return found;
     if (Date.now() > deadline) throw new Error(`${queueId} did not reach the sink within ${timeout} ms; mail log:\n${pf.log()}`);
     await new Promise((r) => setTimeout(r, 50));

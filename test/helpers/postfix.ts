@@ -275,7 +275,7 @@ export async function startPostfix(opts: PostfixOptions): Promise<PostfixInstanc
       const sent = new RegExp(`${queueId}: to=<[^>]*>, relay=127\\.0\\.0\\.1\\[127\\.0\\.0\\.1\\]:${sinkPort}.*status=sent`);
       for (;;) {
         if (sent.test(log())) {
-          const found = readSink(sinkDir).filter((m) => m.message.includes(` id ${queueId}`));
+          const found = readSink(sinkDir).filter((m) => hasQueueId(m.message, queueId));
           if (found.length) return found;
         }
         if (Date.now() > deadline) throw new Error(`${queueId} was not delivered within ${timeout} ms; mail log:\n${log()}`);
@@ -333,6 +333,16 @@ export async function startPostfix(opts: PostfixOptions): Promise<PostfixInstanc
     throw e;
   }
   return instance;
+}
+
+/**
+ * Whether `message` went through the MTA under `queueId`: its Received
+ * header says "id QUEUEID" followed by anything but another letter or digit.
+ * A substring test would also take a longer ID that starts with this one.
+ */
+export function hasQueueId(message: string, queueId: string): boolean {
+  if (!/^[0-9A-Za-z]+$/.test(queueId)) throw new Error(`not a queue ID: ${JSON.stringify(queueId)}`);
+  return new RegExp(`\\sid ${queueId}(?![0-9A-Za-z])`).test(message);
 }
 
 /**

@@ -29,7 +29,7 @@ import * as os from 'os';
 import * as path from 'path';
 import { promisify } from 'util';
 
-import { SMTP_SINK_BIN, readSink, smtpSend, type DeliveredMessage, type SmtpTranscript } from './postfix';
+import { SMTP_SINK_BIN, hasQueueId, readSink, smtpSend, type DeliveredMessage, type SmtpTranscript } from './postfix';
 import { freePort, startProcess, waitForSocket, type RunningProcess } from './process';
 
 const run = promisify(execFile);
@@ -197,7 +197,7 @@ export async function startSendmail(opts: SendmailOptions): Promise<SendmailInst
     async waitDelivered(queueId, timeout = 20_000) {
       const until = Date.now() + timeout;
       for (;;) {
-        const found = readSink(sinkDir).filter((d) => d.message.includes(` with ESMTP id ${queueId}`));
+        const found = readSink(sinkDir).filter((d) => hasQueueId(d.message, queueId));
         if (found.length > 0) return found;
         if (Date.now() > until) {
           const qf = path.join(queueDir, `qf${queueId}`);

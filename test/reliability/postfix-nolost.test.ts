@@ -94,8 +94,10 @@ describe.skipIf(skip).each(['libmilter', 'node'] as const)('no lost mail behind 
     // Everything Postfix accepted is delivered, each with the milter's stamp.
     let stamped = 0;
     let unstamped = 0;
+    const twice: string[] = [];
     for (const o of outcome) {
       const msgs = await pf.waitDelivered(o.t.queueId!, 30_000);
+      if (msgs.length !== 1) twice.push(`${o.t.queueId} (message ${o.id}): ${msgs.map((d) => d.file).join(', ')}`);
       for (const d of msgs) {
         if (/^X-Reliability: passed \d+/m.test(d.message)) stamped++;
         else unstamped++;
@@ -111,6 +113,8 @@ describe.skipIf(skip).each(['libmilter', 'node'] as const)('no lost mail behind 
     console.log(`[reliability] postfix log warnings (${warnings.length}):\n${[...new Set(warnings.map((l) => l.replace(/^.*?(warning|fatal|panic)/, '$1')))].slice(0, 8).join('\n')}`);
     expect(new Set(outcome.map((o) => o.id)).size).toBe(N);
     expect(delivered).toBe(N);
+    // Each accepted message was delivered once.
+    expect(twice, `delivered more than once:\n${twice.join('\n')}\nmail log:\n${twice.length ? pf.log() : ''}`).toEqual([]);
     expect(stamped).toBe(N);
     expect(unstamped).toBe(0);
     // The faults did bite: some submissions were refused while the milter was down.

@@ -61,15 +61,15 @@ export const logs = (p: RunningProcess) => lines(p).filter((l) => l.ev === 'log'
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** Wait until a line satisfies `ok`. */
-export async function waitLine(p: RunningProcess, ok: (l: Line) => boolean, timeout = 20_000): Promise<Line> {
+/** Wait until a line satisfies `ok` (given the line and its index), polling every `every` ms. */
+export async function waitLine(p: RunningProcess, ok: (l: Line, i: number) => boolean, timeout = 20_000, every = 25): Promise<Line> {
   const until = Date.now() + timeout;
   for (;;) {
     const l = lines(p).find(ok);
     if (l) return l;
     if (p.hasExited) throw new Error(`the milter exited before the line; log:\n${logs(p).join('\n')}\n${p.stderr}`);
     if (Date.now() > until) throw new Error(`no such line within ${timeout} ms; log:\n${logs(p).join('\n')}`);
-    await sleep(25);
+    await sleep(every);
   }
 }
 

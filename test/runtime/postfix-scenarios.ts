@@ -77,14 +77,18 @@ async function settle(pf: PostfixInstance, o: Outcome, n: number): Promise<{ sta
   expect(o.pending).toEqual([]);
   let stamped = 0;
   let unstamped = 0;
+  const twice: string[] = [];
   for (const a of o.accepted) {
     const msgs = await pf.waitDelivered(a.t.queueId!, 30_000);
+    if (msgs.length !== 1) twice.push(`${a.t.queueId} (message ${a.id}): ${msgs.map((d) => d.file).join(', ')}`);
     for (const d of msgs) {
       if (/^X-Stamp: \d+ g\d+/m.test(d.message)) stamped++;
       else unstamped++;
     }
   }
   expect(new Set(o.accepted.map((a) => a.id)).size).toBe(n);
+  // Each accepted message was delivered once.
+  expect(twice, `delivered more than once:\n${twice.join('\n')}\nmail log:\n${twice.length ? pf.log() : ''}`).toEqual([]);
   return { stamped, unstamped };
 }
 
@@ -113,10 +117,15 @@ export async function crashUnderLoad(engine: Engine, seconds: number): Promise<v
   const stop = () => Date.now() - started > seconds * 1000;
   const sending = load(pf, o, 4, stop, 50);
   await sleep(Math.min(1500, (seconds * 1000) / 3));
-  // The worker that started an eom last is in it now (eom takes 400 ms).
+  // Kill the worker of the next eom to start, as soon as its line is seen:
+  // it is then 400 ms from answering, so a session of its is in flight.
+  // (The pid of the last eom line seen before was not enough: that eom could
+  // have ended, and that worker be between sessions, when the kill came.)
   const pids = workerPids(m.pid);
-  const victim = lines(m).filter((l) => l.ev === 'eom' && pids.includes(l.pid)).pop()?.pid ?? pids[0];
-  process.kill(victim, 'SIGKILL');
+  const seen = lines(m).length;
+  const next = await waitLine(m, (l, i) => i >= seen && l.ev === 'eom' && pids.includes(l.pid), 10_000, 5);
+  process.kill(next.pid, 'SIGKILL');
+  const victim = next.pid;
   await waitLine(m, (l) => /serving again/.test(l.msg ?? ''), 30_000);
   const n = await sending;
   const { stamped, unstamped } = await settle(pf, o, n);
