@@ -346,6 +346,30 @@ export function hasQueueId(message: string, queueId: string): boolean {
 }
 
 /**
+ * Wait for each accepted message's delivery and count its copies: stamped
+ * (matching `stamp`) or not, and the messages delivered more than once, by
+ * queue ID and dump file, for the test to fail on by name.
+ */
+export async function countDeliveries(
+  pf: PostfixInstance,
+  accepted: { id: number; t: SmtpTranscript }[],
+  stamp: RegExp,
+): Promise<{ stamped: number; unstamped: number; twice: string[] }> {
+  let stamped = 0;
+  let unstamped = 0;
+  const twice: string[] = [];
+  for (const a of accepted) {
+    const msgs = await pf.waitDelivered(a.t.queueId!, 30_000);
+    if (msgs.length !== 1) twice.push(`${a.t.queueId} (message ${a.id}): ${msgs.map((d) => d.file).join(', ')}`);
+    for (const d of msgs) {
+      if (stamp.test(d.message)) stamped++;
+      else unstamped++;
+    }
+  }
+  return { stamped, unstamped, twice };
+}
+
+/**
  * Parse smtp-sink's dumps, in file-name order: its X-Client-*, X-Helo-Args,
  * X-Mail-Args, X-Rcpt-Args lines and its own Received header come first.
  * Used for Postfix and for sendmail, which both relay to smtp-sink.

@@ -10,7 +10,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 
 import { freeInetSpec, stopAll } from '../helpers';
-import { mayskipPostfix, postfixUnavailable, startPostfix, stopAllPostfix, type SmtpTranscript } from '../helpers/postfix';
+import { countDeliveries, mayskipPostfix, postfixUnavailable, startPostfix, stopAllPostfix, type SmtpTranscript } from '../helpers/postfix';
 import { sleep, startMilter, type Milter } from './lib';
 
 const unavailable = postfixUnavailable();
@@ -92,17 +92,7 @@ describe.skipIf(skip).each(['libmilter', 'node'] as const)('no lost mail behind 
     }
     expect(pending).toEqual([]);
     // Everything Postfix accepted is delivered, each with the milter's stamp.
-    let stamped = 0;
-    let unstamped = 0;
-    const twice: string[] = [];
-    for (const o of outcome) {
-      const msgs = await pf.waitDelivered(o.t.queueId!, 30_000);
-      if (msgs.length !== 1) twice.push(`${o.t.queueId} (message ${o.id}): ${msgs.map((d) => d.file).join(', ')}`);
-      for (const d of msgs) {
-        if (/^X-Reliability: passed \d+/m.test(d.message)) stamped++;
-        else unstamped++;
-      }
-    }
+    const { stamped, unstamped, twice } = await countDeliveries(pf, outcome, /^X-Reliability: passed \d+/m);
     const delivered = outcome.length;
     console.log(
       `[reliability] postfix no-lost-mail: N=${N}, milter SIGKILLed ${killed}x and drained ${drained}x; ` +

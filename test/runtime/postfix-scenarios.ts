@@ -11,7 +11,7 @@ import { execFile } from 'node:child_process';
 import { afterEach, expect } from 'vitest';
 
 import { freeInetSpec, stopAll, type Engine } from '../helpers';
-import { mayskipPostfix, postfixUnavailable, startPostfix, stopAllPostfix, type PostfixInstance, type SmtpTranscript } from '../helpers/postfix';
+import { countDeliveries, mayskipPostfix, postfixUnavailable, startPostfix, stopAllPostfix, type PostfixInstance, type SmtpTranscript } from '../helpers/postfix';
 import { lines, logs, sleep, startRuntime, stopRuntimes, waitLine, workerPids, type Runtime } from './lib';
 
 /** Why Postfix cannot run (a test throws it), whether the suite may skip, and the clean-up after each test. */
@@ -75,17 +75,7 @@ async function settle(pf: PostfixInstance, o: Outcome, n: number): Promise<{ sta
     for (const id of again) await submit(pf, id, o, false);
   }
   expect(o.pending).toEqual([]);
-  let stamped = 0;
-  let unstamped = 0;
-  const twice: string[] = [];
-  for (const a of o.accepted) {
-    const msgs = await pf.waitDelivered(a.t.queueId!, 30_000);
-    if (msgs.length !== 1) twice.push(`${a.t.queueId} (message ${a.id}): ${msgs.map((d) => d.file).join(', ')}`);
-    for (const d of msgs) {
-      if (/^X-Stamp: \d+ g\d+/m.test(d.message)) stamped++;
-      else unstamped++;
-    }
-  }
+  const { stamped, unstamped, twice } = await countDeliveries(pf, o.accepted, /^X-Stamp: \d+ g\d+/m);
   expect(new Set(o.accepted.map((a) => a.id)).size).toBe(n);
   // Each accepted message was delivered once.
   expect(twice, `delivered more than once:\n${twice.join('\n')}\nmail log:\n${twice.length ? pf.log() : ''}`).toEqual([]);
@@ -124,8 +114,8 @@ export async function crashUnderLoad(engine: Engine, seconds: number): Promise<v
   const pids = workerPids(m.pid);
   const seen = lines(m).length;
   const next = await waitLine(m, (l, i) => i >= seen && l.ev === 'eom' && pids.includes(l.pid), 10_000, 5);
-  process.kill(next.pid, 'SIGKILL');
   const victim = next.pid;
+  process.kill(victim, 'SIGKILL');
   await waitLine(m, (l) => /serving again/.test(l.msg ?? ''), 30_000);
   const n = await sending;
   const { stamped, unstamped } = await settle(pf, o, n);
