@@ -1,0 +1,233 @@
+// npm run bench:profile -- --impl ts --shape s3 [--conc 8 --per-conn 1 --client epoll|threads
+//                          --rounds 3 --seconds 3 --warmup 0.3 --cpu-prof FILE --syscalls --top 25 --json FILE]
+// One cell of the benchmark, one implementation, looked into: the rate, and
+// the milter's CPU per message (user and system, all threads, from
+// /proc/PID/stat) in each round. With --cpu-prof (node and ts only) V8's CPU
+// profiler runs in the milter from its start to its end and the functions
+// with the most samples are printed, by self and by inclusive time, with the
+// profile written to FILE (.cpuprofile, for Chrome DevTools too). With
+// --syscalls, one more round runs under `strace -c -f` and the system calls
+// per message are printed (strace slows the milter down: read the counts,
+// not the rate). This is the tool behind the profiles in docs/performance.md.
+// Use it on a quiet machine, as the benchmark; it publishes nothing.
+'use strict';
+const fs = require('node:fs');
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+const L = require('./lib.cjs');
+
+const USAGE = 'see the comment at the top of bench/profile.cjs';
+
+function parseArgs(argv) {
+  const o = { impl: 'ts', shape: 's3', conc: 8, perConn: 1, client: 'epoll', rounds: 3, seconds: 3, warmup: 0.3, top: 25, syscalls: false };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const val = () => {
+      if (i + 1 >= argv.length) throw new Error(`${a} needs a value; ${USAGE}`);
+      return argv[++i];
+    };
+    const num = () => {
+      const v = val();
+      const n = Number(v);
+      if (!Number.isFinite(n) || n <= 0) throw new Error(`${a} needs a positive number, not ${JSON.stringify(v)}`);
+      return n;
+    };
+    if (a === '--impl') o.impl = val();
+    else if (a === '--shape') o.shape = val();
+    else if (a === '--conc') o.conc = num();
+    else if (a === '--per-conn') o.perConn = num();
+    else if (a === '--client') o.client = val();
+    else if (a === '--rounds') o.rounds = num();
+    else if (a === '--seconds') o.seconds = num();
+    else if (a === '--warmup') o.warmup = num();
+    else if (a === '--top') o.top = num();
+    else if (a === '--cpu-prof') o.cpuProf = path.resolve(val());
+    else if (a === '--syscalls') o.syscalls = true;
+    else if (a === '--json') o.json = path.resolve(val());
+    else throw new Error(`unknown option ${a}; ${USAGE}`);
+  }
+  if (!L.IMPLS.includes(o.impl)) throw new Error(`--impl ${o.impl}: expected one of ${L.IMPLS.join(', ')}`);
+  if (!L.SHAPES.includes(o.shape)) throw new Error(`--shape ${o.shape}: expected one of ${L.SHAPES.join(', ')}`);
+  if (!['epoll', 'threads'].includes(o.client)) throw new Error(`--client ${o.client}: expected epoll or threads`);
+  if (o.cpuProf && o.impl !== 'node' && o.impl !== 'ts') throw new Error(`--cpu-prof profiles JavaScript: --impl must be node or ts, not ${o.impl}`);
+  return o;
+}
+
+/** User and system CPU seconds a process used so far, all threads. */
+function cpuSplit(pid) {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { user: Number(f[11]) / L.clkTck(), sys: Number(f[12]) / L.clkTck() };
+}
+
+/**
+ * Sum a V8 CPU profile by function: self samples, and inclusive samples
+ * (each sample counted once per function on its stack, however deep the
+ * recursion). Percentages are of all samples; `(idle)`, `(program)` and
+ * `(garbage collector)` are V8's own nodes and are listed too.
+ */
+function summarizeProfile(profile, top = 25) {
+  const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+  const parent = new Map();
+  for (const n of profile.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
+  const hits = new Map();
+  for (const id of profile.samples) hits.set(id, (hits.get(id) ?? 0) + 1);
+  const name = (n) => {
+    const f = n.callFrame;
+    const where = f.url ? ` ${f.url.replace(/^file:\/\//, '').replace(/^.*\/(dist|node_modules)\//, '$1/')}:${f.lineNumber + 1}` : '';
+    return `${f.functionName || '(anonymous)'}${where}`;
+  };
+  const self = new Map();
+  const inclusive = new Map();
+  for (const [id, count] of hits) {
+    const k = name(byId.get(id));
+    self.set(k, (self.get(k) ?? 0) + count);
+    const seen = new Set();
+    for (let x = id; x !== undefined; x = parent.get(x)) {
+      const kx = name(byId.get(x));
+      if (seen.has(kx)) continue;
+      seen.add(kx);
+      inclusive.set(kx, (inclusive.get(kx) ?? 0) + count);
+    }
+  }
+  const total = profile.samples.length;
+  const pick = (m) =>
+    [...m]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, top)
+      .map(([fn, n]) => ({ fn, samples: n, pct: total ? (100 * n) / total : 0 }));
+  const share = (k) => (total ? (100 * (self.get(k) ?? 0)) / total : 0);
+  const spanUs = profile.endTime - profile.startTime;
+  return {
+    samples: total,
+    intervalUs: total ? spanUs / total : 0,
+    idlePct: share('(idle)'),
+    gcPct: share('(garbage collector)'),
+    self: pick(self),
+    inclusive: pick(inclusive).filter((r) => r.fn !== '(root)'),
+  };
+}
+
+/** The rows of `strace -c` output: syscall, calls, errors. Throws if there are none. */
+function parseStraceSummary(text) {
+  const rows = [];
+  for (const line of text.split('\n')) {
+    const f = line.trim().split(/\s+/);
+    // % time, seconds, usecs/call, calls, [errors,] syscall
+    if ((f.length === 5 || f.length === 6) && /^\d+\.\d+$/.test(f[0]) && /^\d+$/.test(f[3]) && f[f.length - 1] !== 'total') {
+      rows.push({ syscall: f[f.length - 1], calls: Number(f[3]), errors: f.length === 6 ? Number(f[4]) : 0 });
+    }
+  }
+  if (!rows.length) throw new Error(`strace -c wrote no table:\n${text.slice(0, 500)}`);
+  return rows.sort((a, b) => b.calls - a.calls);
+}
+
+function loadOpts(o, extra = {}) {
+  return { conc: o.conc, perConn: o.perConn, client: o.client, ...extra };
+}
+
+function checkRun(r, what) {
+  if (r.errors || r.bad || !r.messages || r.exitCode !== 0) {
+    throw new Error(`${what}: the load generator reported ${r.errors} errors, ${r.bad} bad replies, ${r.messages} messages (exit ${r.exitCode}): ${r.first_error || r.stderr}`);
+  }
+}
+
+async function underStrace(m, o) {
+  const out = `${L.socketFor(`strace-${o.impl}`).replace(/^unix:/, '')}.txt`;
+  const st = spawn('strace', ['-c', '-f', '-p', String(m.pid), '-o', out], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  st.stderr.on('data', (d) => (err += d));
+  const started = await new Promise((resolve) => {
+    st.once('error', (e) => resolve(e));
+    setTimeout(() => resolve(null), 500); // strace attaches to every thread
+  });
+  if (started) throw new Error(`strace did not start (${started.message}); apt-get install strace`);
+  if (st.exitCode !== null) throw new Error(`strace exited at once: ${err}`);
+  const r = await L.runLoadgen(m.socket, loadOpts(o, { seconds: o.seconds, timeout: 60 }));
+  st.kill('SIGINT');
+  await new Promise((resolve) => (st.exitCode !== null ? resolve() : st.once('exit', resolve)));
+  checkRun(r, 'the round under strace');
+  const rows = parseStraceSummary(fs.readFileSync(out, 'utf8'));
+  fs.rmSync(out, { force: true });
+  return { messages: r.messages, rate: r.rate, perMessage: rows.map((x) => ({ ...x, perMsg: x.calls / r.messages })) };
+}
+
+async function stopProfiled(m, file) {
+  fs.rmSync(file, { force: true });
+  const exited = new Promise((resolve) => (m.alive() ? m.child.once('exit', resolve) : resolve()));
+  m.child.kill('SIGUSR2');
+  let timer;
+  await Promise.race([exited, new Promise((resolve) => (timer = setTimeout(resolve, 30_000)))]);
+  clearTimeout(timer);
+  if (!fs.existsSync(file)) throw new Error(`the milter wrote no CPU profile to ${file}: ${m.stderr()}`);
+  return JSON.parse(fs.readFileSync(file, 'utf8'));
+}
+
+async function main() {
+  const o = parseArgs(process.argv.slice(2));
+  const env = {};
+  if (o.cpuProf) {
+    env.NODE_OPTIONS = [process.env.NODE_OPTIONS, `--require ${path.join(__dirname, 'profile-preload.cjs')}`].filter(Boolean).join(' ');
+    env.NODEMILTER_CPU_PROFILE = o.cpuProf;
+  }
+  const cell = `${o.impl} ${o.shape} c${o.conc} ${o.perConn}/conn ${o.client}`;
+  const m = await L.startMilter(o.impl, o.shape, L.socketFor(`profile-${o.impl}-${o.shape}`), env);
+  const result = { cell, options: { ...o }, machine: L.machine(), rounds: [] };
+  try {
+    for (let i = 0; i < o.rounds; i++) {
+      const c0 = cpuSplit(m.pid);
+      const r = await L.runLoadgen(m.socket, loadOpts(o, { seconds: o.seconds, warmup: o.warmup }));
+      const c1 = cpuSplit(m.pid);
+      checkRun(r, `round ${i + 1}`);
+      const round = {
+        rate: r.rate,
+        messages: r.messages,
+        p50Us: r.p50_us,
+        userUsPerMsg: ((c1.user - c0.user) / r.messages) * 1e6,
+        sysUsPerMsg: ((c1.sys - c0.sys) / r.messages) * 1e6,
+        threads: L.threads(m.pid),
+      };
+      result.rounds.push(round);
+      console.log(
+        `${cell} round ${i + 1}: ${r.rate.toFixed(0)} msg/s, cpu ${(round.userUsPerMsg + round.sysUsPerMsg).toFixed(1)} us/msg ` +
+          `(user ${round.userUsPerMsg.toFixed(1)}, system ${round.sysUsPerMsg.toFixed(1)}), p50 ${(r.p50_us / 1000).toFixed(2)} ms, ${round.threads} threads`,
+      );
+    }
+    if (o.syscalls) {
+      result.syscalls = await underStrace(m, o);
+      console.log(`${cell} under strace -c -f: ${result.syscalls.messages} messages (${result.syscalls.rate.toFixed(0)} msg/s, slowed by strace); system calls per message:`);
+      for (const s of result.syscalls.perMessage.slice(0, o.top)) {
+        console.log(`  ${s.syscall.padEnd(16)} ${s.perMsg.toFixed(2).padStart(8)}${s.errors ? `  (${s.errors} failed)` : ''}`);
+      }
+      const all = result.syscalls.perMessage.reduce((a, s) => a + s.perMsg, 0);
+      console.log(`  ${'all'.padEnd(16)} ${all.toFixed(2).padStart(8)}`);
+    }
+    if (o.cpuProf) {
+      const sum = summarizeProfile(await stopProfiled(m, o.cpuProf), o.top);
+      result.profile = { file: o.cpuProf, ...sum };
+      console.log(
+        `${cell} CPU profile of the JavaScript thread, whole run (${sum.samples} samples, one per ${sum.intervalUs.toFixed(0)} us on average): ` +
+          `idle ${sum.idlePct.toFixed(1)} %, garbage collector ${sum.gcPct.toFixed(1)} %; written to ${o.cpuProf}`,
+      );
+      for (const [title, rows] of [['self', sum.self], ['inclusive', sum.inclusive]]) {
+        console.log(`  -- ${title}, % of all samples`);
+        for (const r of rows) console.log(`  ${r.pct.toFixed(1).padStart(5)}  ${r.fn}`);
+      }
+    }
+  } finally {
+    await m.stop();
+  }
+  if (o.json) fs.writeFileSync(o.json, `${JSON.stringify(result, null, 2)}\n`);
+}
+
+module.exports = { parseArgs, summarizeProfile, parseStraceSummary };
+
+if (require.main === module) {
+  main().then(
+    () => process.exit(0),
+    (err) => {
+      console.error(err.message);
+      process.exit(1);
+    },
+  );
+}
