@@ -72,8 +72,10 @@ describe('maxSessions', () => {
     };
     const s = await serve({ name: 'cap', callbacks: { eom } }, { socket: spec, maxSessions: 30 });
     servers.push(s);
-    // 25 junk sessions hold their slots; 3 MTA processes send mail one session after another.
-    await Promise.all(Array.from({ length: 25 }, () => junk(spec)));
+    // 24 junk sessions hold their slots; 3 MTA processes send mail one session after another. A worker's
+    // previous connection can still be open on the server's side when its next one arrives, so the
+    // workers can hold 6 connections for a moment: 24 + 6 stays under the cap of 30 outside the surge.
+    await Promise.all(Array.from({ length: 24 }, () => junk(spec)));
     const phase: Record<'before' | 'surge' | 'after', { ms: number; status: string }[]> = { before: [], surge: [], after: [] };
     let now: keyof typeof phase = 'before';
     let stop = false;
@@ -85,9 +87,16 @@ describe('maxSessions', () => {
       }
     });
     await sleep(600);
-    // A surge of 40 more sessions at once: 2 slots are free.
+    // A surge of 40 more sessions at once: 3 slots are free.
     now = 'surge';
     phase.surge.push(...(await Promise.all(Array.from({ length: 40 }, () => legit(spec)))));
+    // The surge's clients have closed their ends; the 'after' phase begins once the server has seen them
+    // close (24 junk and one connection per worker left), or a worker's next session could still be over
+    // the cap by the server's count (a dry run of CI with 25 junk sessions saw one 'after' session
+    // refused: 222 refused, 221 of them in the surge).
+    const settle = Date.now() + 5000;
+    while (s.connectionCount > 24 + 3 && Date.now() < settle) await sleep(5);
+    expect(s.connectionCount).toBeLessThanOrEqual(24 + 3);
     now = 'after';
     await sleep(600);
     stop = true;
@@ -97,7 +106,7 @@ describe('maxSessions', () => {
     const refused = all.filter((r) => r.status === 'tempfail');
     const lat = delivered.map((r) => r.ms);
     console.log(
-      `maxSessions 30 with 25 held: ${phase.before.length} sessions before the surge, ${phase.surge.length} during it ` +
+      `maxSessions 30 with 24 held: ${phase.before.length} sessions before the surge, ${phase.surge.length} during it ` +
         `(${phase.surge.filter((r) => r.status === 'tempfail').length} refused with TEMPFAIL), ${phase.after.length} after; ` +
         `delivered ${delivered.length}, p99 ${p99(lat).toFixed(1)} ms; sessionsRefused ${s.getdiag().sessionsRefused}`,
     );
