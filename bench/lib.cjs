@@ -16,6 +16,10 @@ const PYTHON = '/usr/bin/python3'; // Debian's, which can import Milter
 // engine, the one the targets are for); ts: nodemilter on its TypeScript
 // engine (nodemilter/engine), when the build has it.
 const IMPLS = ['c', 'py', 'node', 'ts'];
+// The load generator's clients: epoll (one thread, every connection
+// non-blocking) and threads (one blocking connection per thread, as
+// Postfix's smtpd and cleanup processes).
+const CLIENTS = ['epoll', 'threads'];
 
 function nodemilterDist() {
   return process.env.NODEMILTER_DIST || path.join(ROOT, 'dist');
@@ -151,7 +155,7 @@ function runLoadgen(socket, o) {
   if (o.checkReplacedBody) args.push('-R');
   if (o.barrier) args.push('-B');
   if (o.client === 'threads') args.push('-T');
-  else if (o.client !== undefined && o.client !== 'epoll') return Promise.reject(new Error(`unknown client ${o.client}: expected epoll or threads`));
+  else if (o.client !== undefined && o.client !== 'epoll') return Promise.reject(new Error(`unknown client ${o.client}: expected ${CLIENTS.join(' or ')}`));
   args.push('-t', String(o.timeout ?? 30));
   return new Promise((resolve, reject) => {
     const child = spawn(loadgenPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -192,11 +196,17 @@ function resetPeak(pid) {
   }
 }
 
-/** CPU seconds (user + system) a process used so far, all threads. */
-function cpuSeconds(pid) {
+/** User and system CPU seconds a process used so far, all threads. */
+function cpuTimes(pid) {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) / clkTck();
+  return { user: Number(f[11]) / clkTck(), sys: Number(f[12]) / clkTck() };
+}
+
+/** CPU seconds (user + system) a process used so far, all threads. */
+function cpuSeconds(pid) {
+  const t = cpuTimes(pid);
+  return t.user + t.sys;
 }
 let tck;
 function clkTck() {
@@ -448,6 +458,6 @@ function nativeFloor(cRate, replied, handoffUs) {
 
 module.exports = {
   systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, procTally, PUBLISH_LIMITS, publishVerdict, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
-  BENCH, ROOT, PYTHON, IMPLS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
-  procStatus, resetPeak, cpuSeconds, threads, median, machine, sleep, killAll,
+  BENCH, ROOT, PYTHON, IMPLS, CLIENTS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
+  procStatus, resetPeak, cpuTimes, cpuSeconds, threads, median, machine, sleep, killAll,
 };

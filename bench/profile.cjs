@@ -48,16 +48,9 @@ function parseArgs(argv) {
   }
   if (!L.IMPLS.includes(o.impl)) throw new Error(`--impl ${o.impl}: expected one of ${L.IMPLS.join(', ')}`);
   if (!L.SHAPES.includes(o.shape)) throw new Error(`--shape ${o.shape}: expected one of ${L.SHAPES.join(', ')}`);
-  if (!['epoll', 'threads'].includes(o.client)) throw new Error(`--client ${o.client}: expected epoll or threads`);
+  if (!L.CLIENTS.includes(o.client)) throw new Error(`--client ${o.client}: expected ${L.CLIENTS.join(' or ')}`);
   if (o.cpuProf && o.impl !== 'node' && o.impl !== 'ts') throw new Error(`--cpu-prof profiles JavaScript: --impl must be node or ts, not ${o.impl}`);
   return o;
-}
-
-/** User and system CPU seconds a process used so far, all threads. */
-function cpuSplit(pid) {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return { user: Number(f[11]) / L.clkTck(), sys: Number(f[12]) / L.clkTck() };
 }
 
 /**
@@ -175,9 +168,9 @@ async function main() {
   const result = { cell, options: { ...o }, machine: L.machine(), rounds: [] };
   try {
     for (let i = 0; i < o.rounds; i++) {
-      const c0 = cpuSplit(m.pid);
+      const c0 = L.cpuTimes(m.pid);
       const r = await L.runLoadgen(m.socket, loadOpts(o, { seconds: o.seconds, warmup: o.warmup }));
-      const c1 = cpuSplit(m.pid);
+      const c1 = L.cpuTimes(m.pid);
       checkRun(r, `round ${i + 1}`);
       const round = {
         rate: r.rate,

@@ -87,9 +87,7 @@ function parseArgs(argv) {
 }
 
 const PER_CONN = { many: 100, one: 1 };
-// epoll: one thread drives every connection, non-blocking; threads: one
-// blocking connection per thread, as Postfix's smtpd and cleanup processes.
-const CLIENTS = ['epoll', 'threads'];
+const CLIENTS = L.CLIENTS;
 
 /**
  * The clients a cell runs with. --quick runs S4 with the epoll client only:
