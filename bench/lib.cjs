@@ -285,49 +285,42 @@ function benchTicks() {
   return t;
 }
 
-/** Every other process: pid -> { comm, ticks, start }, leaving out this process and its children. */
-function otherProcesses() {
-  const ours = new Set([process.pid, ...[...running].map((c) => c.pid)]);
+/** Every process on the machine, one walk of /proc: pid -> parseStat of its stat line. */
+function allProcesses() {
   const out = new Map();
   for (const name of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
-    const pid = Number(name);
-    if (ours.has(pid)) continue;
-    let st;
     try {
-      st = parseStat(fs.readFileSync(`/proc/${name}/stat`, 'utf8'));
-    } catch {
-      continue;
-    }
-    if (ours.has(st.ppid)) continue;
-    out.set(pid, { comm: st.comm, ticks: st.own, start: st.start });
+      out.set(Number(name), parseStat(fs.readFileSync(`/proc/${name}/stat`, 'utf8')));
+    } catch {} // gone between the readdir and the read
   }
+  return out;
+}
+
+/** Every other process: pid -> { comm, ticks, start }, leaving out this process and its children. */
+function otherProcesses(all = allProcesses()) {
+  const ours = new Set([process.pid, ...[...running].map((c) => c.pid)]);
+  const out = new Map();
+  for (const [pid, st] of all) if (!ours.has(pid) && !ours.has(st.ppid)) out.set(pid, { comm: st.comm, ticks: st.own, start: st.start });
   return out;
 }
 
 /** Kernel threads (kthreadd, pid 2, and its children): pid -> { ticks, start }. */
-function kernelThreads() {
+function kernelThreads(all = allProcesses()) {
   const out = new Map();
-  for (const name of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    let st;
-    try {
-      st = parseStat(fs.readFileSync(`/proc/${name}/stat`, 'utf8'));
-    } catch {
-      continue;
-    }
-    if (name === '2' || st.ppid === 2) out.set(Number(name), { ticks: st.own, start: st.start });
-  }
+  for (const [pid, st] of all) if (pid === 2 || st.ppid === 2) out.set(pid, { ticks: st.own, start: st.start });
   return out;
 }
 
-/** Ticks the kernel threads of mark `b` used since mark `a` (a thread new since `a` counts in full). */
+/** Ticks process `now` used since the scan that saw it as `before` (a process new since then, or a reused pid, counts in full). */
+function ticksSince(before, now) {
+  return before && before.start === now.start ? now.ticks - before.ticks : now.ticks;
+}
+
+/** Ticks the kernel threads of mark `b` used since mark `a`. */
 function kernelTicksBetween(a, b) {
   let t = 0;
-  for (const [pid, k] of b) {
-    const before = a.get(pid);
-    t += before && before.start === k.start ? k.ticks - before.ticks : k.ticks;
-  }
+  for (const [pid, k] of b) t += ticksSince(a.get(pid), k);
   return t;
 }
 
@@ -338,15 +331,15 @@ function kernelTicksBetween(a, b) {
  * every mark (about 1.3 ms on the quiet 2-core machine).
  */
 function cpuMark({ procs = true } = {}) {
-  return { t: performance.now(), sys: systemTicks(), bench: benchTicks(), kernel: kernelThreads(), procs: procs ? otherProcesses() : null };
+  const all = allProcesses();
+  return { t: performance.now(), sys: systemTicks(), bench: benchTicks(), kernel: kernelThreads(all), procs: procs ? otherProcesses(all) : null };
 }
 
 /** CPU seconds per command name between two process scans (pid reuse counts as a new process). */
 function procDelta(a, b, into = new Map()) {
   const hz = clkTck();
   for (const [pid, p] of b) {
-    const before = a.get(pid);
-    const d = before && before.start === p.start ? p.ticks - before.ticks : p.ticks;
+    const d = ticksSince(a.get(pid), p);
     if (d > 0) into.set(p.comm, (into.get(p.comm) ?? 0) + d / hz);
   }
   return into;

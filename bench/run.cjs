@@ -136,6 +136,12 @@ async function canary(o) {
   }
 }
 
+/** One end of the canary and the hand-off beside it, on stderr as the run goes. */
+function logCanary(end, c, handoff) {
+  const dropped = c.dropped.length ? ` (${c.dropped.length} runs dropped)` : '';
+  process.stderr.write(`canary at the ${end}: ${c.rates.map((r) => r.toFixed(0)).join(', ')} msg/s${dropped}; hand-off ${handoff.handoff_us} us\n`);
+}
+
 /** One end of the canary in words: its runs' range and what was dropped. */
 function canaryEndText(rates, dropped, limitPct) {
   if (!rates.length) return `no undisturbed run (${dropped.length} over ${limitPct} %)`;
@@ -170,7 +176,7 @@ async function main() {
   const tally = L.procTally();
   const handoff0 = L.measureHandoff(o.handoff);
   const canary0 = await canary(o);
-  process.stderr.write(`canary at the start: ${canary0.rates.map((r) => r.toFixed(0)).join(', ')} msg/s${canary0.dropped.length ? ` (${canary0.dropped.length} runs dropped)` : ''}; hand-off ${handoff0.handoff_us} us\n`);
+  logCanary('start', canary0, handoff0);
   const results = []; // one per (round, shape, conc, mode, client, impl)
   for (let round = 0; round < o.rounds; round++) {
     for (const shape of o.shapes) {
@@ -195,7 +201,7 @@ async function main() {
   const handoff1 = L.measureHandoff(o.handoff);
   const other = { ...L.cpuBetween(mark0, L.cpuMark({ procs: false })), top: (tally.scan(), tally.top()) };
   const loadAfter = L.loadAverage();
-  process.stderr.write(`canary at the end: ${canary1.rates.map((r) => r.toFixed(0)).join(', ')} msg/s${canary1.dropped.length ? ` (${canary1.dropped.length} runs dropped)` : ''}; hand-off ${handoff1.handoff_us} us\n`);
+  logCanary('end', canary1, handoff1);
   const worst = results.reduce((w, r) => (!w || r.other.otherCorePct > w.other.otherCorePct ? r : w), null);
   const state = {
     loadBefore,
