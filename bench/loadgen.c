@@ -21,8 +21,13 @@
  *   -T (threads)     as Postfix's smtpd and cleanup processes behave: CONC
  *                    threads, each with one blocking connection of its own;
  *                    commands are buffered until a reply is due, then sent
- *                    together and the thread blocks reading the reply
- *                    (buffered reads, a read timeout of -t seconds).
+ *                    together and the thread waits for the reply. As
+ *                    Postfix's timed reads and writes (and sendmail's), it
+ *                    waits in poll() for the socket to be readable (or
+ *                    writable), -t seconds at most, before each read and
+ *                    write; it does not block in read() itself, which
+ *                    would make every read of the milter's (which frees
+ *                    space in the socket) wake the thread for nothing.
  * Both send the same bytes in the same writes; they differ in how the MTA
  * side waits, which changes how the milter's threads are scheduled.
  *
@@ -43,6 +48,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -522,7 +528,7 @@ static void run_segments(conn_t *c) {
           return;
         }
         if (errno == EINTR) continue;
-        note_error("write failed");
+        note_error(errno == EAGAIN ? "no progress: timed out" : "write failed");
         close_conn(c, !stopping);
         return;
       }
@@ -763,17 +769,38 @@ static int blocking_connect(void) {
     __atomic_fetch_add(&retries, 1, __ATOMIC_RELAXED); /* the listen backlog is full */
     usleep(1000);
   }
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  /* a write larger than the socket's buffer still blocks in write(): bound it too */
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   return fd;
 }
 
+/* Wait until fd is ready for `events` (POLLIN or POLLOUT), at most -t
+ * seconds, as Postfix's read_wait and write_wait do before each read and
+ * write. Returns 0, or -1 with the error noted. */
+static int wait_ready(int fd, short events) {
+  struct pollfd p = {.fd = fd, .events = events};
+  int ms = timeout_s * 1000 > 2147483647.0 ? -1 : (int)(timeout_s * 1000);
+  for (;;) {
+    int n = poll(&p, 1, ms);
+    if (n > 0) return 0;
+    if (n == 0) {
+      note_error("no progress: timed out");
+      return -1;
+    }
+    if (errno != EINTR) {
+      note_error("poll failed");
+      return -1;
+    }
+  }
+}
+
 static int send_all(worker_t *w, const char *p, size_t n) {
   while (n) {
+    if (wait_ready(w->fd, POLLOUT) < 0) return -1;
     ssize_t k = write(w->fd, p, n);
     if (k < 0) {
       if (errno == EINTR) continue;
-      note_error(errno == EAGAIN ? "no progress: timed out" : "write failed");
+      note_error("write failed");
       return -1;
     }
     p += k;
@@ -807,6 +834,7 @@ static int read_packet(worker_t *w, char *cmd, const char **data, uint32_t *len)
       w->rlen -= w->roff;
       w->roff = 0;
     }
+    if (wait_ready(w->fd, POLLIN) < 0) return -1;
     ssize_t n = read(w->fd, w->rbuf + w->rlen, cap - w->rlen);
     if (n == 0) {
       note_error("milter closed the connection");
@@ -814,7 +842,7 @@ static int read_packet(worker_t *w, char *cmd, const char **data, uint32_t *len)
     }
     if (n < 0) {
       if (errno == EINTR) continue;
-      note_error(errno == EAGAIN ? "no progress: timed out" : "read failed");
+      note_error("read failed");
       return -1;
     }
     w->rlen += (size_t)n;

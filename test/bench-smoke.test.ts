@@ -23,6 +23,7 @@ const bench = createRequire(__filename)('../bench/lib.cjs') as {
   startMilter(impl: string, shape: string, socket: string): Promise<{ stop(): Promise<void>; socket: string; alive(): boolean }>;
   runLoadgen(socket: string, o: Record<string, unknown>): Promise<Record<string, any>>;
   socketFor(name: string): string;
+  loadgenPath(): string;
   killAll(): void;
   PUBLISH_LIMITS: { otherPct: number; otherCellPct: number; canaryPct: number };
   publishVerdict(state: Record<string, any>, limits?: Record<string, number>): Verdict;
@@ -90,6 +91,73 @@ describe('bench load generator', () => {
       });
     }
   }
+
+  // Postfix's smtpd polls before each read and write of a milter connection
+  // (timed_read, timed_write); a thread asleep in read() itself would be woken
+  // by every read of the milter's (which frees space in the client's socket).
+  it('threads client: polls for POLLIN before every read and for POLLOUT before every write, as Postfix does', async () => {
+    const m = await bench.startMilter('c', 's1', bench.socketFor(`smoke-poll-${process.pid}`));
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nm-lg-strace-'));
+    try {
+      const trace = path.join(dir, 'trace.txt');
+      const args = ['-f', '-o', trace, '-e', 'trace=poll,read,write', bench.loadgenPath(), '-s', m.socket, '-c', '2', '-m', '3', '-n', '6', '-T', '-t', '20'];
+      const r = await new Promise<{ code: number | null; stdout: string }>((resolve) =>
+        execFile('strace', args, { timeout: 30_000 }, (err, stdout) => resolve({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stdout })),
+      );
+      expect(r.code).toBe(0);
+      const result = JSON.parse(r.stdout.trim().split('\n').pop()!);
+      expect([result.messages, result.errors, result.headers]).toEqual([6, 0, 6]);
+      // Per thread, the system call before each read or write of a socket is a poll of that socket for that event.
+      const last = new Map<string, string>();
+      const seen = { read: 0, write: 0 };
+      const pollers = new Set<string>();
+      const lines = fs.readFileSync(trace, 'utf8').split('\n').filter(Boolean);
+      for (const line of lines) {
+        const mm = /^(\d+)\s+(poll|read|write)\((?:\[\{fd=)?(\d+)(?:, events=(\w+))?/.exec(line);
+        if (!mm) continue;
+        const [, pid, call, fd, events] = mm;
+        if (call === 'poll') pollers.add(pid);
+        else if (pollers.has(pid)) {
+          // a client thread (the main thread polls nothing: its reads and writes are its own files and the result line)
+          expect(`${pid} ${last.get(pid)}`).toBe(`${pid} poll ${fd} ${call === 'read' ? 'POLLIN' : 'POLLOUT'}`);
+          seen[call as 'read' | 'write']++;
+        }
+        last.set(pid, call === 'poll' ? `poll ${fd} ${events}` : `${call} ${fd}`);
+      }
+      expect(pollers.size).toBe(2); // one per client thread
+      // 2 connections x (OPTNEG, CONNECT, HELO) + 6 messages x 14 replied steps at least: one write and one read each
+      expect(seen.write).toBeGreaterThanOrEqual(6 + 6 * 14);
+      expect(seen.read).toBeGreaterThanOrEqual(6 + 6 * 14);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+      await m.stop();
+    }
+  }, 60_000);
+
+  it('threads client: a milter that never answers is reported as no progress after -t seconds', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nm-lg-silent-'));
+    const sock = path.join(dir, 'silent.sock');
+    const net = await import('node:net');
+    const held: import('node:net').Socket[] = [];
+    const server = net.createServer((c) => {
+      held.push(c);
+      c.on('data', () => {}); // reads everything, answers nothing
+    });
+    await new Promise<void>((resolve) => server.listen(sock, resolve));
+    try {
+      const t0 = Date.now();
+      const r = await bench.runLoadgen(`unix:${sock}`, { conc: 1, perConn: 1, messages: 1, timeout: 0.5, client: 'threads' });
+      const elapsed = Date.now() - t0;
+      expect(r.first_error).toBe('no progress: timed out');
+      expect(r.errors).toBeGreaterThanOrEqual(1);
+      expect(r.messages).toBe(0);
+      expect(elapsed).toBeLessThan(10_000); // 0.5 s of poll, not the 30 s default nor a hang
+    } finally {
+      for (const c of held) c.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }, 30_000);
 
   it('refuses an unknown client and the barrier with the threads client', async () => {
     await expect(bench.runLoadgen('unix:/nonexistent', { messages: 1, client: 'forks' })).rejects.toThrow(/unknown client forks: expected epoll or threads/);
