@@ -424,7 +424,7 @@ function publishVerdict(state, limits = PUBLISH_LIMITS) {
   if (disturbed)
     reasons.push(
       `the canary was disturbed: ${startRates.length} of ${runs} runs at the start and ${endRates.length} of ${runs} at the end ` +
-        `had other processes at or under ${limits.otherCellPct} % of a core`,
+        `had other processes and steal at or under ${limits.otherCellPct} % of a core`,
     );
   if (!(start > 0) || !(end > 0)) {
     if (!disturbed) reasons.push(`the canary did not run (start ${start}, end ${end} msg/s)`);
@@ -438,12 +438,13 @@ function publishVerdict(state, limits = PUBLISH_LIMITS) {
   const tops = (t) => (t && t.length ? ` (most: ${t.map((p) => `${p.comm} ${p.s} s`).join(', ')})` : '');
   if (state.other.otherCorePct > limits.otherPct)
     reasons.push(
-      `the machine was busy: other processes used ${state.other.otherCorePct} % of one core over the run ` +
-        `(${state.other.otherS} CPU s in ${state.other.wallS} s; limit ${limits.otherPct} %)${tops(state.other.top)}`,
+      `the machine was busy: other processes and steal used ${state.other.otherCorePct} % of one core over the run ` +
+        `(${state.other.otherS} CPU s in ${state.other.wallS} s${state.other.stealS > 0 ? `, of which steal ${state.other.stealS} s` : ''}; ` +
+        `limit ${limits.otherPct} %)${tops(state.other.top)}`,
     );
   if (state.cellMax && state.cellMax.otherCorePct > limits.otherCellPct)
     reasons.push(
-      `the machine was busy: other processes used ${state.cellMax.otherCorePct} % of one core during ${state.cellMax.cell} ` +
+      `the machine was busy: other processes and steal used ${state.cellMax.otherCorePct} % of one core during ${state.cellMax.cell} ` +
         `(limit ${limits.otherCellPct} % in any cell)`,
     );
   if (state.errors) reasons.push(`${state.errors} runs had errors`);

@@ -182,10 +182,10 @@ describe('bench publish check', () => {
     const canary = { start: 18000, end: 17900, runs: 11, startRates: Array(11).fill(18000), endRates: Array(11).fill(17900) };
     expect(bench.publishVerdict({ ...quiet, canary }).ok).toBe(true);
     const v = bench.publishVerdict({ ...quiet, canary: { ...canary, endRates: Array(10).fill(17900) } });
-    expect(v.reasons).toEqual(['the canary was disturbed: 11 of 11 runs at the start and 10 of 11 at the end had other processes at or under 10 % of a core']);
+    expect(v.reasons).toEqual(['the canary was disturbed: 11 of 11 runs at the start and 10 of 11 at the end had other processes and steal at or under 10 % of a core']);
     // every run at the start dropped: the median is 0, and the reason is the disturbance, not "did not run"
     const none = bench.publishVerdict({ ...quiet, canary: { ...canary, start: 0, startRates: [] } });
-    expect(none.reasons).toEqual(['the canary was disturbed: 0 of 11 runs at the start and 11 of 11 at the end had other processes at or under 10 % of a core']);
+    expect(none.reasons).toEqual(['the canary was disturbed: 0 of 11 runs at the start and 11 of 11 at the end had other processes and steal at or under 10 % of a core']);
   });
 
   it('refuses when the canary moved by more than 10 %, either way', () => {
@@ -200,13 +200,16 @@ describe('bench publish check', () => {
   });
 
   it('refuses a busy machine, over the run or in one cell, and names what ran', () => {
-    const busyRun = bench.publishVerdict({ ...quiet, other: { otherCorePct: 42.5, otherS: 144, wallS: 340, top: [{ comm: 'vitest', s: 120 }] } });
+    const busyRun = bench.publishVerdict({ ...quiet, other: { otherCorePct: 42.5, otherS: 144, wallS: 340, stealS: 0, top: [{ comm: 'vitest', s: 120 }] } });
     expect(busyRun.ok).toBe(false);
     expect(busyRun.reasons).toEqual([
-      'the machine was busy: other processes used 42.5 % of one core over the run (144 CPU s in 340 s; limit 5 %) (most: vitest 120 s)',
+      'the machine was busy: other processes and steal used 42.5 % of one core over the run (144 CPU s in 340 s; limit 5 %) (most: vitest 120 s)',
     ]);
+    // steal with no other process to name: the sentence says how much of it was steal
+    const stolen = bench.publishVerdict({ ...quiet, other: { otherCorePct: 7.1, otherS: 24.1, wallS: 340, stealS: 24.1, top: [] } });
+    expect(stolen.reasons).toEqual(['the machine was busy: other processes and steal used 7.1 % of one core over the run (24.1 CPU s in 340 s, of which steal 24.1 s; limit 5 %)']);
     const busyCell = bench.publishVerdict({ ...quiet, cellMax: { otherCorePct: 31, cell: 'node s1 c8 100/conn threads (round 2)' } });
-    expect(busyCell.reasons).toEqual(['the machine was busy: other processes used 31 % of one core during node s1 c8 100/conn threads (round 2) (limit 10 % in any cell)']);
+    expect(busyCell.reasons).toEqual(['the machine was busy: other processes and steal used 31 % of one core during node s1 c8 100/conn threads (round 2) (limit 10 % in any cell)']);
     expect(bench.publishVerdict({ ...quiet, errors: 2 }).reasons).toEqual(['2 runs had errors']);
     expect(bench.publishVerdict(quiet, { otherPct: 1, otherCellPct: 30, canaryPct: 10 }).ok).toBe(false);
   });
@@ -407,7 +410,7 @@ describe('bench runner: disturbed rounds measured again', () => {
       const c = out.state.canary;
       expect([c.runs, c.startRates.length, c.startDropped.length, c.endRates.length, c.endDropped.length]).toEqual([1, 0, 1, 1, 0]);
       expect(c.startDropped[0].otherCorePct).toBeGreaterThan(20);
-      expect(out.verdict.reasons).toContain('the canary was disturbed: 0 of 1 runs at the start and 1 of 1 at the end had other processes at or under 20 % of a core');
+      expect(out.verdict.reasons).toContain('the canary was disturbed: 0 of 1 runs at the start and 1 of 1 at the end had other processes and steal at or under 20 % of a core');
       expect(stdout).toMatch(/0 msg\/s at the start \(no undisturbed run \(1 over 20 %\)\), \d+ at the end \(runs \d+ to \d+\): /);
     } finally {
       burner.kill('SIGKILL');
