@@ -197,8 +197,13 @@ function resetPeak(pid) {
 }
 
 /** User and system CPU seconds a process used so far, all threads. */
-function cpuTimes(pid) {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+/**
+ * CPU seconds (user, system) a process used so far, all threads; with
+ * `tid`, only that thread's (the JavaScript thread of a Node process is
+ * the one whose id is the process id).
+ */
+function cpuTimes(pid, tid) {
+  const stat = fs.readFileSync(tid === undefined ? `/proc/${pid}/stat` : `/proc/${pid}/task/${tid}/stat`, 'utf8');
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   return { user: Number(f[11]) / clkTck(), sys: Number(f[12]) / clkTck() };
 }

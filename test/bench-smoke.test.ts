@@ -522,7 +522,12 @@ describe('bench:profile', () => {
       for (const round of r.rounds) {
         expect(round.messages).toBeGreaterThan(0);
         expect(round.userUsPerMsg + round.sysUsPerMsg).toBeGreaterThan(0);
+        // the JavaScript thread's share of the round: it did the work, and no thread is more than busy
+        expect(round.mainThreadPct).toBeGreaterThan(0);
+        expect(round.mainThreadPct).toBeLessThanOrEqual(105);
       }
+      expect(stdout).toMatch(/main thread busy \d+ % of the round/);
+      expect(stdout).toMatch(/V8's "\(idle\)" is the event loop's poll phase outside JavaScript/);
       // Every message is at least one read and one write; 5 per connection is at least one accept per 5.
       const calls = new Map<string, number>(r.syscalls.perMessage.map((s: { syscall: string; perMsg: number }) => [s.syscall, s.perMsg]));
       expect(calls.get('read')).toBeGreaterThanOrEqual(1);
