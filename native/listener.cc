@@ -303,8 +303,13 @@ Napi::Value Register(const Napi::CallbackInfo& info) {
   r.cap_closes = o.Get("sessionCapClose").ToBoolean();
   a.allow_smfi_main = o.Get("allowSmfiMain").ToBoolean();
   // The spin (Addon::spin_ns): never on one CPU, where it would keep
-  // JavaScript from answering. The JavaScript layer checked the value.
-  const long cpus = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
+  // JavaScript from answering. The JavaScript layer checked the value, and
+  // passes the CPUs the process may run on (os.availableParallelism(), the
+  // count the event-loop spin uses: affinity, not the machine's CPUs, so a
+  // process pinned to one CPU of many does not spin); the machine's count
+  // only when it did not.
+  const int64_t given = IntProp(o, "cpus", 0);
+  const long cpus = given > 0 ? static_cast<long>(given) : std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
   a.spin_ns = cpus < 2 ? 0 : std::min<int64_t>(std::max<int64_t>(IntProp(o, "spinUs", 50), 0), 1000) * 1000;
   a.spin_below_sessions = static_cast<uint64_t>(cpus);
 

@@ -30,6 +30,7 @@
  */
 import { EventEmitter } from 'node:events';
 import * as net from 'node:net';
+import * as os from 'node:os';
 import { isMainThread } from 'node:worker_threads';
 
 import * as C from './constants';
@@ -478,6 +479,7 @@ function commit(): void {
     sessionCapClose: options.sessionCapAction === 'close',
     allowSmfiMain: process.env.NODEMILTER_ALLOW_SMFI_MAIN === '1',
     spinUs: spin,
+    cpus: os.availableParallelism(),
   });
   loopSpin = new LoopSpin(spin, () => sessions.size);
   committed = true;

@@ -69,6 +69,12 @@ export interface NativeRegistration {
   allowSmfiMain: boolean;
   /** How long a lone waiting worker spins for its answer, in microseconds (0: never; the addon ignores it on one CPU). */
   spinUs: number;
+  /**
+   * The CPUs the process may run on (os.availableParallelism()): no spin on
+   * one, and none once as many sessions are open. Without it the addon
+   * counts the machine's CPUs.
+   */
+  cpus?: number;
 }
 
 /** Counters kept by the addon: every engine's, and the addon's own. */

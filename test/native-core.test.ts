@@ -17,8 +17,12 @@ const FIXTURE = path.join(__dirname, 'fixtures', 'node', 'native-core.cjs');
 
 type Ev = JsonEvent;
 
-async function startMilter(cfg: Record<string, unknown>, env: Record<string, string | undefined> = {}): Promise<RunningProcess & { spec: string }> {
-  const p = await startFixtureMilter(FIXTURE, cfg, { env, readyTimeout: 20_000 });
+async function startMilter(
+  cfg: Record<string, unknown>,
+  env: Record<string, string | undefined> = {},
+  wrap?: string[],
+): Promise<RunningProcess & { spec: string }> {
+  const p = await startFixtureMilter(FIXTURE, cfg, { env, readyTimeout: 20_000, wrap });
   await p.waitForOutput('"ev":"ready"', { timeout: 10_000 });
   return p;
 }
@@ -316,6 +320,20 @@ describe('a lone waiting worker spins for its answer, and the JavaScript thread 
       expect(d.loopSpins).toBeLessThanOrEqual(81);
       expect(d.loopSpinTurns).toBeGreaterThanOrEqual(d.loopSpins);
     }
+  });
+
+  it('pinned to one CPU (taskset -c 0), neither the workers nor the event loop spin, whatever the machine has', async () => {
+    // The addon once counted the machine's CPUs (sysconf) where the event
+    // loop counted the process's (os.availableParallelism()): pinned to one
+    // CPU of two, its workers spun while JavaScript, on the same CPU, could
+    // not answer. Now JavaScript passes its count.
+    const p = await startMilter({}, {}, ['taskset', '-c', '0']);
+    await flow(p.spec, 10, 1);
+    const d = (await stopMilter(p)).diag;
+    console.log(`pinned to CPU 0 of ${cpus}: spin ${d.spinUs} us, ${d.spinHits + d.spinMisses} worker spins, ${d.loopSpins} loop spins`);
+    expect(d.spinUs).toBe(0);
+    expect(d.spinHits + d.spinMisses).toBe(0);
+    expect(d.loopSpins + d.loopSpinTurns).toBe(0);
   });
 
   it('an answer slower than the spin is still taken (the worker sleeps after spinning), and NODEMILTER_SPIN_US=0 turns spinning off', async () => {

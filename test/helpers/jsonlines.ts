@@ -35,11 +35,17 @@ export async function waitJsonEvent(p: RunningProcess, name: string, timeout = 5
 export async function startFixtureMilter(
   fixture: string,
   cfg: Record<string, unknown>,
-  opts: { env?: Record<string, string | undefined>; readyTimeout?: number } = {},
+  opts: {
+    env?: Record<string, string | undefined>;
+    readyTimeout?: number;
+    /** A command to run the fixture under, such as ['taskset', '-c', '0'] (default: none). */
+    wrap?: string[];
+  } = {},
 ): Promise<RunningProcess & { spec: string }> {
   const spec = (cfg.socket as string) ?? (await freeInetSpec());
-  const p = await startProcess(process.execPath, {
-    args: [fixture],
+  const wrap = opts.wrap ?? [];
+  const p = await startProcess(wrap.length ? wrap[0] : process.execPath, {
+    args: [...wrap.slice(1), ...(wrap.length ? [process.execPath] : []), fixture],
     env: {
       MILTER_CONFIG: JSON.stringify({ ...cfg, socket: spec }),
       LD_PRELOAD: process.env.NODEMILTER_CHILD_PRELOAD ?? process.env.LD_PRELOAD,
