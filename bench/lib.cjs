@@ -196,7 +196,6 @@ function resetPeak(pid) {
   }
 }
 
-/** User and system CPU seconds a process used so far, all threads. */
 /**
  * CPU seconds (user, system) a process used so far, all threads; with
  * `tid`, only that thread's (the JavaScript thread of a Node process is

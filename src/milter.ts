@@ -449,6 +449,8 @@ function commit(): void {
   if (committed) return;
   if (!registered || !registered.name) throw new MilterStateError('register() must be called first');
   const spin = spinUsFromEnv();
+  // One count of the CPUs the process may run on, for both spins (the workers' and the event loop's).
+  const cpus = os.availableParallelism();
   const { name, callbacks, options } = registered;
   const { handled, noreply } = eventMasks(callbacks, options.noreply);
   const symlists = symlistStrings(options.symlists);
@@ -479,9 +481,9 @@ function commit(): void {
     sessionCapClose: options.sessionCapAction === 'close',
     allowSmfiMain: process.env.NODEMILTER_ALLOW_SMFI_MAIN === '1',
     spinUs: spin,
-    cpus: os.availableParallelism(),
+    cpus,
   });
-  loopSpin = new LoopSpin(spin, () => sessions.size);
+  loopSpin = new LoopSpin(spin, () => sessions.size, cpus);
   committed = true;
 }
 

@@ -43,9 +43,9 @@ export async function startFixtureMilter(
   } = {},
 ): Promise<RunningProcess & { spec: string }> {
   const spec = (cfg.socket as string) ?? (await freeInetSpec());
-  const wrap = opts.wrap ?? [];
-  const p = await startProcess(wrap.length ? wrap[0] : process.execPath, {
-    args: [...wrap.slice(1), ...(wrap.length ? [process.execPath] : []), fixture],
+  const [command, ...args] = [...(opts.wrap ?? []), process.execPath, fixture];
+  const p = await startProcess(command, {
+    args,
     env: {
       MILTER_CONFIG: JSON.stringify({ ...cfg, socket: spec }),
       LD_PRELOAD: process.env.NODEMILTER_CHILD_PRELOAD ?? process.env.LD_PRELOAD,
