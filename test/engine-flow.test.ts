@@ -9,7 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { Base } from '../src/base';
 import * as C from '../src/constants';
 import { serve, type MilterServer } from '../src/engine';
-import { FrameReader, FrameWriter, Rep, cstr, frame as buildFrame, u32 } from '../src/engine/protocol';
+import { FrameReader, FrameWriter, OUT_BLOCK, OUT_FIRST_BLOCK, Rep, cstr, frame as buildFrame, u32 } from '../src/engine/protocol';
 import { MilterClient } from '../src/testing/client';
 import { MilterMetrics } from '../src/metrics';
 import { runmilter } from '../src/runmilter';
@@ -116,6 +116,27 @@ describe('FrameWriter', () => {
     expect(out[1]).toBe(big);
     expect(w.pending).toBe(0);
     expect(w.take()).toEqual([]);
+  });
+
+  it('takes its first block from the shared pool, not an ArrayBuffer of its own, and runs past it into blocks of its own intact', () => {
+    const w = new FrameWriter();
+    w.strings(Rep.ADDHEADER, undefined, 'X-Bench', 'node');
+    w.empty(Rep.CONTINUE);
+    const first = w.take();
+    expect(first.length).toBe(1);
+    // A slice of Node's 8 KiB pool: a connection that writes a few frames costs no external allocation.
+    expect(first[0].buffer.byteLength).toBe(Buffer.poolSize);
+    expect(Buffer.poolSize).toBeGreaterThan(OUT_FIRST_BLOCK);
+    // Past the first block: 200 frames of 19 bytes (3,800 > 1,024) arrive whole and in order.
+    const expected: Buffer[] = [];
+    for (let i = 0; i < 200; i++) {
+      const v = `v${String(i).padStart(3, '0')}`;
+      w.strings(Rep.ADDHEADER, undefined, 'X-Number', v);
+      expected.push(buildFrame(Rep.ADDHEADER, cstr('X-Number'), cstr(v)));
+    }
+    const out = w.take();
+    expect(Buffer.concat(out).equals(Buffer.concat(expected))).toBe(true);
+    expect(out.map((b) => b.buffer.byteLength)).toEqual([Buffer.poolSize, OUT_BLOCK]);
   });
 });
 

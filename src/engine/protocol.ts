@@ -175,11 +175,22 @@ export function frame(cmd: number, ...parts: Buffer[]): Buffer {
 
 /** Size of the blocks {@link FrameWriter} builds small frames in. */
 export const OUT_BLOCK = 16 * 1024;
+/**
+ * Size of a writer's first block, taken from Node's shared buffer pool
+ * (Buffer.allocUnsafe) rather than allocated on its own: most connections
+ * write a few hundred bytes in all (negotiation, and an answer or two per
+ * message), and a 16 KiB ArrayBuffer of their own per connection is
+ * external memory that V8 collects only by a full mark-compact. With one
+ * message per connection that was 4 times as many mark-compacts as
+ * bench/ceiling/bare.cjs had (S3, 8 connections).
+ */
+export const OUT_FIRST_BLOCK = 1024;
 /** Data at least this large is sent by reference, not copied into a block. */
 const BY_REFERENCE = 8 * 1024;
 
 /**
- * Builds reply frames straight into blocks of {@link OUT_BLOCK} bytes, with
+ * Builds reply frames straight into blocks of {@link OUT_BLOCK} bytes (the
+ * first, {@link OUT_FIRST_BLOCK}, from the shared pool), with
  * no temporary buffer per string or number: a run of small frames (the
  * actions and the reply of one eom) leaves as one buffer, and queued output
  * costs what goes on the wire, not a pool slab per frame. Large data
@@ -201,7 +212,7 @@ export class FrameWriter {
     let b = this.block;
     if (b && b.length - this.pos >= n) return b;
     if (b && this.pos > this.start) this.pieces.push(b.subarray(this.start, this.pos));
-    b = this.block = Buffer.allocUnsafeSlow(Math.max(OUT_BLOCK, n));
+    b = this.block = !b && n <= OUT_FIRST_BLOCK ? Buffer.allocUnsafe(OUT_FIRST_BLOCK) : Buffer.allocUnsafeSlow(Math.max(OUT_BLOCK, n));
     this.pos = this.start = 0;
     return b;
   }
