@@ -436,6 +436,24 @@ describe('bench:ceiling', () => {
     for (const us of handoff!.slice(1)) expect(Number(us)).toBeGreaterThan(0);
     expect(Number(handoff![4])).toBeCloseTo((Number(handoff![1]) + Number(handoff![2])) / 2, 1);
   }, 90_000);
+
+  it('--per-conn 1 runs one message per connection, says so, and gives ts/bare from the same rounds', async () => {
+    const script = path.join(ROOT, 'bench', 'ceiling', 'run.cjs');
+    const { code, stdout, stderr } = await runNode([script, '--rounds', '1', '--seconds', '0.3', '--conc', '2', '--per-conn', '1', '--handoff', '200'], 60_000);
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+    expect(stdout).toContain('S3, 1 message per connection, medians.');
+    expect(stdout).toContain('| ts/C | ts/bare |');
+    const [row] = stdout.split('\n').filter((l) => /^\| \d+ \|/.test(l));
+    const cells = row.split('|').slice(1, -1).map((x) => Number(x.trim()));
+    // conc, 4 rates, ceiling/C, bare/C, ts/C, ts/bare: with one round, ts/bare is ts over bare of that round.
+    expect(cells).toHaveLength(9);
+    const [, , , bare, ts] = cells;
+    expect(cells[8]).toBeCloseTo(ts / bare, 2);
+    const bad = await runNode([script, '--per-conn', '0'], 10_000);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toContain('--per-conn needs a whole number of messages >= 1, got 0');
+  }, 90_000);
 });
 
 describe('bench:profile', () => {
