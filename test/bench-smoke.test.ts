@@ -454,6 +454,13 @@ describe('bench:ceiling', () => {
     expect(bad.code).toBe(1);
     expect(bad.stderr).toContain('--per-conn needs a whole number of messages >= 1, got 0');
   }, 90_000);
+
+  it('stops its milters cleanly round after round: no exit listener left behind (warned from 6 rounds before)', async () => {
+    const script = path.join(ROOT, 'bench', 'ceiling', 'run.cjs');
+    const { code, stderr } = await runNode([script, '--rounds', '6', '--seconds', '0.1', '--conc', '1', '--handoff', '100'], 90_000);
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+  }, 120_000);
 });
 
 describe('bench:profile', () => {

@@ -34,14 +34,22 @@ function args() {
 async function startRaw(name, cmd, argv, socket) {
   const p = socket.replace(/^unix:/, '');
   const child = spawn(cmd, [...argv, p], { stdio: ['ignore', 'ignore', 'inherit'] });
-  process.once('exit', () => child.kill('SIGKILL')); // also when a cell fails
+  const kill = () => child.kill('SIGKILL');
+  process.once('exit', kill); // also when a cell fails
   const until = Date.now() + 10_000;
   while (!fs.existsSync(p)) {
     if (Date.now() > until) throw new Error(`${name} did not listen`);
     await L.sleep(20);
   }
   await L.sleep(100);
-  return { impl: name, socket, stop: async () => child.kill('SIGKILL') };
+  return {
+    impl: name,
+    socket,
+    stop: async () => {
+      process.off('exit', kill);
+      kill();
+    },
+  };
 }
 
 async function main() {
