@@ -100,6 +100,7 @@ describe('FrameWriter', () => {
     w.strings(Rep.ADDHEADER, undefined, 'X-Ä', Buffer.from('v\xe9', 'latin1'));
     w.strings(Rep.INSHEADER, 3, 'Name', 'value');
     w.raw(Rep.REPLYCODE, Buffer.from('451 4.3.0 later'), true);
+    w.words(Rep.OPTNEG, 6, 0x1ff, 0xffffffff);
     const big = Buffer.alloc(65535, 0x61);
     w.raw(Rep.REPLBODY, big);
     const expected = Buffer.concat([
@@ -107,6 +108,7 @@ describe('FrameWriter', () => {
       buildFrame(Rep.ADDHEADER, cstr('X-Ä'), cstr(Buffer.from('v\xe9', 'latin1'))),
       buildFrame(Rep.INSHEADER, u32(3), cstr('Name'), cstr('value')),
       buildFrame(Rep.REPLYCODE, Buffer.from('451 4.3.0 later'), Buffer.from([0])),
+      buildFrame(Rep.OPTNEG, u32(6), u32(0x1ff), u32(0xffffffff)),
       buildFrame(Rep.REPLBODY, big),
     ]);
     expect(w.pending).toBe(expected.length);

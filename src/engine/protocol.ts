@@ -251,6 +251,16 @@ export class FrameWriter {
     }
   }
 
+  /** A frame of three 32-bit big-endian numbers (the OPTNEG reply without symbol lists). */
+  words(cmd: number, w0: number, w1: number, w2: number): void {
+    const buf = this.room(17);
+    this.head(buf, cmd, 12);
+    buf.writeUInt32BE(w0 >>> 0, this.pos);
+    buf.writeUInt32BE(w1 >>> 0, this.pos + 4);
+    buf.writeUInt32BE(w2 >>> 0, this.pos + 8);
+    this.pos += 12;
+  }
+
   /** A frame whose data is `data` as it is, then a NUL when `nul`. */
   raw(cmd: number, data: Buffer, nul = false): void {
     const dataLen = data.length + (nul ? 1 : 0);

@@ -323,7 +323,11 @@ export class MilterServer extends EventEmitter {
       writeMs: checkMs('writeTimeout', options.writeTimeout, DEFAULT_WRITE_TIMEOUT),
       maxOutput: checkPositive('maxOutputBytes', options.maxOutputBytes, DEFAULT_MAX_OUTPUT),
       maxLagMs: checkMs('maxEventLoopLag', options.maxEventLoopLag, 0),
+      wantSteps: 0,
+      anySymlist: false,
     };
+    this.cfg.wantSteps = staticSteps(this.cfg);
+    this.cfg.anySymlist = this.cfg.symlists.some((l) => l);
     this.dispatcher = new Dispatcher(
       cb,
       { ...description.decode },
@@ -548,13 +552,13 @@ export class MilterServer extends EventEmitter {
       sock.destroy();
       return;
     }
-    const c = new Connection(this, sock, this.dispatcher, refuse);
-    this.conns.add(c);
+    this.conns.add(new Connection(this, sock, this.dispatcher, refuse));
     if (refuse) this.refusing++;
-    sock.once('close', () => {
-      this.conns.delete(c);
-      if (refuse) this.refusing--;
-    });
+  }
+
+  /** @internal A connection's socket closed (after the connection ended): it no longer counts. */
+  forget(c: Connection, refused: boolean): void {
+    if (this.conns.delete(c) && refused) this.refusing--;
   }
 
 }
@@ -604,6 +608,22 @@ export interface EngineConfig {
   writeMs: number;
   maxOutput: number;
   maxLagMs: number;
+  /** The steps (SMFIP_*) a negotiation without a negotiate callback asks for, before the MTA's offer is applied. */
+  wantSteps: number;
+  /** Whether any stage has a symbol list to request. */
+  anySymlist: boolean;
+}
+
+/** The steps a static negotiation asks for: `steps` as given, else no-step bits for what has no callback and no-reply bits for @noreply. */
+function staticSteps(cfg: EngineConfig): number {
+  if (cfg.steps !== undefined) return cfg.steps;
+  let want = 0;
+  for (let t = 0; t < Ev.COUNT; t++) {
+    if (!(cfg.handled & (1 << t))) want |= NO_BIT[t];
+    else if (cfg.noreply & (1 << t)) want |= NR_BIT[t];
+  }
+  if (cfg.handled & (1 << Ev.BODY)) want |= C.P_SKIP;
+  return want;
 }
 
 /** The step the MTA waits for while JavaScript works on it. */
@@ -702,7 +722,10 @@ class Connection {
     });
     sock.on('drain', () => this.drained());
     sock.on('error', () => this.end('connection error', true));
-    sock.on('close', () => this.end('connection closed', true));
+    sock.on('close', () => {
+      this.end('connection closed', true);
+      server.forget(this, refusedBusy);
+    });
     const cfg = server.cfg;
     if (cfg.timeoutMs > 0) {
       this.lastCommandAt = now();
@@ -1315,20 +1338,9 @@ class Connection {
       return;
     }
     let actions = cfg.actions === undefined ? f0 : cfg.actions & f0;
-    if (cfg.symlists.some((l) => l) && f0 & C.SETSYMLIST) actions |= C.SETSYMLIST;
-    let want: number;
-    if (cfg.steps !== undefined) {
-      want = cfg.steps;
-    } else {
-      want = 0;
-      for (let t = 0; t < Ev.COUNT; t++) {
-        if (!(cfg.handled & (1 << t))) want |= NO_BIT[t];
-        else if (cfg.noreply & (1 << t)) want |= NR_BIT[t];
-      }
-      if (cfg.handled & (1 << Ev.BODY)) want |= C.P_SKIP;
-    }
+    if (cfg.anySymlist && f0 & C.SETSYMLIST) actions |= C.SETSYMLIST;
     if (actions & C.SETSYMLIST) cfg.symlists.forEach((l, i) => (this.symlists[i] = l || undefined));
-    this.finishNegotiation(actions >>> 0, (want & f1) >>> 0);
+    this.finishNegotiation(actions >>> 0, (cfg.wantSteps & f1) >>> 0);
   }
 
   private finishNegotiation(actions: number, steps: number): void {
@@ -1339,7 +1351,15 @@ class Connection {
     for (const [state, bit] of SKIPPABLE) if (steps & bit) this.skipMask |= 1 << state;
     // NR_* bits the MTA did not offer are emulated here, not sent.
     const toMta = (steps & ~(C.SMFIP_NR_ALL & ~this.mtaSteps)) >>> 0;
-    const parts = [u32(Math.min(PROTOCOL_VERSION, this.mtaVersion)), u32(actions), u32(toMta)];
+    const version = Math.min(PROTOCOL_VERSION, this.mtaVersion);
+    if (!this.symlists.some((l) => l)) {
+      // The common reply, three numbers, built in place.
+      if (!this.writable) return;
+      this.writer.words(Rep.OPTNEG, version, actions, toMta);
+      this.queued();
+      return;
+    }
+    const parts = [u32(version), u32(actions), u32(toMta)];
     this.symlists.forEach((l, i) => {
       if (l) parts.push(u32(i), cstr(l));
     });
