@@ -307,12 +307,14 @@ export class MilterServer extends EventEmitter {
     this.name = description.name;
     this.logger = options.logger ?? console;
     this.exceptionStatus = policy;
+    const masks = eventMasks(cb, description.noreply);
+    const symlists = symlistStrings(description.symlists);
     this.cfg = {
       actions: description.actions,
       steps: description.steps,
-      ...eventMasks(cb, description.noreply),
+      ...masks,
       dynamicNegotiate: typeof cb.negotiate === 'function',
-      symlists: symlistStrings(description.symlists),
+      symlists,
       deadlines: deadlineArray(options.deadline),
       progressMs: progress,
       timeoutMs: timeout * 1000,
@@ -323,11 +325,9 @@ export class MilterServer extends EventEmitter {
       writeMs: checkMs('writeTimeout', options.writeTimeout, DEFAULT_WRITE_TIMEOUT),
       maxOutput: checkPositive('maxOutputBytes', options.maxOutputBytes, DEFAULT_MAX_OUTPUT),
       maxLagMs: checkMs('maxEventLoopLag', options.maxEventLoopLag, 0),
-      wantSteps: 0,
-      anySymlist: false,
+      wantSteps: staticSteps(description.steps, masks.handled, masks.noreply),
+      anySymlist: symlists.some((l) => l),
     };
-    this.cfg.wantSteps = staticSteps(this.cfg);
-    this.cfg.anySymlist = this.cfg.symlists.some((l) => l);
     this.dispatcher = new Dispatcher(
       cb,
       { ...description.decode },
@@ -615,14 +615,14 @@ export interface EngineConfig {
 }
 
 /** The steps a static negotiation asks for: `steps` as given, else no-step bits for what has no callback and no-reply bits for @noreply. */
-function staticSteps(cfg: EngineConfig): number {
-  if (cfg.steps !== undefined) return cfg.steps;
+function staticSteps(steps: number | undefined, handled: number, noreply: number): number {
+  if (steps !== undefined) return steps;
   let want = 0;
   for (let t = 0; t < Ev.COUNT; t++) {
-    if (!(cfg.handled & (1 << t))) want |= NO_BIT[t];
-    else if (cfg.noreply & (1 << t)) want |= NR_BIT[t];
+    if (!(handled & (1 << t))) want |= NO_BIT[t];
+    else if (noreply & (1 << t)) want |= NR_BIT[t];
   }
-  if (cfg.handled & (1 << Ev.BODY)) want |= C.P_SKIP;
+  if (handled & (1 << Ev.BODY)) want |= C.P_SKIP;
   return want;
 }
 
@@ -939,6 +939,13 @@ class Connection {
   writeStrings(cmd: number, n: number | undefined, a: string | Buffer, b?: string | Buffer): void {
     if (!this.writable) return;
     this.writer.strings(cmd, n, a, b);
+    this.queued();
+  }
+
+  /** A frame of three 32-bit numbers (the OPTNEG reply without symbol lists). */
+  writeWords(cmd: number, w0: number, w1: number, w2: number): void {
+    if (!this.writable) return;
+    this.writer.words(cmd, w0, w1, w2);
     this.queued();
   }
 
@@ -1354,9 +1361,7 @@ class Connection {
     const version = Math.min(PROTOCOL_VERSION, this.mtaVersion);
     if (!this.symlists.some((l) => l)) {
       // The common reply, three numbers, built in place.
-      if (!this.writable) return;
-      this.writer.words(Rep.OPTNEG, version, actions, toMta);
-      this.queued();
+      this.writeWords(Rep.OPTNEG, version, actions, toMta);
       return;
     }
     const parts = [u32(version), u32(actions), u32(toMta)];
