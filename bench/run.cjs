@@ -1,6 +1,7 @@
 // npm run bench [-- --quick] [-- --rounds N --seconds S --shapes s1,s2 --conc 1,8,64 --modes many,one --impls c,py,node,ts
 //                 --clients epoll,threads --json FILE --doc [--doc-file FILE] --plan --remeasure N --quiet-wait S
 //                 --canary-runs N --canary-seconds S]
+// npm run bench -- --render FILE [--doc [--doc-file FILE]]
 // Runs the milter implementations (C libmilter, pymilter, nodemilter on
 // libmilter, nodemilter's TypeScript engine) of each shape interleaved:
 // every round starts one milter per implementation, then runs each cell
@@ -24,6 +25,13 @@
 // --quiet-wait S seconds, default 600): up to --remeasure N passes (default
 // 2, 0 turns it off). The discarded rows and why stay in the state, --json
 // and the table's header; the whole-run limit and the canary count all of it.
+// Below the table: the ranking of the implementations under each client, and
+// per cell the cores each milter and the load generator used and the
+// milter's CPU per message, all from the same runs.
+// --render FILE prints a run saved by --json again, with this script's
+// tables and its publishing rules applied to the saved state, and with
+// --doc writes it; it measures nothing, and says in the header that it was
+// rendered again.
 'use strict';
 const fs = require('node:fs');
 const path = require('node:path');
@@ -31,8 +39,10 @@ const L = require('./lib.cjs');
 
 function parseArgs(argv) {
   const o = { quick: false, doc: false, limits: { ...L.PUBLISH_LIMITS } };
+  const given = [];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
+    given.push(a);
     const val = () => {
       if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
       return argv[++i];
@@ -47,6 +57,7 @@ function parseArgs(argv) {
     else if (a === '--doc') o.doc = true;
     else if (a === '--plan') o.planOnly = true;
     else if (a === '--doc-file') o.docFile = val();
+    else if (a === '--render') o.render = val();
     else if (a === '--rounds') o.rounds = num();
     else if (a === '--seconds') o.seconds = num();
     else if (a === '--warmup') o.warmup = num();
@@ -65,6 +76,11 @@ function parseArgs(argv) {
     else if (a === '--remeasure') o.remeasure = num();
     else if (a === '--quiet-wait') o.quietWaitS = num();
     else throw new Error(`unknown option ${a}; see the comment at the top of bench/run.cjs`);
+  }
+  if (o.render) {
+    const other = given.filter((a) => !['--render', '--doc', '--doc-file'].includes(a));
+    if (other.length) throw new Error(`--render takes only --doc and --doc-file (the rest comes from the saved run), got ${other.join(' ')}`);
+    return o;
   }
   o.rounds ??= o.quick ? 3 : 5;
   o.seconds ??= o.quick ? 1 : 3;
@@ -165,6 +181,7 @@ function plan(o) {
 
 async function main() {
   const o = parseArgs(process.argv.slice(2));
+  if (o.render) return renderSaved(o.render, o);
   L.loadgenPath();
   L.cMilterPath();
   const p = plan(o);
@@ -223,27 +240,58 @@ async function main() {
     errors: results.filter((r) => r.errors || r.bad).length,
     remeasured,
   };
+  const run = { machine: L.machine(), options: o, state, results, runAt: new Date().toISOString(), elapsedS: Number(((Date.now() - started) / 1000).toFixed(1)) };
+  const { verdict, block } = render(run);
+  console.log(block);
+  if (o.json) fs.writeFileSync(o.json, JSON.stringify({ ...run, verdict }, null, 1));
+  if (o.doc) publish(o, block, verdict);
+}
+
+/** --doc: the block into docs/performance.md (or --doc-file), or exit 3 when the verdict refuses it. */
+function publish(o, block, verdict) {
+  const file = o.docFile ?? path.join(L.ROOT, 'docs/performance.md');
+  const { written, message } = L.publishTable(file, block, verdict);
+  console.error(message);
+  if (!written) process.exitCode = 3;
+}
+
+/**
+ * The header and the tables of a run ({ machine, options, state, results,
+ * runAt, elapsedS }, as --json saves it), and the verdict on publishing it,
+ * taken again from its state with today's rules. `renderedFrom` names the
+ * file when --render re-renders a saved run.
+ */
+function render(run, renderedFrom) {
+  const { machine: mach, options: o, state, results } = run;
+  if (!run.runAt || !Number.isFinite(run.elapsedS))
+    throw new Error(`${renderedFrom ?? 'the run'} has no runAt or elapsedS: it was saved by an older bench/run.cjs, which did not record when it ran`);
   const verdict = L.publishVerdict(state, o.limits);
   const table = summarize(results, o, state.handoff.us);
-  const elapsed = (Date.now() - started) / 1000;
-  const mach = L.machine();
   const header =
     `Machine: ${mach.cpu}, ${mach.cores} cores, ${mach.memGiB} GiB, Linux ${mach.kernel}; Node ${mach.node}; ` +
     `Python ${mach.python.replace(' ', ', pymilter ')}; libmilter ${mach.libmilter}.\n` +
-    `Run: ${new Date().toISOString().slice(0, 16)}Z, ${o.rounds} interleaved rounds of ${o.seconds} s per cell (+${o.warmup} s warm-up), ` +
+    `Run: ${run.runAt.slice(0, 16)}Z, ${o.rounds} interleaved rounds of ${o.seconds} s per cell (+${o.warmup} s warm-up), ` +
     `clients ${o.clients.join(' and ')}${o.quick && o.shapes.includes('s4') && o.clients.length > 1 ? ' (S4: epoll only)' : ''}, ` +
-    `${elapsed.toFixed(0)} s in all${o.quick ? ' (--quick)' : ''}. Medians over rounds; ratios are medians of the per-round ratios.\n` +
+    `${run.elapsedS.toFixed(0)} s in all${o.quick ? ' (--quick)' : ''}. Medians over rounds; ratios are medians of the per-round ratios.` +
+    `${renderedFrom ? ` Rendered again from ${path.basename(renderedFrom)} (--render) on ${new Date().toISOString().slice(0, 16)}Z: the measurements are that run's.` : ''}\n` +
     stateText(state, o.limits) +
     `\nPublishable: ${verdict.ok ? 'yes' : `NO: ${verdict.reasons.join('; ')}`}.\n`;
-  console.log(header);
-  console.log(table.text);
-  if (o.json) fs.writeFileSync(o.json, JSON.stringify({ machine: mach, options: o, state, verdict, results }, null, 1));
-  if (o.doc) {
-    const file = o.docFile ?? path.join(L.ROOT, 'docs/performance.md');
-    const { written, message } = L.publishTable(file, header + '\n' + table.text, verdict);
-    console.error(message);
-    if (!written) process.exitCode = 3;
+  return { verdict, block: header + '\n' + table.text + cpuTable(results, o, mach.cores) };
+}
+
+/** --render FILE: print (and with --doc publish) a run saved by --json again, with today's tables. */
+function renderSaved(file, o) {
+  let run;
+  try {
+    run = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new Error(`--render ${file}: ${err.code === 'ENOENT' ? 'no such file' : `not a run saved by --json (${err.message})`}`);
   }
+  for (const k of ['machine', 'options', 'state', 'results'])
+    if (!run || typeof run !== 'object' || !(k in run)) throw new Error(`--render ${file}: not a run saved by --json (no "${k}")`);
+  const { verdict, block } = render(run, file);
+  console.log(block);
+  if (o.doc) publish(o, block, verdict);
 }
 
 async function startShape(o, shape) {
@@ -479,7 +527,10 @@ function summarize(results, o, handoffUs) {
   if (rank.compared)
     text +=
       `\nRanking (implementations by median msg/s): the two clients agree in ${rank.compared - rank.differ.length} of ${rank.compared} cells` +
-      `${rank.differ.length ? `; they differ in ${rank.differ.join(', ')}` : ''}.`;
+      `${rank.differ.length ? `; they differ in ${rank.differ.join(', ')}` : ''}.` +
+      `\nRanking up to the noise between rounds: the clients contradict each other in ${rank.contradict.length} of ${rank.compared} cells` +
+      `${rank.contradict.length ? `: ${rank.contradict.join(', ')}` : ''}. (They contradict each other on a pair of implementations when one client ` +
+      `put the pair in one order in every round and the other's median of the per-round ratios puts it in the other; a pair's ratio is its first over its second.)`;
   text +=
     `\nnode/floor: node's msg/s over its floor at concurrency 1, C's time per message plus one hand-off round trip (${handoffUs} us here) per replied step ` +
     `(the load generator counts the replies the negotiated steps need). others % core: the most other processes used during one run of the cell.`;
@@ -490,30 +541,101 @@ function summarize(results, o, handoffUs) {
   return { text, misses };
 }
 
-/** Per cell run with both clients: the order of the implementations by median msg/s under each, and where they differ. */
+/**
+ * Per cell run with both clients: the order of the implementations by median
+ * msg/s under each, and where the orders differ (`differ`). Two
+ * implementations a few per cent apart swap places from round to round, so
+ * an order can differ by noise alone. `contradict` lists the cells where the
+ * clients contradict each other: on a pair of implementations that one
+ * client put in one order in every round (its rate above the other's in
+ * each round, where the two run back to back) while the other client's
+ * median of the per-round ratios puts them the other way round.
+ */
 function rankings(results, o) {
   const differ = [];
+  const contradict = [];
   let compared = 0;
   for (const shape of o.shapes) {
-    if (clientsFor(o, shape).length < 2) continue;
+    const clients = clientsFor(o, shape);
+    if (clients.length < 2) continue;
     for (const conc of o.conc) {
       for (const mode of o.modes) {
+        const rows = (client, impl) => results.filter((r) => r.shape === shape && r.conc === conc && r.mode === mode && r.client === client && r.impl === impl);
         const order = (client) =>
           o.impls
-            .map((impl) => [impl, L.median(results.filter((r) => r.shape === shape && r.conc === conc && r.mode === mode && r.client === client && r.impl === impl).map((r) => r.rate))])
+            .map((impl) => [impl, L.median(rows(client, impl).map((r) => r.rate))])
             .sort((a, b) => b[1] - a[1])
             .map(([impl]) => LABEL[impl])
             .join(' > ');
-        const [a, b] = clientsFor(o, shape).map(order);
+        const [a, b] = clients.map(order);
+        const name = `${shape.toUpperCase()} c${conc} ${PER_CONN[mode]}/conn`;
         compared++;
-        if (a !== b) differ.push(`${shape.toUpperCase()} c${conc} ${PER_CONN[mode]}/conn (epoll ${a}; threads ${b})`);
+        if (a !== b) differ.push(`${name} (epoll ${a}; threads ${b})`);
+        const clashes = [];
+        for (let i = 0; i < o.impls.length; i++) {
+          for (let j = i + 1; j < o.impls.length; j++) {
+            const [x, y] = [o.impls[i], o.impls[j]];
+            const views = clients.map((client) => pairView(rows(client, x), rows(client, y)));
+            if (contradicts(views[0], views[1]))
+              clashes.push(`${LABEL[x]}/${LABEL[y]} ${clients.map((c, k) => `${c} ${viewText(views[k])}`).join(', ')}`);
+          }
+        }
+        if (clashes.length) contradict.push(`${name} (${clashes.join('; ')})`);
       }
     }
   }
-  return { compared, differ };
+  return { compared, differ, contradict };
 }
 
-module.exports = { parseArgs, disturbedCellRounds, replaceCellRound, remeasuredText, canaryEndText };
+/** Per-round ratios of x's rate over y's (rounds where both ran): their median, range, and the side of 1 all of them are on (0 when not all on one). */
+function pairView(xs, ys) {
+  const q = xs.map((x) => [x, ys.find((y) => y.round === x.round)]).filter(([, y]) => y && y.rate > 0).map(([x, y]) => x.rate / y.rate);
+  const every = q.length && q.every((v) => v > 1) ? 1 : q.length && q.every((v) => v < 1) ? -1 : 0;
+  return { median: L.median(q), lo: Math.min(...q), hi: Math.max(...q), every, rounds: q.length };
+}
+
+/** Whether two clients' views of a pair contradict each other: opposite medians, and one of them on its side in every round. */
+function contradicts(a, b) {
+  const side = (v) => (Number.isFinite(v.median) ? Math.sign(v.median - 1) : 0);
+  return side(a) * side(b) < 0 && ((a.every !== 0 && a.every === side(a)) || (b.every !== 0 && b.every === side(b)));
+}
+
+const viewText = (v) => `${v.median.toFixed(2)} (${v.lo.toFixed(2)} to ${v.hi.toFixed(2)}${v.every ? `, every round ${v.every > 0 ? 'above' : 'below'} 1` : ''})`;
+
+/**
+ * Per cell, what the machine did during each implementation's runs: the
+ * cores its milter used and the cores the load generator used, and the
+ * milter's CPU per message; medians over the rounds. Both CPU figures span
+ * the whole run of the load generator (warm-up included), so the cores are
+ * CPU seconds over seconds + warm-up, and the CPU per message divides by
+ * the messages the measured rate would have served in that span.
+ */
+function cpuTable(results, o, cores) {
+  if (!results.length || !results.every((r) => Number.isFinite(r.milterCpuS) && Number.isFinite(r.loadgen_cpu_s))) return '';
+  const span = o.seconds + o.warmup;
+  const names = o.impls.map((i) => LABEL[i]).join(' / ');
+  const fmt = (x, d) => (Number.isFinite(x) ? x.toFixed(d) : '-');
+  const lines = [
+    '',
+    `CPU, per cell and implementation (medians over rounds): the cores its milter used + the cores the load generator used, out of ${cores}; and the milter's CPU per message.`,
+    '',
+    `| cell | cores, milter + client: ${names} | CPU per message, us: ${names} |`,
+    '|---|---|---|',
+  ];
+  for (const shape of o.shapes)
+    for (const conc of o.conc)
+      for (const mode of o.modes)
+        for (const client of clientsFor(o, shape)) {
+          const cell = results.filter((r) => r.shape === shape && r.conc === conc && r.mode === mode && r.client === client);
+          const of = (impl, f) => L.median(cell.filter((r) => r.impl === impl).map(f));
+          const cores = o.impls.map((i) => `${fmt(of(i, (r) => r.milterCpuS / span), 2)} + ${fmt(of(i, (r) => r.loadgen_cpu_s / span), 2)}`);
+          const us = o.impls.map((i) => of(i, (r) => (r.rate > 0 ? (r.milterCpuS / (r.rate * span)) * 1e6 : NaN))).map((x) => fmt(x, x < 100 ? 1 : 0));
+          lines.push(`| ${shape.toUpperCase()} c${conc} ${PER_CONN[mode]}/conn ${client} | ${cores.join(' / ')} | ${us.join(' / ')} |`);
+        }
+  return lines.join('\n') + '\n';
+}
+
+module.exports = { parseArgs, disturbedCellRounds, replaceCellRound, remeasuredText, canaryEndText, rankings };
 
 if (require.main === module)
   main().then(

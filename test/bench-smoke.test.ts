@@ -268,6 +268,27 @@ describe('bench publish check', () => {
   });
 });
 
+describe('bench:timer', () => {
+  it("measures Node's setTimeout and Python's time.sleep, and refuses a bad option", async () => {
+    const { code, stdout, stderr } = await runNode([path.join(ROOT, 'bench/timer.cjs'), '--n', '5', '--ms', '2'], 30_000);
+    expect(code, stderr).toBe(0);
+    const rows = stdout.split('\n').filter((l) => /^\| (Node|Python) /.test(l));
+    expect(rows.map((l) => l.split('|')[1].trim())).toEqual(['Node setTimeout(2)', 'Python time.sleep(0.002)']);
+    for (const l of rows) {
+      const [n, median, p10, p90] = l.split('|').slice(2, 6).map((x) => Number(x.trim()));
+      expect(n).toBe(5);
+      // libuv's clock counts whole milliseconds, so a 2 ms timer can fire up to 1 ms early; a sleep never does
+      expect(median).toBeGreaterThanOrEqual(l.includes('Python') ? 2000 : 1000);
+      expect(p10).toBeLessThanOrEqual(median);
+      expect(p90).toBeGreaterThanOrEqual(median);
+    }
+    expect(stdout).toMatch(/^Node's median over Python's: \d+\.\d{3} \(-?\d+ us more per wait\)\.$/m);
+    const bad = await runNode([path.join(ROOT, 'bench/timer.cjs'), '--n', '2.5'], 10_000);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toContain('--n needs a whole number > 0, got 2.5');
+  });
+});
+
 describe('bench runner', () => {
   it('records the machine state, runs both clients, puts ratios and the floor first, and writes the table with --doc', async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-run-'));
@@ -320,7 +341,40 @@ describe('bench runner', () => {
           for (const x of [nodeC, nodeFloor, floorC]) expect(x).toBeGreaterThan(0);
           expect(floorC).toBeLessThan(1); // a hand-off costs something
         }
+        expect(text).toMatch(/^Ranking up to the noise between rounds: the clients contradict each other in [01] of 1 cells[.:]/m);
+        // the CPU table: cores of the milter + the client, and CPU per message, for C / node in both clients' rows
+        const cpu = text.split('\n').filter((l) => /^\| S3 c1 100\/conn (epoll|threads) \|/.test(l));
+        expect(cpu).toHaveLength(2);
+        for (const l of cpu) {
+          const [cores, us] = l.split('|').slice(2, 4).map((x) => x.trim());
+          const c = cores.split(' / ').map((x) => x.split(' + ').map(Number));
+          expect(c).toHaveLength(2);
+          for (const [milter, client] of c) {
+            expect(milter).toBeGreaterThan(0);
+            expect(client).toBeGreaterThan(0);
+            expect(milter).toBeLessThan(os.availableParallelism() + 0.5);
+          }
+          for (const x of us.split(' / ').map(Number)) expect(x).toBeGreaterThan(0);
+        }
       }
+      // --render prints the saved run again: the same block, with a line that says so, and --doc writes it
+      const again = path.join(dir, 'again.md');
+      fs.writeFileSync(again, '# y\n<!-- bench:table:begin -->\nold\n<!-- bench:table:end -->\n');
+      const r = await runNode([path.join(ROOT, 'bench/run.cjs'), '--render', json, '--doc', '--doc-file', again], 30_000);
+      expect(r.code, r.stderr).toBe(0);
+      const mark = / Rendered again from run\.json \(--render\) on \d{4}-\d\d-\d\dT\d\d:\d\dZ: the measurements are that run's\./;
+      expect(r.stdout).toMatch(mark);
+      expect(r.stdout.replace(mark, '')).toBe(stdout);
+      expect(fs.readFileSync(again, 'utf8')).toContain(r.stdout.trim());
+      // limits in the saved options come with it: the same state refused under the default limits is refused again
+      const strict = JSON.parse(fs.readFileSync(json, 'utf8'));
+      strict.options.limits = { ...bench.PUBLISH_LIMITS, canaryPct: -1 };
+      const strictFile = path.join(dir, 'strict.json');
+      fs.writeFileSync(strictFile, JSON.stringify(strict));
+      const refused = await runNode([path.join(ROOT, 'bench/run.cjs'), '--render', strictFile, '--doc', '--doc-file', again], 30_000);
+      expect(refused.code).toBe(3);
+      expect(refused.stderr).toContain('--doc refused');
+      expect(refused.stdout).toMatch(/^Publishable: NO: /m);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
@@ -334,7 +388,68 @@ describe('bench runner: disturbed rounds measured again', () => {
     remeasuredText(list: any[], limits: { otherCellPct: number }): string;
     parseArgs(argv: string[]): Record<string, any>;
     canaryEndText(rates: number[], dropped: { rate: number; otherCorePct: number }[], limitPct: number): string;
+    rankings(results: any[], o: Record<string, any>): { compared: number; differ: string[]; contradict: string[] };
   };
+
+  it('--render takes a run saved by --json and nothing that would change what was measured', async () => {
+    expect(run.parseArgs(['--render', 'x.json', '--doc']).render).toBe('x.json');
+    expect(() => run.parseArgs(['--render', 'x.json', '--rounds', '3'])).toThrow('--render takes only --doc and --doc-file (the rest comes from the saved run), got --rounds');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-render-'));
+    try {
+      const cases: [string, string | null, RegExp][] = [
+        ['missing.json', null, /--render .*missing\.json: no such file/],
+        ['text.json', 'not json', /--render .*text\.json: not a run saved by --json \(/],
+        ['other.json', '{"results": []}', /--render .*other\.json: not a run saved by --json \(no "machine"\)/],
+        ['old.json', JSON.stringify({ machine: {}, options: {}, state: {}, results: [] }), /old\.json has no runAt or elapsedS: it was saved by an older bench\/run\.cjs/],
+      ];
+      for (const [name, body, message] of cases) {
+        const file = path.join(dir, name);
+        if (body !== null) fs.writeFileSync(file, body);
+        const r = await runNode([path.join(ROOT, 'bench/run.cjs'), '--render', file], 30_000);
+        expect(r.code, name).toBe(1);
+        expect(r.stderr).toMatch(message);
+        expect(r.stdout).toBe('');
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('tells an order the clients contradict each other on from one that noise swapped', () => {
+    // one cell, three rounds: ts beats C in every epoll round, and the threads client's median has C ahead; py and C swap places, but neither client puts them in one order in every round
+    const rates: Record<string, Record<string, number[]>> = {
+      epoll: { c: [100, 100, 100], py: [101, 99, 102], ts: [110, 120, 105] },
+      threads: { c: [100, 100, 100], py: [94, 101, 96], ts: [95, 102, 97] },
+    };
+    const results = Object.entries(rates).flatMap(([client, byImpl]) =>
+      Object.entries(byImpl).flatMap(([impl, rs]) => rs.map((rate, round) => ({ round, shape: 's3', conc: 8, mode: 'many', client, impl, rate }))),
+    );
+    const o = { shapes: ['s3'], conc: [8], modes: ['many'], impls: ['c', 'py', 'ts'], clients: ['epoll', 'threads'], quick: false };
+    const rank = run.rankings(results, o);
+    expect(rank.compared).toBe(1);
+    expect(rank.differ).toEqual(['S3 c8 100/conn (epoll ts > py > C; threads C > ts > py)']);
+    expect(rank.contradict).toEqual([
+      'S3 c8 100/conn (C/ts epoll 0.91 (0.83 to 0.95, every round below 1), threads 1.03 (0.98 to 1.05))',
+    ]);
+    // the same ratios with the threads client's ts in every round under C: still a contradiction, now stated for both
+    rates.threads.ts = [95, 97, 98];
+    const again = run.rankings(
+      Object.entries(rates).flatMap(([client, byImpl]) =>
+        Object.entries(byImpl).flatMap(([impl, rs]) => rs.map((rate, round) => ({ round, shape: 's3', conc: 8, mode: 'many', client, impl, rate }))),
+      ),
+      o,
+    );
+    expect(again.contradict).toEqual(['S3 c8 100/conn (C/ts epoll 0.91 (0.83 to 0.95, every round below 1), threads 1.03 (1.02 to 1.05, every round above 1))']);
+    // a pair on the same side under both clients is no contradiction, however far apart
+    rates.threads.ts = [150, 160, 170];
+    const same = run.rankings(
+      Object.entries(rates).flatMap(([client, byImpl]) =>
+        Object.entries(byImpl).flatMap(([impl, rs]) => rs.map((rate, round) => ({ round, shape: 's3', conc: 8, mode: 'many', client, impl, rate }))),
+      ),
+      o,
+    );
+    expect(same.contradict).toEqual([]);
+  });
 
   it('takes the canary from 11 runs (5 with --quick), and says which runs it dropped', () => {
     expect(run.parseArgs([]).canaryRuns).toBe(11);
