@@ -282,10 +282,22 @@ describe('bench:timer', () => {
       expect(p10).toBeLessThanOrEqual(median);
       expect(p90).toBeGreaterThanOrEqual(median);
     }
-    expect(stdout).toMatch(/^Node's median over Python's: \d+\.\d{3} \(-?\d+ us more per wait\)\.$/m);
-    const bad = await runNode([path.join(ROOT, 'bench/timer.cjs'), '--n', '2.5'], 10_000);
-    expect(bad.code).toBe(1);
-    expect(bad.stderr).toContain('--n needs a whole number > 0, got 2.5');
+    expect(stdout).toMatch(/^Node's median over Python's: \d+\.\d{3} \(\d+ us (longer|shorter) per wait\)\.$/m);
+    // two chains in flight, the loop woken by I/O: twice the waits, the header says so
+    const two = await runNode([path.join(ROOT, 'bench/timer.cjs'), '--n', '5', '--chains', '2', '--wake-us', '500'], 30_000);
+    expect(two.code, two.stderr).toBe(0);
+    expect(two.stdout).toMatch(/, 2 chains started 1000 us apart, Node's loop woken by I\/O every 500 us\):/);
+    expect(two.stdout.split('\n').filter((l) => /^\| (Node|Python) /.test(l)).map((l) => Number(l.split('|')[2]))).toEqual([10, 10]);
+    for (const [args, message] of [
+      [['--n', '2.5'], '--n needs a whole number > 0, got 2.5'],
+      [['--chains', '0'], '--chains needs a whole number > 0, got 0'],
+      [['--wake-us', '-1'], '--wake-us needs a number >= 0, got -1'],
+      [['--seconds', '1'], 'unknown option --seconds'],
+    ]) {
+      const bad = await runNode([path.join(ROOT, 'bench/timer.cjs'), ...args], 10_000);
+      expect(bad.code).toBe(1);
+      expect(bad.stderr).toContain(message);
+    }
   });
 });
 
