@@ -238,12 +238,20 @@ export async function waitForSocket(spec: string, opts: { timeout?: number; proc
   }
 }
 
+// The temporary directories of this test file, removed at process exit by
+// one listener (a listener per directory passed Node's limit of 10 in a file
+// that makes many, and printed MaxListenersExceededWarning).
+const tmpDirs = new Set<string>();
+process.on('exit', () => {
+  for (const dir of tmpDirs) fs.rmSync(dir, { recursive: true, force: true });
+});
+
 /** A fresh temporary directory (removed at process exit). */
 export function tmpDir(prefix = 'nm-'): string {
   // /tmp rather than os.tmpdir() when possible: unix socket paths must stay short.
   const base = fs.existsSync('/tmp') ? '/tmp' : os.tmpdir();
   const dir = fs.mkdtempSync(path.join(base, prefix));
-  process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+  tmpDirs.add(dir);
   return dir;
 }
 
