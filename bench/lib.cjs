@@ -416,10 +416,30 @@ function procTally() {
 const PUBLISH_LIMITS = { otherPct: 5, otherCellPct: 10, canaryPct: 10 };
 
 /**
+ * Why the canary measured between two rounds bars publishing, or null: it
+ * had fewer undisturbed runs than asked, or its median is more than
+ * `limits.canaryPct` % from the canary at the start. `entry`: { afterRound,
+ * rate, rates } as the runner records it, `runs`: how many it asked for.
+ * The runner also asks this after each round, to stop a --doc run early
+ * that can no longer be published.
+ */
+function betweenReason(start, entry, runs, limits = PUBLISH_LIMITS) {
+  const where = `between rounds ${entry.afterRound} and ${entry.afterRound + 1}`;
+  if (entry.rates.length < runs)
+    return `the canary was disturbed ${where}: ${entry.rates.length} of ${runs} runs had other processes and steal at or under ${limits.otherCellPct} % of a core`;
+  if (!(start > 0)) return null; // the start's own reason says why
+  const move = (entry.rate / start - 1) * 100;
+  if (Math.abs(move) > limits.canaryPct)
+    return `the canary moved by ${move.toFixed(1)} % ${where} (${Math.round(start)} msg/s at the start, ${Math.round(entry.rate)} then; limit ${limits.canaryPct} %)`;
+  return null;
+}
+
+/**
  * May a run be published? `state`: { canary: { start, end } (msg/s, the
  * medians), and optionally runs, startRates, endRates (the undisturbed runs
- * at each end), other: { otherCorePct, top }, cellMax: { otherCorePct,
- * cell }, errors }. Returns { ok, reasons: [sentence, ...] }.
+ * at each end), between: [{ afterRound, rate, rates }] with betweenRuns (the
+ * canary between rounds), other: { otherCorePct, top }, cellMax: {
+ * otherCorePct, cell }, errors }. Returns { ok, reasons: [sentence, ...] }.
  */
 function publishVerdict(state, limits = PUBLISH_LIMITS) {
   const reasons = [];
@@ -438,6 +458,10 @@ function publishVerdict(state, limits = PUBLISH_LIMITS) {
       reasons.push(
         `the canary moved by ${drift.toFixed(1)} % (${Math.round(start)} msg/s at the start, ${Math.round(end)} at the end; limit ${limits.canaryPct} %)`,
       );
+  }
+  for (const entry of state.canary.between ?? []) {
+    const r = betweenReason(start, entry, state.canary.betweenRuns, limits);
+    if (r) reasons.push(r);
   }
   const tops = (t) => (t && t.length ? ` (most: ${t.map((p) => `${p.comm} ${p.s} s`).join(', ')})` : '');
   if (state.other.otherCorePct > limits.otherPct)
@@ -502,7 +526,7 @@ function nativeFloor(cRate, replied, handoffUs) {
 }
 
 module.exports = {
-  systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, procTally, PUBLISH_LIMITS, publishVerdict, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
+  systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, procTally, PUBLISH_LIMITS, publishVerdict, betweenReason, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
   BENCH, ROOT, PYTHON, IMPLS, CLIENTS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
   procStatus, resetPeak, cpuTimes, cpuSeconds, threads, median, machine, sleep, killAll,
 };

@@ -1,6 +1,6 @@
 // npm run bench [-- --quick] [-- --rounds N --seconds S --shapes s1,s2 --conc 1,8,64 --modes many,one --impls c,py,node,ts
 //                 --clients epoll,threads --json FILE --doc [--doc-file FILE] --plan --remeasure N --quiet-wait S
-//                 --canary-runs N --canary-seconds S]
+//                 --canary-runs N --canary-seconds S --canary-between N --keep-going]
 // npm run bench -- --render FILE [--doc [--doc-file FILE]]
 // Runs the milter implementations (C libmilter, pymilter, nodemilter on
 // libmilter, nodemilter's TypeScript engine) of each shape interleaved:
@@ -11,10 +11,14 @@
 // used, a canary (C on libmilter on one fixed cell at the start and at the
 // end, the median of --canary-runs runs of --canary-seconds each) and the
 // thread hand-off round trip, from which it computes the native engine's
-// floor at concurrency 1.
+// floor at concurrency 1. The canary runs between rounds too (--canary-between
+// N runs, default as many as at the ends; 0 leaves it out), so that a host that
+// changed speed during the run and changed back is seen.
 // --doc rewrites the table in docs/performance.md (or --doc-file), and
 // refuses (exit 3, nothing written) when the machine was busy or the canary
-// moved: see PUBLISH_LIMITS in lib.cjs and docs/performance.md.
+// moved: see PUBLISH_LIMITS in lib.cjs and docs/performance.md. A --doc run
+// whose canary between two rounds already bars it stops there (exit 3,
+// nothing written, no --json) unless --keep-going is given.
 // --max-other PCT, --max-other-cell PCT, --max-canary PCT change those
 // limits (the published header states the limits used). --plan prints the
 // plan and its estimated time, and runs nothing.
@@ -63,6 +67,8 @@ function parseArgs(argv) {
     else if (a === '--warmup') o.warmup = num();
     else if (a === '--canary-seconds') o.canarySeconds = num();
     else if (a === '--canary-runs') o.canaryRuns = num();
+    else if (a === '--canary-between') o.canaryBetween = num();
+    else if (a === '--keep-going') o.keepGoing = true;
     else if (a === '--handoff') o.handoff = num();
     else if (a === '--shapes') o.shapes = val().split(',');
     else if (a === '--conc') o.conc = val().split(',').map(Number);
@@ -87,6 +93,7 @@ function parseArgs(argv) {
   o.warmup ??= o.quick ? 0.2 : 0.3;
   o.canarySeconds ??= o.quick ? 1 : 2;
   o.canaryRuns ??= o.quick ? 5 : 11;
+  o.canaryBetween ??= o.canaryRuns;
   o.handoff ??= o.quick ? 10000 : 20000;
   o.shapes ??= L.SHAPES;
   o.conc ??= [1, 8, 64];
@@ -96,6 +103,8 @@ function parseArgs(argv) {
   o.remeasure ??= 2;
   o.quietWaitS ??= 600;
   if (!Number.isInteger(o.canaryRuns) || o.canaryRuns < 1) throw new Error(`--canary-runs needs a whole number >= 1, got ${o.canaryRuns}`);
+  if (!Number.isInteger(o.canaryBetween)) throw new Error(`--canary-between needs a whole number >= 0, got ${o.canaryBetween}`);
+  if (o.keepGoing && !o.doc) throw new Error('--keep-going needs --doc: only a --doc run stops early');
   if (!Number.isInteger(o.remeasure) || o.remeasure < 0) throw new Error(`--remeasure needs a whole number >= 0, got ${o.remeasure}`);
   if (!(o.rounds >= 1) || !Number.isInteger(o.rounds)) throw new Error(`--rounds needs a whole number >= 1, got ${o.rounds}`);
   if (!(o.seconds > 0)) throw new Error(`--seconds needs a number > 0, got ${o.seconds}`);
@@ -152,10 +161,22 @@ async function canary(o) {
   }
 }
 
-/** One end of the canary and the hand-off beside it, on stderr as the run goes. */
-function logCanary(end, c, handoff) {
+/** One reading of the canary (and the hand-off beside it, at the ends), on stderr as the run goes. */
+function logCanary(when, c, handoff) {
   const dropped = c.dropped.length ? ` (${c.dropped.length} runs dropped)` : '';
-  process.stderr.write(`canary at the ${end}: ${c.rates.map((r) => r.toFixed(0)).join(', ')} msg/s${dropped}; hand-off ${handoff.handoff_us} us\n`);
+  process.stderr.write(`canary ${when}: ${c.rates.map((r) => r.toFixed(0)).join(', ')} msg/s${dropped}${handoff ? `; hand-off ${handoff.handoff_us} us` : ''}\n`);
+}
+
+/** The canary between rounds in one sentence and a space ('' when it did not run). */
+function betweenText(c, limits) {
+  if (!c.between || !c.between.length) return '';
+  const items = c.between.map((b) => {
+    if (!b.rates.length) return `after round ${b.afterRound} no undisturbed run`;
+    const move = (b.rate / c.start - 1) * 100;
+    const dropped = b.dropped.length ? `, ${b.dropped.length} runs dropped` : '';
+    return `after round ${b.afterRound} ${Math.round(b.rate)}${c.start > 0 ? ` (${move >= 0 ? '+' : ''}${move.toFixed(1)} %${dropped})` : dropped ? ` (${dropped.slice(2)})` : ''}`;
+  });
+  return `Canary between rounds (median of ${c.betweenRuns} x ${c.seconds} s, against the start; limit ${limits.canaryPct} %): ${items.join(', ')}. `;
 }
 
 /** One end of the canary in words: its runs' range and what was dropped. */
@@ -175,7 +196,9 @@ function plan(o) {
   // Measured on the shared 2-core machine (load average 11): ~0.06 s per run
   // to start and stop the load generator, ~0.45 s per milter start; the
   // hand-off measurement is 15 x N round trips of ~14 us, twice.
-  const s = runs * (o.seconds + o.warmup + 0.06) + (starts + 2) * 0.45 + 2 * o.canaryRuns * (o.canarySeconds + o.warmup + 0.06) + 2 + o.handoff * 2 * 15 * 14e-6;
+  const canaryRuns = 2 * o.canaryRuns + (o.rounds - 1) * o.canaryBetween;
+  const canaryStarts = 2 + (o.canaryBetween > 0 ? o.rounds - 1 : 0);
+  const s = runs * (o.seconds + o.warmup + 0.06) + (starts + canaryStarts) * 0.45 + canaryRuns * (o.canarySeconds + o.warmup + 0.06) + 2 + o.handoff * 2 * 15 * 14e-6;
   return { runs, starts, seconds: s };
 }
 
@@ -193,8 +216,9 @@ async function main() {
   const tally = L.procTally();
   const handoff0 = L.measureHandoff(o.handoff);
   const canary0 = await canary(o);
-  logCanary('start', canary0, handoff0);
+  logCanary('at the start', canary0, handoff0);
   const results = []; // one per (round, shape, conc, mode, client, impl)
+  const between = []; // the canary between rounds
   for (let round = 0; round < o.rounds; round++) {
     for (const shape of o.shapes) {
       const milters = await startShape(o, shape);
@@ -211,6 +235,18 @@ async function main() {
       for (const impl of o.impls) await milters[impl].stop();
       tally.scan();
     }
+    if (round < o.rounds - 1 && o.canaryBetween > 0) {
+      const c = await canary({ ...o, canaryRuns: o.canaryBetween });
+      const entry = { afterRound: round + 1, rate: c.rate, rates: c.rates, dropped: c.dropped };
+      between.push(entry);
+      logCanary(`after round ${round + 1}`, c);
+      const why = L.betweenReason(canary0.rate, entry, o.canaryBetween, o.limits);
+      if (why && o.doc && !o.keepGoing) {
+        console.error(`bench: --doc stopped after round ${round + 1} of ${o.rounds}, nothing written: ${why}. --keep-going runs it to the end.`);
+        process.exitCode = 3;
+        return;
+      }
+    }
   }
   const remeasured = await remeasureDisturbed(o, results);
   tally.scan();
@@ -218,7 +254,7 @@ async function main() {
   const handoff1 = L.measureHandoff(o.handoff);
   const other = { ...L.cpuBetween(mark0, L.cpuMark({ procs: false })), top: (tally.scan(), tally.top()) };
   const loadAfter = L.loadAverage();
-  logCanary('end', canary1, handoff1);
+  logCanary('at the end', canary1, handoff1);
   const worst = results.reduce((w, r) => (!w || r.other.otherCorePct > w.other.otherCorePct ? r : w), null);
   const state = {
     loadBefore,
@@ -235,6 +271,8 @@ async function main() {
       endRates: canary1.rates,
       startDropped: canary0.dropped,
       endDropped: canary1.dropped,
+      betweenRuns: o.canaryBetween,
+      between,
     },
     handoff: { start: handoff0, end: handoff1, us: Number(((handoff0.handoff_us + handoff1.handoff_us) / 2).toFixed(2)) },
     errors: results.filter((r) => r.errors || r.bad).length,
@@ -430,6 +468,7 @@ function stateText(s, limits) {
     `${Math.round(s.canary.start)} msg/s at the start (${canaryEndText(s.canary.startRates, s.canary.startDropped ?? [], limits.otherCellPct)}), ` +
     `${Math.round(s.canary.end)} at the end (${canaryEndText(s.canary.endRates, s.canary.endDropped ?? [], limits.otherCellPct)}): ` +
     `${Number.isFinite(drift) ? `${drift >= 0 ? '+' : ''}${drift.toFixed(1)} %` : 'no move measured'}, limit ${limits.canaryPct} %. ` +
+    betweenText(s.canary, limits) +
     `Hand-off round trip ${h.us} us (start ${h.start.handoff_us}, end ${h.end.handoff_us}; mean of condition variable ${h.start.condvar_us} / ${h.end.condvar_us} ` +
     `and eventfd + epoll ${h.start.eventfd_epoll_us} / ${h.end.eventfd_epoll_us} us).` +
     remeasuredText(s.remeasured, limits)
@@ -635,7 +674,7 @@ function cpuTable(results, o, cores) {
   return lines.join('\n') + '\n';
 }
 
-module.exports = { parseArgs, disturbedCellRounds, replaceCellRound, remeasuredText, canaryEndText, rankings };
+module.exports = { parseArgs, disturbedCellRounds, replaceCellRound, remeasuredText, canaryEndText, betweenText, rankings, plan };
 
 if (require.main === module)
   main().then(

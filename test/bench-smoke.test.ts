@@ -27,6 +27,7 @@ const bench = createRequire(__filename)('../bench/lib.cjs') as {
   killAll(): void;
   PUBLISH_LIMITS: { otherPct: number; otherCellPct: number; canaryPct: number };
   publishVerdict(state: Record<string, any>, limits?: Record<string, number>): Verdict;
+  betweenReason(start: number, entry: { afterRound: number; rate: number; rates: number[] }, runs: number, limits?: Record<string, number>): string | null;
   publishTable(file: string, block: string, verdict: Verdict): { written: boolean; message: string };
   nativeFloor(cRate: number, replied: number, handoffUs: number): number;
   cpuBetween(a: Mark, b: Mark): { wallS: number; otherS: number; otherCorePct: number; stealS: number; kernelS: number; top: { comm: string; s: number }[] };
@@ -186,6 +187,27 @@ describe('bench publish check', () => {
     // every run at the start dropped: the median is 0, and the reason is the disturbance, not "did not run"
     const none = bench.publishVerdict({ ...quiet, canary: { ...canary, start: 0, startRates: [] } });
     expect(none.reasons).toEqual(['the canary was disturbed: 0 of 11 runs at the start and 11 of 11 at the end had other processes and steal at or under 10 % of a core']);
+  });
+
+  it('refuses when the canary between two rounds moved by more than 10 % from the start or was disturbed, even when the end came back', () => {
+    const at = (afterRound: number, rate: number, n = 11) => ({ afterRound, rate, rates: Array(n).fill(rate), dropped: [] });
+    const canary = { start: 18000, end: 17800, runs: 11, startRates: Array(11).fill(18000), endRates: Array(11).fill(17800), betweenRuns: 11 };
+    expect(bench.publishVerdict({ ...quiet, canary: { ...canary, between: [at(1, 16300), at(2, 19700)] } })).toEqual({ ok: true, reasons: [] }); // -9.4 %, +9.4 %
+    // the host slowed down by a fifth in the middle of the run and came back: start and end agree, the rounds between do not
+    const v = bench.publishVerdict({ ...quiet, canary: { ...canary, between: [at(1, 17900), at(2, 14200), at(3, 21000), at(4, 17400)] } });
+    expect(v.reasons).toEqual([
+      'the canary moved by -21.1 % between rounds 2 and 3 (18000 msg/s at the start, 14200 then; limit 10 %)',
+      'the canary moved by 16.7 % between rounds 3 and 4 (18000 msg/s at the start, 21000 then; limit 10 %)',
+    ]);
+    const disturbed = bench.publishVerdict({ ...quiet, canary: { ...canary, between: [at(1, 18000, 9)] } });
+    expect(disturbed.reasons).toEqual(['the canary was disturbed between rounds 1 and 2: 9 of 11 runs had other processes and steal at or under 10 % of a core']);
+    // the runner asks the same question after each round
+    expect(bench.betweenReason(18000, at(1, 16000), 11)).toBe('the canary moved by -11.1 % between rounds 1 and 2 (18000 msg/s at the start, 16000 then; limit 10 %)');
+    expect(bench.betweenReason(18000, at(1, 16000), 11, { ...bench.PUBLISH_LIMITS, canaryPct: 12 })).toBeNull();
+    // no canary at the start: the start's reason says so, and the rounds between add none of their own
+    expect(bench.betweenReason(0, at(1, 16000), 11)).toBeNull();
+    // a run saved before the canary ran between rounds is judged by its ends alone
+    expect(bench.publishVerdict({ ...quiet, canary }).ok).toBe(true);
   });
 
   it('refuses when the canary moved by more than 10 %, either way', () => {
@@ -393,6 +415,47 @@ describe('bench runner', () => {
   }, 150_000);
 });
 
+describe('bench runner: the canary between rounds', () => {
+  it('stops a --doc run whose canary between rounds bars it, unless --keep-going, which records every reading and refuses at the end', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-between-'));
+    try {
+      const doc = path.join(dir, 'perf.md');
+      const json = path.join(dir, 'run.json');
+      const before = '# x\n<!-- bench:table:begin -->\nold\n<!-- bench:table:end -->\n';
+      fs.writeFileSync(doc, before);
+      // --max-canary 0: any move at all bars the run, so the canary after round 1 (a real measurement, never exactly the start's) stops it
+      const args = [path.join(ROOT, 'bench/run.cjs'), '--rounds', '3', '--seconds', '0.2', '--warmup', '0.1', '--shapes', 's3', '--conc', '1', '--modes', 'many', '--impls', 'c',
+        '--clients', 'epoll', '--canary-seconds', '0.2', '--canary-runs', '3', '--canary-between', '2', '--handoff', '500', '--json', json, '--doc', '--doc-file', doc,
+        '--max-other', '1000000', '--max-other-cell', '1000000', '--max-canary', '0'];
+      const stopped = await runNode(args, 120_000);
+      expect(stopped.code, stopped.stderr).toBe(3);
+      expect(stopped.stderr).toMatch(/^canary after round 1: \d+, \d+ msg\/s$/m);
+      expect(stopped.stderr).toMatch(
+        /^bench: --doc stopped after round 1 of 3, nothing written: the canary moved by -?\d+\.\d % between rounds 1 and 2 \(\d+ msg\/s at the start, \d+ then; limit 0 %\)\. --keep-going runs it to the end\.$/m,
+      );
+      expect(stopped.stderr).not.toMatch(/canary after round 2/);
+      expect(stopped.stdout).toBe('');
+      expect(fs.readFileSync(doc, 'utf8')).toBe(before);
+      expect(fs.existsSync(json)).toBe(false);
+
+      const kept = await runNode([...args, '--keep-going'], 120_000);
+      expect(kept.code, kept.stderr).toBe(3);
+      expect(kept.stderr).toMatch(/^canary after round 2: /m);
+      expect(kept.stderr).toContain('--doc refused');
+      expect(fs.readFileSync(doc, 'utf8')).toBe(before);
+      const out = JSON.parse(fs.readFileSync(json, 'utf8'));
+      const c = out.state.canary;
+      expect(c.betweenRuns).toBe(2);
+      expect(c.between.map((b: any) => [b.afterRound, b.rates.length])).toEqual([[1, 2], [2, 2]]);
+      for (const b of c.between) expect(b.rate).toBeGreaterThan(0);
+      expect(out.verdict.reasons.filter((r: string) => / between rounds [12] and [23] /.test(r))).toHaveLength(2);
+      expect(kept.stdout).toMatch(/ Canary between rounds \(median of 2 x 0\.2 s, against the start; limit 0 %\): after round 1 \d+ \([-+]\d+\.\d %\), after round 2 \d+ \([-+]\d+\.\d %\)\. Hand-off round trip /);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }, 150_000);
+});
+
 describe('bench runner: disturbed rounds measured again', () => {
   const run = createRequire(__filename)('../bench/run.cjs') as {
     disturbedCellRounds(results: any[], limitPct: number): { round: number; shape: string; order: string[]; rows: any[] }[];
@@ -400,6 +463,8 @@ describe('bench runner: disturbed rounds measured again', () => {
     remeasuredText(list: any[], limits: { otherCellPct: number }): string;
     parseArgs(argv: string[]): Record<string, any>;
     canaryEndText(rates: number[], dropped: { rate: number; otherCorePct: number }[], limitPct: number): string;
+    betweenText(canary: Record<string, any>, limits: { canaryPct: number }): string;
+    plan(o: Record<string, any>): { runs: number; starts: number; seconds: number };
     rankings(results: any[], o: Record<string, any>): { compared: number; differ: string[]; contradict: string[] };
   };
 
@@ -475,6 +540,32 @@ describe('bench runner: disturbed rounds measured again', () => {
     );
     expect(run.canaryEndText([], [{ rate: 9000, otherCorePct: 12.4 }], 10)).toBe('no undisturbed run (1 over 10 %)');
   });
+  it('runs the canary between rounds as often as at the ends unless told, counts it in the plan, and says what it found', () => {
+    expect(run.parseArgs([]).canaryBetween).toBe(11);
+    expect(run.parseArgs(['--quick']).canaryBetween).toBe(5);
+    expect(run.parseArgs(['--canary-runs', '7']).canaryBetween).toBe(7);
+    expect(run.parseArgs(['--canary-between', '0']).canaryBetween).toBe(0);
+    expect(() => run.parseArgs(['--canary-between', '1.5'])).toThrow('--canary-between needs a whole number >= 0, got 1.5');
+    expect(() => run.parseArgs(['--keep-going'])).toThrow('--keep-going needs --doc: only a --doc run stops early');
+    expect(run.parseArgs(['--keep-going', '--doc']).keepGoing).toBe(true);
+    // 4 gaps between 5 rounds, 11 runs of 2 s (+0.3 s warm-up, +0.06 s) each, and a milter start each
+    const full = run.plan(run.parseArgs([]));
+    const none = run.plan(run.parseArgs(['--canary-between', '0']));
+    expect(full.runs).toBe(none.runs);
+    expect(full.seconds - none.seconds).toBeCloseTo(4 * 11 * 2.36 + 4 * 0.45, 6);
+    const c = { start: 18000, seconds: 2, betweenRuns: 11 };
+    expect(run.betweenText({ ...c, between: [] }, { canaryPct: 10 })).toBe('');
+    expect(run.betweenText(c, { canaryPct: 10 })).toBe(''); // a run saved before there was a canary between rounds
+    const between = [
+      { afterRound: 1, rate: 18500.4, rates: Array(11).fill(18500), dropped: [] },
+      { afterRound: 2, rate: 15000, rates: Array(10).fill(15000), dropped: [{ rate: 9000, otherCorePct: 14 }] },
+      { afterRound: 3, rate: 0, rates: [], dropped: [] },
+    ];
+    expect(run.betweenText({ ...c, between }, { canaryPct: 10 })).toBe(
+      'Canary between rounds (median of 11 x 2 s, against the start; limit 10 %): after round 1 18500 (+2.8 %), after round 2 15000 (-16.7 %, 1 runs dropped), after round 3 no undisturbed run. ',
+    );
+  });
+
   const row = (round: number, client: string, impl: string, otherCorePct: number, rate = 1) => ({ round, shape: 's2', conc: 1, mode: 'many', client, impl, rate, other: { otherCorePct } });
 
   it('finds the rounds of cells where any one run was over the limit, with the order they ran in', () => {
