@@ -167,14 +167,18 @@ function logCanary(when, c, handoff) {
   process.stderr.write(`canary ${when}: ${c.rates.map((r) => r.toFixed(0)).join(', ')} msg/s${dropped}${handoff ? `; hand-off ${handoff.handoff_us} us` : ''}\n`);
 }
 
+/** A change in per cent with its sign: '+2.8 %', '-16.7 %'. */
+const signedPct = (x) => `${x >= 0 ? '+' : ''}${x.toFixed(1)} %`;
+
 /** The canary between rounds in one sentence and a space ('' when it did not run). */
 function betweenText(c, limits) {
   if (!c.between || !c.between.length) return '';
   const items = c.between.map((b) => {
     if (!b.rates.length) return `after round ${b.afterRound} no undisturbed run`;
-    const move = (b.rate / c.start - 1) * 100;
-    const dropped = b.dropped.length ? `, ${b.dropped.length} runs dropped` : '';
-    return `after round ${b.afterRound} ${Math.round(b.rate)}${c.start > 0 ? ` (${move >= 0 ? '+' : ''}${move.toFixed(1)} %${dropped})` : dropped ? ` (${dropped.slice(2)})` : ''}`;
+    const notes = [];
+    if (c.start > 0) notes.push(signedPct((b.rate / c.start - 1) * 100));
+    if (b.dropped.length) notes.push(`${b.dropped.length} runs dropped`);
+    return `after round ${b.afterRound} ${Math.round(b.rate)}${notes.length ? ` (${notes.join(', ')})` : ''}`;
   });
   return `Canary between rounds (median of ${c.betweenRuns} x ${c.seconds} s, against the start; limit ${limits.canaryPct} %): ${items.join(', ')}. `;
 }
@@ -467,7 +471,7 @@ function stateText(s, limits) {
     `Canary (C on libmilter, ${s.canary.shape.toUpperCase()}, concurrency ${s.canary.conc}, ${s.canary.perConn}/conn, ${s.canary.client} client, median of ${s.canary.runs} x ${s.canary.seconds} s): ` +
     `${Math.round(s.canary.start)} msg/s at the start (${canaryEndText(s.canary.startRates, s.canary.startDropped ?? [], limits.otherCellPct)}), ` +
     `${Math.round(s.canary.end)} at the end (${canaryEndText(s.canary.endRates, s.canary.endDropped ?? [], limits.otherCellPct)}): ` +
-    `${Number.isFinite(drift) ? `${drift >= 0 ? '+' : ''}${drift.toFixed(1)} %` : 'no move measured'}, limit ${limits.canaryPct} %. ` +
+    `${Number.isFinite(drift) ? signedPct(drift) : 'no move measured'}, limit ${limits.canaryPct} %. ` +
     betweenText(s.canary, limits) +
     `Hand-off round trip ${h.us} us (start ${h.start.handoff_us}, end ${h.end.handoff_us}; mean of condition variable ${h.start.condvar_us} / ${h.end.condvar_us} ` +
     `and eventfd + epoll ${h.start.eventfd_epoll_us} / ${h.end.eventfd_epoll_us} us).` +
