@@ -39,6 +39,16 @@ afterAll(() => bench.killAll());
 
 const ROOT = path.join(__dirname, '..');
 
+/** A scratch directory for one run of the runner: a doc with the table's markers (its text in `before`) and where --json goes. */
+function scratchRun(prefix: string) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  const doc = path.join(dir, 'perf.md');
+  const json = path.join(dir, 'run.json');
+  const before = '# x\n<!-- bench:table:begin -->\nold\n<!-- bench:table:end -->\n';
+  fs.writeFileSync(doc, before);
+  return { dir, doc, json, before };
+}
+
 function runNode(args: string[], timeout: number) {
   return new Promise<{ code: number; stdout: string; stderr: string }>((resolve) =>
     execFile(process.execPath, args, { timeout }, (err, stdout, stderr) =>
@@ -325,11 +335,8 @@ describe('bench:timer', () => {
 
 describe('bench runner', () => {
   it('records the machine state, runs both clients, puts ratios and the floor first, and writes the table with --doc', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-run-'));
+    const { dir, doc, json } = scratchRun('bench-run-');
     try {
-      const doc = path.join(dir, 'perf.md');
-      const json = path.join(dir, 'run.json');
-      fs.writeFileSync(doc, '# x\n<!-- bench:table:begin -->\nold\n<!-- bench:table:end -->\n');
       // limits this loose pass on any machine: this checks the plumbing, not the machine
       const { code, stdout, stderr } = await runNode(
         [path.join(ROOT, 'bench/run.cjs'), '--rounds', '1', '--seconds', '0.3', '--warmup', '0.1', '--shapes', 's3', '--conc', '1', '--modes', 'many', '--impls', 'c,node',
@@ -417,12 +424,8 @@ describe('bench runner', () => {
 
 describe('bench runner: the canary between rounds', () => {
   it('stops a --doc run whose canary between rounds bars it, unless --keep-going, which records every reading and refuses at the end', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-between-'));
+    const { dir, doc, json, before } = scratchRun('bench-between-');
     try {
-      const doc = path.join(dir, 'perf.md');
-      const json = path.join(dir, 'run.json');
-      const before = '# x\n<!-- bench:table:begin -->\nold\n<!-- bench:table:end -->\n';
-      fs.writeFileSync(doc, before);
       // --max-canary 0: any move at all bars the run, so the canary after round 1 (a real measurement, never exactly the start's) stops it
       const args = [path.join(ROOT, 'bench/run.cjs'), '--rounds', '3', '--seconds', '0.2', '--warmup', '0.1', '--shapes', 's3', '--conc', '1', '--modes', 'many', '--impls', 'c',
         '--clients', 'epoll', '--canary-seconds', '0.2', '--canary-runs', '3', '--canary-between', '2', '--handoff', '500', '--json', json, '--doc', '--doc-file', doc,
