@@ -525,8 +525,79 @@ function nativeFloor(cRate, replied, handoffUs) {
   return 1 / (1 / cRate + replied * handoffUs * 1e-6);
 }
 
+/** A command-line option that is unknown, lacks its value or has a bad one (code ERR_BENCH_OPTION): the scripts print its message, not a stack. */
+class OptionError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'OptionError';
+    this.code = 'ERR_BENCH_OPTION';
+  }
+}
+
+/** What a bench script prints when it fails: an option error's message alone, any other error's stack. */
+function errorText(err) {
+  return err instanceof OptionError ? err.message : err?.stack || String(err);
+}
+
+/**
+ * The command-line options of a bench script, read by one rule for all of
+ * them. `spec` maps each option to [key, kind]: 'flag' (no value), 'text',
+ * 'list' (comma-separated, no empty item), or a number with its bound,
+ * 'number > 0', 'whole >= 1', and their lists 'numbers >= 0', 'wholes >= 1'.
+ * A value that is missing, empty, not a number, a fraction where a whole
+ * number is due, or out of bounds is an error that names the option, what
+ * it needs and what it got; so is an option not in `spec` (naming `script`,
+ * whose top comment lists the options). A value may not start with `--`:
+ * `--json --doc` is a missing value, not a file named --doc. Returns the
+ * keys given, and nothing for options not given (the caller's defaults).
+ */
+function readOptions(argv, spec, script) {
+  const o = {};
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const s = Object.hasOwn(spec, a) ? spec[a] : undefined;
+    if (!s) throw new OptionError(`unknown option ${a}; see the comment at the top of ${script}`);
+    const [key, kind] = s;
+    if (kind === 'flag') {
+      o[key] = true;
+      continue;
+    }
+    const v = argv[i + 1];
+    if (v === undefined || v.startsWith('--')) throw new OptionError(`${a} needs a value`);
+    i++;
+    o[key] = optionValue(a, kind, v);
+  }
+  return o;
+}
+
+function optionValue(a, kind, v) {
+  if (kind === 'text') {
+    if (v === '') throw new OptionError(`${a} needs a value, got ""`);
+    return v;
+  }
+  if (kind === 'list') {
+    const items = v.split(',');
+    if (items.some((x) => x === '')) throw new OptionError(`${a} needs a comma-separated list without empty items, got ${JSON.stringify(v)}`);
+    return items;
+  }
+  const m = /^(number|whole|numbers|wholes) (>=|>) (-?\d+(?:\.\d+)?)$/.exec(kind);
+  if (!m) throw new TypeError(`readOptions: ${a} has an unknown kind ${JSON.stringify(kind)}`);
+  const [, type, op, bound] = m;
+  const whole = type.startsWith('whole');
+  const many = type.endsWith('s');
+  const min = Number(bound);
+  const what = many ? `${whole ? 'whole ' : ''}numbers ${op} ${bound}` : `a ${whole ? 'whole ' : ''}number ${op} ${bound}`;
+  const one = (x) => {
+    const n = x.trim() === '' ? NaN : Number(x);
+    const ok = Number.isFinite(n) && (op === '>' ? n > min : n >= min) && (!whole || Number.isInteger(n));
+    if (!ok) throw new OptionError(`${a} needs ${what}, got ${many && x !== v ? `${JSON.stringify(x)} in ${v}` : v === '' ? '""' : v}`);
+    return n;
+  };
+  return many ? v.split(',').map(one) : one(v);
+}
+
 module.exports = {
   systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, procTally, PUBLISH_LIMITS, publishVerdict, betweenReason, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
   BENCH, ROOT, PYTHON, IMPLS, CLIENTS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
-  procStatus, resetPeak, cpuTimes, cpuSeconds, threads, median, machine, sleep, killAll,
+  procStatus, resetPeak, cpuTimes, cpuSeconds, threads, median, machine, sleep, killAll, readOptions, OptionError, errorText,
 };

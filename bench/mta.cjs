@@ -1,4 +1,4 @@
-// npm run bench:mta -- [--messages N] [--concurrency C] [--rows a,b,c] [--transport unix|inet]
+// npm run bench:mta -- [--messages N] [--concurrency C] [--rows a,b,c] [--size BYTES] [--transport unix|inet]
 //
 // The client-side benchmark: messages per second through a chain of two
 // milters (two instances of the C libmilter bench milter, shape s1: every
@@ -30,18 +30,29 @@ const os = require('node:os');
 const path = require('node:path');
 
 const ROOT = path.join(__dirname, '..');
-const mta = require(path.join(process.env.NODEMILTER_DIST || path.join(ROOT, 'dist'), 'src/mta/index.js'));
+const L = require('./lib.cjs');
 
-function arg(name, def) {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1] : def;
+/** The options, read by L.readOptions: option -> [key, kind]. */
+const OPTIONS = {
+  '--messages': ['messages', 'whole >= 1'],
+  '--concurrency': ['concurrency', 'whole >= 1'],
+  '--rows': ['rows', 'list'],
+  '--size': ['size', 'whole >= 1'],
+  '--transport': ['transport', 'text'],
+};
+const ROW_NAMES = ['postfix', 'mta', 'mta-reuse', 'chain'];
+let opts;
+try {
+  opts = { messages: 2000, concurrency: 8, rows: ROW_NAMES, size: 4096, transport: 'unix', ...L.readOptions(process.argv.slice(2), OPTIONS, 'bench/mta.cjs') };
+  if (opts.transport !== 'unix' && opts.transport !== 'inet') throw new L.OptionError(`--transport takes unix or inet, got ${opts.transport}`);
+  for (const r of opts.rows) if (!ROW_NAMES.includes(r)) throw new L.OptionError(`unknown row ${r}: expected ${ROW_NAMES.join(', ')}`);
+} catch (err) {
+  console.error(`bench/mta: ${L.errorText(err)}`);
+  process.exit(1);
 }
-const MESSAGES = Number(arg('messages', '2000'));
-const CONCURRENCY = Number(arg('concurrency', '8'));
-const ROWS = arg('rows', 'postfix,mta,mta-reuse,chain').split(',');
-const SIZE = Number(arg('size', '4096'));
-const TRANSPORT = arg('transport', 'unix');
-if (TRANSPORT !== 'unix' && TRANSPORT !== 'inet') throw new Error(`--transport takes unix or inet, got ${TRANSPORT}`);
+const { messages: MESSAGES, concurrency: CONCURRENCY, rows: ROWS, size: SIZE, transport: TRANSPORT } = opts;
+// after the options, so that a bad option is told without a build
+const mta = require(path.join(process.env.NODEMILTER_DIST || path.join(ROOT, 'dist'), 'src/mta/index.js'));
 
 const children = new Set();
 process.on('exit', () => {
@@ -313,7 +324,7 @@ async function main() {
 main().then(
   () => process.exit(0),
   (e) => {
-    console.error(`bench/mta: ${e.stack || e.message}`);
+    console.error(`bench/mta: ${L.errorText(e)}`);
     process.exit(1);
   },
 );

@@ -16,40 +16,31 @@ const path = require('node:path');
 const { spawn } = require('node:child_process');
 const L = require('./lib.cjs');
 
-const USAGE = 'see the comment at the top of bench/profile.cjs';
+/** The options, read by L.readOptions: option -> [key, kind]. */
+const OPTIONS = {
+  '--impl': ['impl', 'text'],
+  '--shape': ['shape', 'text'],
+  '--conc': ['conc', 'whole >= 1'],
+  '--per-conn': ['perConn', 'whole >= 1'],
+  '--client': ['client', 'text'],
+  '--rounds': ['rounds', 'whole >= 1'],
+  '--seconds': ['seconds', 'number > 0'],
+  '--warmup': ['warmup', 'number >= 0'],
+  '--top': ['top', 'whole >= 1'],
+  '--cpu-prof': ['cpuProf', 'text'],
+  '--syscalls': ['syscalls', 'flag'],
+  '--json': ['json', 'text'],
+};
 
 function parseArgs(argv) {
   const o = { impl: 'ts', shape: 's3', conc: 8, perConn: 1, client: 'epoll', rounds: 3, seconds: 3, warmup: 0.3, top: 25, syscalls: false };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => {
-      if (i + 1 >= argv.length) throw new Error(`${a} needs a value; ${USAGE}`);
-      return argv[++i];
-    };
-    const num = () => {
-      const v = val();
-      const n = Number(v);
-      if (!Number.isFinite(n) || n <= 0) throw new Error(`${a} needs a positive number, not ${JSON.stringify(v)}`);
-      return n;
-    };
-    if (a === '--impl') o.impl = val();
-    else if (a === '--shape') o.shape = val();
-    else if (a === '--conc') o.conc = num();
-    else if (a === '--per-conn') o.perConn = num();
-    else if (a === '--client') o.client = val();
-    else if (a === '--rounds') o.rounds = num();
-    else if (a === '--seconds') o.seconds = num();
-    else if (a === '--warmup') o.warmup = num();
-    else if (a === '--top') o.top = num();
-    else if (a === '--cpu-prof') o.cpuProf = path.resolve(val());
-    else if (a === '--syscalls') o.syscalls = true;
-    else if (a === '--json') o.json = path.resolve(val());
-    else throw new Error(`unknown option ${a}; ${USAGE}`);
-  }
-  if (!L.IMPLS.includes(o.impl)) throw new Error(`--impl ${o.impl}: expected one of ${L.IMPLS.join(', ')}`);
-  if (!L.SHAPES.includes(o.shape)) throw new Error(`--shape ${o.shape}: expected one of ${L.SHAPES.join(', ')}`);
-  if (!L.CLIENTS.includes(o.client)) throw new Error(`--client ${o.client}: expected ${L.CLIENTS.join(' or ')}`);
-  if (o.cpuProf && o.impl !== 'node' && o.impl !== 'ts') throw new Error(`--cpu-prof profiles JavaScript: --impl must be node or ts, not ${o.impl}`);
+  Object.assign(o, L.readOptions(argv, OPTIONS, 'bench/profile.cjs'));
+  if (o.cpuProf) o.cpuProf = path.resolve(o.cpuProf);
+  if (o.json) o.json = path.resolve(o.json);
+  if (!L.IMPLS.includes(o.impl)) throw new L.OptionError(`--impl ${o.impl}: expected one of ${L.IMPLS.join(', ')}`);
+  if (!L.SHAPES.includes(o.shape)) throw new L.OptionError(`--shape ${o.shape}: expected one of ${L.SHAPES.join(', ')}`);
+  if (!L.CLIENTS.includes(o.client)) throw new L.OptionError(`--client ${o.client}: expected ${L.CLIENTS.join(' or ')}`);
+  if (o.cpuProf && o.impl !== 'node' && o.impl !== 'ts') throw new L.OptionError(`--cpu-prof profiles JavaScript: --impl must be node or ts, not ${o.impl}`);
   return o;
 }
 
@@ -236,7 +227,7 @@ if (require.main === module) {
   main().then(
     () => process.exit(0),
     (err) => {
-      console.error(err.message);
+      console.error(L.errorText(err));
       process.exit(1);
     },
   );

@@ -41,51 +41,46 @@ const fs = require('node:fs');
 const path = require('node:path');
 const L = require('./lib.cjs');
 
+/** The options, read by L.readOptions: option -> [key, kind]. */
+const OPTIONS = {
+  '--quick': ['quick', 'flag'],
+  '--doc': ['doc', 'flag'],
+  '--plan': ['planOnly', 'flag'],
+  '--keep-going': ['keepGoing', 'flag'],
+  '--doc-file': ['docFile', 'text'],
+  '--render': ['render', 'text'],
+  '--json': ['json', 'text'],
+  '--rounds': ['rounds', 'whole >= 1'],
+  '--seconds': ['seconds', 'number > 0'],
+  '--warmup': ['warmup', 'number >= 0'],
+  '--canary-seconds': ['canarySeconds', 'number > 0'],
+  '--canary-runs': ['canaryRuns', 'whole >= 1'],
+  '--canary-between': ['canaryBetween', 'whole >= 0'],
+  '--handoff': ['handoff', 'whole >= 1'],
+  '--shapes': ['shapes', 'list'],
+  '--conc': ['conc', 'wholes >= 1'],
+  '--modes': ['modes', 'list'],
+  '--impls': ['impls', 'list'],
+  '--clients': ['clients', 'list'],
+  '--max-other': ['otherPct', 'number >= 0'],
+  '--max-other-cell': ['otherCellPct', 'number >= 0'],
+  '--max-canary': ['canaryPct', 'number >= 0'],
+  '--remeasure': ['remeasure', 'whole >= 0'],
+  '--quiet-wait': ['quietWaitS', 'number >= 0'],
+};
+/** The keys of OPTIONS that are publishing limits: they go to o.limits, over PUBLISH_LIMITS. */
+const LIMIT_KEYS = ['otherPct', 'otherCellPct', 'canaryPct'];
+
 function parseArgs(argv) {
+  const given = L.readOptions(argv, OPTIONS, 'bench/run.cjs');
   const o = { quick: false, doc: false, limits: { ...L.PUBLISH_LIMITS } };
-  const given = [];
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    given.push(a);
-    const val = () => {
-      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
-      return argv[++i];
-    };
-    const num = () => {
-      const v = val();
-      const n = Number(v);
-      if (!Number.isFinite(n) || n < 0) throw new Error(`${a} needs a number >= 0, got ${v}`);
-      return n;
-    };
-    if (a === '--quick') o.quick = true;
-    else if (a === '--doc') o.doc = true;
-    else if (a === '--plan') o.planOnly = true;
-    else if (a === '--doc-file') o.docFile = val();
-    else if (a === '--render') o.render = val();
-    else if (a === '--rounds') o.rounds = num();
-    else if (a === '--seconds') o.seconds = num();
-    else if (a === '--warmup') o.warmup = num();
-    else if (a === '--canary-seconds') o.canarySeconds = num();
-    else if (a === '--canary-runs') o.canaryRuns = num();
-    else if (a === '--canary-between') o.canaryBetween = num();
-    else if (a === '--keep-going') o.keepGoing = true;
-    else if (a === '--handoff') o.handoff = num();
-    else if (a === '--shapes') o.shapes = val().split(',');
-    else if (a === '--conc') o.conc = val().split(',').map(Number);
-    else if (a === '--modes') o.modes = val().split(',');
-    else if (a === '--impls') o.impls = val().split(',');
-    else if (a === '--clients') o.clients = val().split(',');
-    else if (a === '--json') o.json = val();
-    else if (a === '--max-other') o.limits.otherPct = num();
-    else if (a === '--max-other-cell') o.limits.otherCellPct = num();
-    else if (a === '--max-canary') o.limits.canaryPct = num();
-    else if (a === '--remeasure') o.remeasure = num();
-    else if (a === '--quiet-wait') o.quietWaitS = num();
-    else throw new Error(`unknown option ${a}; see the comment at the top of bench/run.cjs`);
+  for (const [k, v] of Object.entries(given)) {
+    if (LIMIT_KEYS.includes(k)) o.limits[k] = v;
+    else o[k] = v;
   }
   if (o.render) {
-    const other = given.filter((a) => !['--render', '--doc', '--doc-file'].includes(a));
-    if (other.length) throw new Error(`--render takes only --doc and --doc-file (the rest comes from the saved run), got ${other.join(' ')}`);
+    const other = argv.filter((a) => a.startsWith('--') && !['--render', '--doc', '--doc-file'].includes(a));
+    if (other.length) throw new L.OptionError(`--render takes only --doc and --doc-file (the rest comes from the saved run), got ${other.join(' ')}`);
     return o;
   }
   o.rounds ??= o.quick ? 3 : 5;
@@ -102,17 +97,11 @@ function parseArgs(argv) {
   o.clients ??= CLIENTS;
   o.remeasure ??= 2;
   o.quietWaitS ??= 600;
-  if (!Number.isInteger(o.canaryRuns) || o.canaryRuns < 1) throw new Error(`--canary-runs needs a whole number >= 1, got ${o.canaryRuns}`);
-  if (!Number.isInteger(o.canaryBetween)) throw new Error(`--canary-between needs a whole number >= 0, got ${o.canaryBetween}`);
-  if (o.keepGoing && !o.doc) throw new Error('--keep-going needs --doc: only a --doc run stops early');
-  if (!Number.isInteger(o.remeasure) || o.remeasure < 0) throw new Error(`--remeasure needs a whole number >= 0, got ${o.remeasure}`);
-  if (!(o.rounds >= 1) || !Number.isInteger(o.rounds)) throw new Error(`--rounds needs a whole number >= 1, got ${o.rounds}`);
-  if (!(o.seconds > 0)) throw new Error(`--seconds needs a number > 0, got ${o.seconds}`);
-  for (const s of o.shapes) if (!L.SHAPES.includes(s)) throw new Error(`unknown shape ${s}: expected ${L.SHAPES.join(', ')}`);
-  for (const c of o.conc) if (!Number.isInteger(c) || c < 1) throw new Error(`--conc needs whole numbers >= 1, got ${c}`);
-  for (const m of o.modes) if (m !== 'many' && m !== 'one') throw new Error(`unknown mode ${m}: expected many or one`);
-  for (const i of o.impls) if (!L.IMPLS.includes(i)) throw new Error(`unknown implementation ${i}: expected ${L.IMPLS.join(', ')}`);
-  for (const c of o.clients) if (!CLIENTS.includes(c)) throw new Error(`unknown client ${c}: expected ${CLIENTS.join(', ')}`);
+  if (o.keepGoing && !o.doc) throw new L.OptionError('--keep-going needs --doc: only a --doc run stops early');
+  for (const s of o.shapes) if (!L.SHAPES.includes(s)) throw new L.OptionError(`unknown shape ${s}: expected ${L.SHAPES.join(', ')}`);
+  for (const m of o.modes) if (m !== 'many' && m !== 'one') throw new L.OptionError(`unknown mode ${m}: expected many or one`);
+  for (const i of o.impls) if (!L.IMPLS.includes(i)) throw new L.OptionError(`unknown implementation ${i}: expected ${L.IMPLS.join(', ')}`);
+  for (const c of o.clients) if (!CLIENTS.includes(c)) throw new L.OptionError(`unknown client ${c}: expected ${CLIENTS.join(', ')}`);
   return o;
 }
 
@@ -212,7 +201,8 @@ async function main() {
   L.loadgenPath();
   L.cMilterPath();
   const p = plan(o);
-  process.stderr.write(`plan: ${p.runs} runs of ${o.seconds} s (+${o.warmup} s warm-up), ${p.starts} milter starts: about ${(p.seconds / 60).toFixed(1)} min\n`);
+  const again = o.remeasure > 0 ? `; rounds disturbed by other processes are measured again on top of that (up to ${o.remeasure} passes, each after waiting up to ${o.quietWaitS} s for a quiet machine)` : '';
+  process.stderr.write(`plan: ${p.runs} runs of ${o.seconds} s (+${o.warmup} s warm-up), ${p.starts} milter starts: about ${(p.seconds / 60).toFixed(1)} min${again}\n`);
   if (o.planOnly) return;
   const started = Date.now();
   const loadBefore = L.loadAverage();
@@ -684,7 +674,7 @@ if (require.main === module)
   main().then(
     () => process.exit(process.exitCode ?? 0),
     (err) => {
-      console.error(err.stack || String(err));
+      console.error(L.errorText(err));
       process.exit(1);
     },
   );

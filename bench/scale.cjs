@@ -12,19 +12,26 @@
 'use strict';
 const L = require('./lib.cjs');
 
-function opts(argv, defaults) {
-  const o = { ...defaults };
-  for (let i = 0; i < argv.length; i += 2) {
-    const k = argv[i].replace(/^--/, '');
-    if (!(k in defaults) || i + 1 >= argv.length) throw new Error(`unknown option or missing value: ${argv[i]}; options: ${Object.keys(defaults).join(', ')}`);
-    o[k] = typeof defaults[k] === 'number' ? Number(argv[i + 1]) : argv[i + 1];
-  }
-  o.impls = o.impls === 'all' ? L.availableImpls() : String(o.impls).split(',');
+/** Options every command takes, read by L.readOptions. */
+const COMMON = { '--impls': ['impls', 'list'], '--rounds': ['rounds', 'whole >= 1'] };
+/** Each command's own options. */
+const OPTIONS = {
+  conns: { ...COMMON, '--conns': ['conns', 'whole >= 1'], '--shape': ['shape', 'text'] },
+  soak: { ...COMMON, '--messages': ['messages', 'whole >= 1'], '--shape': ['shape', 'text'], '--conc': ['conc', 'whole >= 1'], '--phases': ['phases', 'whole >= 1'] },
+  bigbody: { ...COMMON, '--mb': ['mb', 'number > 0'], '--count': ['count', 'whole >= 1'] },
+};
+
+/** A command's options over its defaults; --impls all: every implementation available here. */
+function opts(cmd, argv, defaults) {
+  const o = { ...defaults, ...L.readOptions(argv, OPTIONS[cmd], 'bench/scale.cjs') };
+  if (o.impls.includes('all')) o.impls = L.availableImpls();
+  for (const i of o.impls) if (!L.IMPLS.includes(i)) throw new L.OptionError(`unknown implementation ${i}: expected ${L.IMPLS.join(', ')} or all`);
+  if (o.shape !== undefined && !L.SHAPES.includes(o.shape)) throw new L.OptionError(`unknown shape ${o.shape}: expected ${L.SHAPES.join(', ')}`);
   return o;
 }
 
 async function conns(argv) {
-  const o = opts(argv, { impls: 'all', conns: 1000, shape: 's4', rounds: 1 });
+  const o = opts('conns', argv, { impls: ['all'], conns: 1000, shape: 's4', rounds: 1 });
   console.log(`${o.conns} connections, each with one message in flight at once (barrier before EOM), shape ${o.shape}`);
   for (let round = 0; round < o.rounds; round++) {
     for (const impl of o.impls) {
@@ -50,7 +57,7 @@ async function conns(argv) {
 }
 
 async function soak(argv) {
-  const o = opts(argv, { impls: 'node', messages: 200000, shape: 's2', conc: 8, phases: 10 });
+  const o = opts('soak', argv, { impls: ['node'], messages: 200000, shape: 's2', conc: 8, phases: 10 });
   console.log(
     `${o.messages} messages in a row, shape ${o.shape}, concurrency ${o.conc}, 100 per connection, in ${o.phases} phases; ` +
       'the first phase is the warm-up',
@@ -80,7 +87,7 @@ async function soak(argv) {
 }
 
 async function bigbody(argv) {
-  const o = opts(argv, { impls: 'all', mb: 10, count: 5, rounds: 3 });
+  const o = opts('bigbody', argv, { impls: ['all'], mb: 10, count: 5, rounds: 3 });
   const bytes = Math.round(o.mb * 1024 * 1024);
   console.log(`${o.mb} MB body through the big shape (replacebody of the same size), ${o.count} messages on one connection, ${o.rounds} rounds`);
   const rates = {};
@@ -115,7 +122,7 @@ if (!cmds[cmd]) {
 cmds[cmd](rest).then(
   () => process.exit(0),
   (err) => {
-    console.error(err.stack || String(err));
+    console.error(L.errorText(err));
     process.exit(1);
   },
 );

@@ -19,27 +19,22 @@ const L = require('./lib.cjs');
 const OPENDKIM = '/usr/sbin/opendkim';
 const IMPLS = ['node', 'ts', 'opendkim'];
 
+/** The options, read by L.readOptions: option -> [key, kind]. */
+const OPTIONS = {
+  '--seconds': ['seconds', 'number > 0'],
+  '--conc': ['conc', 'wholes >= 1'],
+  '--impls': ['impls', 'list'],
+  '--rounds': ['rounds', 'whole >= 1'],
+  '--json': ['json', 'text'],
+};
+
 function parseArgs(argv) {
-  const o = {};
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const val = () => {
-      if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
-      return argv[++i];
-    };
-    if (a === '--seconds') o.seconds = Number(val());
-    else if (a === '--conc') o.conc = val().split(',').map(Number);
-    else if (a === '--impls') o.impls = val().split(',');
-    else if (a === '--rounds') o.rounds = Number(val());
-    else if (a === '--json') o.json = val();
-    else throw new Error(`unknown option ${a}; see the comment at the top of bench/sign.cjs`);
-  }
+  const o = L.readOptions(argv, OPTIONS, 'bench/sign.cjs');
   o.seconds ??= 3;
   o.conc ??= [1, 8, 64];
   o.rounds ??= 3;
   o.impls ??= IMPLS.filter((i) => i !== 'opendkim' || fs.existsSync(OPENDKIM));
-  for (const i of o.impls) if (!IMPLS.includes(i)) throw new Error(`unknown implementation ${i}: expected ${IMPLS.join(', ')}`);
-  for (const c of o.conc) if (!(Number.isInteger(c) && c > 0)) throw new Error(`--conc ${c}: expected whole numbers > 0`);
+  for (const i of o.impls) if (!IMPLS.includes(i)) throw new L.OptionError(`unknown implementation ${i}: expected ${IMPLS.join(', ')}`);
   return o;
 }
 
@@ -148,6 +143,6 @@ async function main() {
 }
 
 main().catch((err) => {
-  console.error(err.message);
+  console.error(L.errorText(err));
   process.exit(1);
 });

@@ -18,21 +18,16 @@
 const { execFileSync, spawn } = require('node:child_process');
 const L = require('./lib.cjs');
 
-const OPTIONS = { '--n': 'n', '--ms': 'ms', '--chains': 'chains', '--wake-us': 'wakeUs' };
+/** The options, read by L.readOptions: option -> [key, kind]. --wake-us 0, the default: no waking. */
+const OPTIONS = {
+  '--n': ['n', 'whole >= 1'],
+  '--ms': ['ms', 'number > 0'],
+  '--chains': ['chains', 'whole >= 1'],
+  '--wake-us': ['wakeUs', 'number >= 0'],
+};
 
 function parseArgs(argv) {
-  const o = { n: 500, ms: 2, chains: 1, wakeUs: 0 };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const v = Number(argv[++i]);
-    if (!(a in OPTIONS)) throw new Error(`unknown option ${a}; see the comment at the top of bench/timer.cjs`);
-    const whole = a === '--n' || a === '--chains';
-    const min = a === '--wake-us' ? 0 : 1e-9; // --wake-us 0: no waking, the default
-    if (!Number.isFinite(v) || v < min || (whole && !Number.isInteger(v)))
-      throw new Error(`${a} needs a ${whole ? 'whole ' : ''}number ${min ? '> 0' : '>= 0'}, got ${argv[i]}`);
-    o[OPTIONS[a]] = v;
-  }
-  return o;
+  return { n: 500, ms: 2, chains: 1, wakeUs: 0, ...L.readOptions(argv, OPTIONS, 'bench/timer.cjs') };
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -127,7 +122,7 @@ if (require.main === module)
   main().then(
     () => process.exit(0),
     (err) => {
-      console.error(err.stack || String(err));
+      console.error(L.errorText(err));
       process.exit(1);
     },
   );

@@ -11,30 +11,28 @@
 const fs = require('node:fs');
 const L = require('./lib.cjs');
 
-const list = (v) => v.split(',');
-const numbers = (v) => v.split(',').map(Number);
-/** --name VALUE options and how each value is read. */
-const OPTIONS = { rounds: Number, seconds: Number, shapes: list, conc: numbers, workers: numbers, engines: list, json: String };
+/** The options, read by L.readOptions: option -> [key, kind]. */
+const OPTIONS = {
+  '--quick': ['quick', 'flag'],
+  '--rounds': ['rounds', 'whole >= 1'],
+  '--seconds': ['seconds', 'number > 0'],
+  '--shapes': ['shapes', 'list'],
+  '--conc': ['conc', 'wholes >= 1'],
+  '--workers': ['workers', 'wholes >= 1'],
+  '--engines': ['engines', 'list'],
+  '--json': ['json', 'text'],
+};
 
 function parseArgs(argv) {
-  const o = {};
-  for (let i = 0; i < argv.length; i++) {
-    const name = argv[i].replace(/^--/, '');
-    if (argv[i] === '--quick') o.quick = true;
-    else if (argv[i].startsWith('--') && OPTIONS[name]) {
-      if (i + 1 >= argv.length) throw new Error(`${argv[i]} needs a value`);
-      o[name] = OPTIONS[name](argv[++i]);
-    } else throw new Error(`unknown option ${argv[i]}; see the comment at the top of bench/workers.cjs`);
-  }
+  const o = L.readOptions(argv, OPTIONS, 'bench/workers.cjs');
   o.rounds ??= o.quick ? 1 : 5;
   o.seconds ??= o.quick ? 1 : 4;
   o.shapes ??= ['s2', 's3'];
   o.conc ??= [64];
   o.workers ??= [1, 2];
   o.engines ??= ['libmilter', 'node'];
-  for (const s of o.shapes) if (!L.SHAPES.includes(s)) throw new Error(`unknown shape ${s}: expected ${L.SHAPES.join(', ')}`);
-  for (const e of o.engines) if (e !== 'libmilter' && e !== 'node') throw new Error(`unknown engine ${e}: expected libmilter or node`);
-  for (const w of o.workers) if (!Number.isInteger(w) || w < 1) throw new Error(`--workers takes positive integers, got ${w}`);
+  for (const s of o.shapes) if (!L.SHAPES.includes(s)) throw new L.OptionError(`unknown shape ${s}: expected ${L.SHAPES.join(', ')}`);
+  for (const e of o.engines) if (e !== 'libmilter' && e !== 'node') throw new L.OptionError(`unknown engine ${e}: expected libmilter or node`);
   return o;
 }
 
@@ -186,6 +184,6 @@ function summarize(results, cells, o) {
 }
 
 main().catch((err) => {
-  console.error(err.stack || err.message);
+  console.error(L.errorText(err));
   process.exitCode = 1;
 });

@@ -16,19 +16,17 @@ const path = require('node:path');
 const { spawn } = require('node:child_process');
 const L = require('../lib.cjs');
 
+/** The options, read by L.readOptions: option -> [key, kind]. */
+const OPTIONS = {
+  '--rounds': ['rounds', 'whole >= 1'],
+  '--seconds': ['seconds', 'number > 0'],
+  '--conc': ['conc', 'wholes >= 1'],
+  '--per-conn': ['perConn', 'whole >= 1'],
+  '--handoff': ['handoff', 'whole >= 1'],
+};
+
 function args() {
-  const o = { rounds: 3, seconds: 1.5, conc: [1, 8, 64], perConn: 100, handoff: 20000 };
-  const a = process.argv.slice(2);
-  for (let i = 0; i < a.length; i++) {
-    if (a[i] === '--rounds') o.rounds = Number(a[++i]);
-    else if (a[i] === '--seconds') o.seconds = Number(a[++i]);
-    else if (a[i] === '--conc') o.conc = a[++i].split(',').map(Number);
-    else if (a[i] === '--per-conn') o.perConn = Number(a[++i]);
-    else if (a[i] === '--handoff') o.handoff = Number(a[++i]);
-    else throw new Error(`unknown option ${a[i]}; see the comment at the top of bench/ceiling/run.cjs`);
-  }
-  if (!Number.isInteger(o.perConn) || o.perConn < 1) throw new Error(`--per-conn needs a whole number of messages >= 1, got ${o.perConn}`);
-  return o;
+  return { rounds: 3, seconds: 1.5, conc: [1, 8, 64], perConn: 100, handoff: 20000, ...L.readOptions(process.argv.slice(2), OPTIONS, 'bench/ceiling/run.cjs') };
 }
 
 async function startRaw(name, cmd, argv, socket) {
@@ -100,7 +98,7 @@ async function main() {
 main().then(
   () => process.exit(0),
   (err) => {
-    console.error(err);
+    console.error(L.errorText(err));
     process.exit(1);
   },
 );
