@@ -8,7 +8,10 @@
 // profile written to FILE (.cpuprofile, for Chrome DevTools too). With
 // --syscalls, one more round runs under `strace -c -f` and the system calls
 // per message are printed (strace slows the milter down: read the counts,
-// not the rate). This is the tool behind the profiles in docs/performance.md.
+// not the rate); with --cpu-prof too, that round runs on a second milter
+// without the profiler, whose signal per sample would count as the milter's
+// system calls. Under --cpu-prof the rounds' rates and CPU include the
+// profiler's cost. This is the tool behind the profiles in docs/performance.md.
 // Use it on a quiet machine, as the benchmark; it publishes nothing.
 'use strict';
 const fs = require('node:fs');
@@ -162,6 +165,7 @@ async function main() {
   const cell = `${o.impl} ${o.shape} c${o.conc} ${o.perConn}/conn ${o.client}`;
   const m = await L.startMilter(o.impl, o.shape, L.socketFor(`profile-${o.impl}-${o.shape}`), env);
   const result = { cell, options: { ...o }, machine: L.machine(), rounds: [] };
+  if (o.cpuProf) console.log(`${cell}: V8's profiler samples the milter from its start, so the rounds' msg/s and CPU below include its cost (a signal per sample); for the milter's own figures run without --cpu-prof`);
   try {
     for (let i = 0; i < o.rounds; i++) {
       const c0 = L.cpuTimes(m.pid);
@@ -190,15 +194,6 @@ async function main() {
           `main thread busy ${round.mainThreadPct.toFixed(0)} % of the round`,
       );
     }
-    if (o.syscalls) {
-      result.syscalls = await underStrace(m, o);
-      console.log(`${cell} under strace -c -f: ${result.syscalls.messages} messages (${result.syscalls.rate.toFixed(0)} msg/s, slowed by strace); system calls per message:`);
-      for (const s of result.syscalls.perMessage.slice(0, o.top)) {
-        console.log(`  ${s.syscall.padEnd(16)} ${s.perMsg.toFixed(2).padStart(8)}${s.errors ? `  (${s.errors} failed)` : ''}`);
-      }
-      const all = result.syscalls.perMessage.reduce((a, s) => a + s.perMsg, 0);
-      console.log(`  ${'all'.padEnd(16)} ${all.toFixed(2).padStart(8)}`);
-    }
     if (o.cpuProf) {
       const sum = summarizeProfile(await stopProfiled(m, o.cpuProf), o.top);
       result.profile = { file: o.cpuProf, ...sum };
@@ -214,6 +209,29 @@ async function main() {
         console.log(`  -- ${title}, % of all samples`);
         for (const r of rows) console.log(`  ${r.pct.toFixed(1).padStart(5)}  ${r.fn}`);
       }
+    }
+    if (o.syscalls) {
+      // Under --cpu-prof the milter takes a signal per sample (tgkill,
+      // rt_sigreturn, rt_sigprocmask, getpid and futex calls in strace's
+      // count), which are the profiler's, not the milter's: count on a
+      // second milter without the profiler, warmed by one unmeasured run.
+      const plain = o.cpuProf ? await L.startMilter(o.impl, o.shape, L.socketFor(`profile-plain-${o.impl}-${o.shape}`)) : m;
+      try {
+        if (plain !== m) checkRun(await L.runLoadgen(plain.socket, loadOpts(o, { seconds: 1, warmup: o.warmup })), 'the warm-up of the milter for strace');
+        result.syscalls = await underStrace(plain, o);
+        result.syscalls.separateMilter = plain !== m;
+      } finally {
+        if (plain !== m) await plain.stop();
+      }
+      console.log(
+        `${cell} under strace -c -f${o.cpuProf ? ' (a second milter, without the profiler)' : ''}: ${result.syscalls.messages} messages ` +
+          `(${result.syscalls.rate.toFixed(0)} msg/s, slowed by strace); system calls per message:`,
+      );
+      for (const s of result.syscalls.perMessage.slice(0, o.top)) {
+        console.log(`  ${s.syscall.padEnd(16)} ${s.perMsg.toFixed(2).padStart(8)}${s.errors ? `  (${s.errors} failed)` : ''}`);
+      }
+      const all = result.syscalls.perMessage.reduce((a, s) => a + s.perMsg, 0);
+      console.log(`  ${'all'.padEnd(16)} ${all.toFixed(2).padStart(8)}`);
     }
   } finally {
     await m.stop();

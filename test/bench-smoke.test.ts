@@ -861,6 +861,12 @@ describe('bench:profile', () => {
       expect(calls.get('read')).toBeGreaterThanOrEqual(1);
       expect(calls.get('write')! + (calls.get('writev') ?? 0)).toBeGreaterThanOrEqual(1);
       expect(calls.get('accept4')).toBeGreaterThanOrEqual(0.19);
+      // counted on a second milter without the profiler: none of the profiler's signal per sample (tgkill, rt_sigreturn)
+      expect(r.syscalls.separateMilter).toBe(true);
+      expect(calls.has('tgkill')).toBe(false);
+      expect(calls.has('rt_sigreturn')).toBe(false);
+      expect(stdout).toContain('under strace -c -f (a second milter, without the profiler)');
+      expect(stdout).toContain("V8's profiler samples the milter from its start, so the rounds' msg/s and CPU below include its cost");
       // The profile is V8's, of the milter process, and its samples reach the engine's code.
       const written = JSON.parse(fs.readFileSync(cpuprofile, 'utf8'));
       expect(written.samples.length).toBe(r.profile.samples);
