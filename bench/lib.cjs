@@ -158,7 +158,8 @@ function runLoadgen(socket, o) {
   else if (o.client !== undefined && o.client !== 'epoll') return Promise.reject(new Error(`unknown client ${o.client}: expected ${CLIENTS.join(' or ')}`));
   args.push('-t', String(o.timeout ?? 30));
   return new Promise((resolve, reject) => {
-    const child = spawn(loadgenPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    // o.cpus: the CPUs the load generator may run on (taskset's list, e.g. '1')
+    const child = o.cpus === undefined ? spawn(loadgenPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn('taskset', ['-c', String(o.cpus), loadgenPath(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     running.add(child);
     let out = '';
     let err = '';
@@ -174,6 +175,17 @@ function runLoadgen(socket, o) {
       }
     });
   });
+}
+
+/**
+ * Pin every thread of a running process to `cpus` (taskset's list, e.g.
+ * '0'); threads it starts later inherit that. Returns the process's
+ * Cpus_allowed_list as the kernel then reports it.
+ */
+function pinProcess(pid, cpus) {
+  execFileSync('taskset', ['-a', '-p', '-c', String(cpus), String(pid)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const m = /^Cpus_allowed_list:\s*(\S+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? m[1] : '';
 }
 
 /** Fields of /proc/PID/status in kB (VmRSS, VmHWM...). */
@@ -599,5 +611,5 @@ function optionValue(a, kind, v) {
 module.exports = {
   systemTicks, benchTicks, otherProcesses, cpuMark, cpuBetween, procTally, PUBLISH_LIMITS, publishVerdict, betweenReason, publishTable, loadAverage, clkTck, measureHandoff, nativeFloor,
   BENCH, ROOT, PYTHON, IMPLS, CLIENTS, availableImpls, nodemilterDist, SHAPES, buildC, loadgenPath, cMilterPath, milterCommand, socketFor, startMilter, runLoadgen,
-  procStatus, resetPeak, cpuTimes, cpuSeconds, threads, median, machine, sleep, killAll, readOptions, OptionError, errorText,
+  procStatus, resetPeak, cpuTimes, cpuSeconds, threads, median, machine, sleep, killAll, readOptions, OptionError, errorText, pinProcess,
 };

@@ -1,12 +1,13 @@
 // npm run bench:profile -- --impl ts --shape s3 [--conc 8 --per-conn 1 --client epoll|threads
-//                          --rounds 3 --seconds 3 --warmup 0.3 --cpu-prof FILE --syscalls --top 25 --json FILE]
+//                          --rounds 3 --seconds 3 --warmup 0.3 --cpu-prof FILE --syscalls --pin --top 25 --json FILE]
 // One cell of the benchmark, one implementation, looked into: the rate, and
 // the milter's CPU per message (user and system, all threads, from
 // /proc/PID/stat) in each round. With --cpu-prof (node and ts only) V8's CPU
 // profiler runs in the milter from its start to its end and the functions
 // with the most samples are printed, by self and by inclusive time, with the
-// profile written to FILE (.cpuprofile, for Chrome DevTools too). With
-// --syscalls, one more round runs under `strace -c -f` and the system calls
+// profile written to FILE (.cpuprofile, for Chrome DevTools too). --pin
+// puts every thread of the milter on CPU 0 and the load generator on CPU 1
+// (taskset), where the benchmark leaves both free. With --syscalls, one more round runs under `strace -c -f` and the system calls
 // per message are printed (strace slows the milter down: read the counts,
 // not the rate); with --cpu-prof too, that round runs on a second milter
 // without the profiler, whose signal per sample would count as the milter's
@@ -15,6 +16,7 @@
 // Use it on a quiet machine, as the benchmark; it publishes nothing.
 'use strict';
 const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
 const L = require('./lib.cjs');
@@ -32,6 +34,7 @@ const OPTIONS = {
   '--top': ['top', 'whole >= 1'],
   '--cpu-prof': ['cpuProf', 'text'],
   '--syscalls': ['syscalls', 'flag'],
+  '--pin': ['pin', 'flag'],
   '--json': ['json', 'text'],
 };
 
@@ -44,6 +47,7 @@ function parseArgs(argv) {
   if (!L.SHAPES.includes(o.shape)) throw new L.OptionError(`--shape ${o.shape}: expected one of ${L.SHAPES.join(', ')}`);
   if (!L.CLIENTS.includes(o.client)) throw new L.OptionError(`--client ${o.client}: expected ${L.CLIENTS.join(' or ')}`);
   if (o.cpuProf && o.impl !== 'node' && o.impl !== 'ts') throw new L.OptionError(`--cpu-prof profiles JavaScript: --impl must be node or ts, not ${o.impl}`);
+  if (o.pin && os.availableParallelism() < 2) throw new L.OptionError(`--pin puts the milter and the load generator on CPUs of their own: it needs 2 CPUs, this process may use ${os.availableParallelism()}`);
   return o;
 }
 
@@ -115,8 +119,12 @@ function parseStraceSummary(text) {
 }
 
 function loadOpts(o, extra = {}) {
-  return { conc: o.conc, perConn: o.perConn, client: o.client, ...extra };
+  return { conc: o.conc, perConn: o.perConn, client: o.client, ...(o.pin ? { cpus: LOADGEN_CPU } : {}), ...extra };
 }
+
+/** --pin: the milter's CPU and the load generator's. */
+const MILTER_CPU = '0';
+const LOADGEN_CPU = '1';
 
 function checkRun(r, what) {
   if (r.errors || r.bad || !r.messages || r.exitCode !== 0) {
@@ -165,6 +173,10 @@ async function main() {
   const cell = `${o.impl} ${o.shape} c${o.conc} ${o.perConn}/conn ${o.client}`;
   const m = await L.startMilter(o.impl, o.shape, L.socketFor(`profile-${o.impl}-${o.shape}`), env);
   const result = { cell, options: { ...o }, machine: L.machine(), rounds: [] };
+  if (o.pin) {
+    result.pinned = { milter: L.pinProcess(m.pid, MILTER_CPU), loadGenerator: LOADGEN_CPU };
+    console.log(`${cell}: pinned (taskset): every thread of the milter to CPU ${result.pinned.milter}, the load generator to CPU ${LOADGEN_CPU}`);
+  }
   if (o.cpuProf) console.log(`${cell}: V8's profiler samples the milter from its start, so the rounds' msg/s and CPU below include its cost (a signal per sample); for the milter's own figures run without --cpu-prof`);
   try {
     for (let i = 0; i < o.rounds; i++) {
@@ -217,6 +229,7 @@ async function main() {
       // second milter without the profiler, warmed by one unmeasured run.
       const plain = o.cpuProf ? await L.startMilter(o.impl, o.shape, L.socketFor(`profile-plain-${o.impl}-${o.shape}`)) : m;
       try {
+        if (plain !== m && o.pin) L.pinProcess(plain.pid, MILTER_CPU);
         if (plain !== m) checkRun(await L.runLoadgen(plain.socket, loadOpts(o, { seconds: 1, warmup: o.warmup })), 'the warm-up of the milter for strace');
         result.syscalls = await underStrace(plain, o);
         result.syscalls.separateMilter = plain !== m;

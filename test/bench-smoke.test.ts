@@ -788,6 +788,28 @@ describe('bench:profile', () => {
     expect(prof.parseArgs(['--impl', 'node', '--conc', '64', '--client', 'threads'])).toMatchObject({ impl: 'node', conc: 64, client: 'threads', shape: 's3', perConn: 1 });
   });
 
+  it('--pin puts the milter on CPU 0 and says so', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nm-profile-pin-'));
+    try {
+      const json = path.join(dir, 'out.json');
+      const args = ['--impl', 'c', '--conc', '2', '--per-conn', '5', '--rounds', '1', '--seconds', '0.3', '--warmup', '0.1', '--pin', '--json', json];
+      const { code, stdout, stderr } = await runNode([path.join(ROOT, 'bench', 'profile.cjs'), ...args], 60_000);
+      if (os.availableParallelism() < 2) {
+        expect(code).toBe(1);
+        expect(stderr.trim()).toBe(`--pin puts the milter and the load generator on CPUs of their own: it needs 2 CPUs, this process may use ${os.availableParallelism()}`);
+        return;
+      }
+      expect(stderr).toBe('');
+      expect(code).toBe(0);
+      const r = JSON.parse(fs.readFileSync(json, 'utf8'));
+      expect(r.pinned).toEqual({ milter: '0', loadGenerator: '1' });
+      expect(r.rounds[0].messages).toBeGreaterThan(0);
+      expect(stdout).toContain('c s3 c2 5/conn epoll: pinned (taskset): every thread of the milter to CPU 0, the load generator to CPU 1');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }, 90_000);
+
   it("reads strace -c's table, with and without the errors column, and refuses text without one", () => {
     const text = [
       '% time     seconds  usecs/call     calls    errors syscall',
