@@ -159,7 +159,8 @@ function runLoadgen(socket, o) {
   args.push('-t', String(o.timeout ?? 30));
   return new Promise((resolve, reject) => {
     // o.cpus: the CPUs the load generator may run on (taskset's list, e.g. '1')
-    const child = o.cpus === undefined ? spawn(loadgenPath(), args, { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn('taskset', ['-c', String(o.cpus), loadgenPath(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const argv = o.cpus === undefined ? [loadgenPath(), ...args] : ['taskset', '-c', String(o.cpus), loadgenPath(), ...args];
+    const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
     running.add(child);
     let out = '';
     let err = '';

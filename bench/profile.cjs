@@ -7,9 +7,10 @@
 // with the most samples are printed, by self and by inclusive time, with the
 // profile written to FILE (.cpuprofile, for Chrome DevTools too). --pin
 // puts every thread of the milter on CPU 0 and the load generator on CPU 1
-// (taskset), where the benchmark leaves both free. With --syscalls, one more round runs under `strace -c -f` and the system calls
-// per message are printed (strace slows the milter down: read the counts,
-// not the rate); with --cpu-prof too, that round runs on a second milter
+// (taskset), where the benchmark leaves both free. With --syscalls, one
+// more round runs under `strace -c -f` and the system calls per message
+// are printed (strace slows the milter down: read the counts, not the
+// rate); with --cpu-prof too, that round runs on a second milter
 // without the profiler, whose signal per sample would count as the milter's
 // system calls. Under --cpu-prof the rounds' rates and CPU include the
 // profiler's cost. This is the tool behind the profiles in docs/performance.md.
@@ -227,17 +228,19 @@ async function main() {
       // rt_sigreturn, rt_sigprocmask, getpid and futex calls in strace's
       // count), which are the profiler's, not the milter's: count on a
       // second milter without the profiler, warmed by one unmeasured run.
-      const plain = o.cpuProf ? await L.startMilter(o.impl, o.shape, L.socketFor(`profile-plain-${o.impl}-${o.shape}`)) : m;
+      const separate = Boolean(o.cpuProf);
+      const traced = separate ? await L.startMilter(o.impl, o.shape, L.socketFor(`profile-plain-${o.impl}-${o.shape}`)) : m;
       try {
-        if (plain !== m && o.pin) L.pinProcess(plain.pid, MILTER_CPU);
-        if (plain !== m) checkRun(await L.runLoadgen(plain.socket, loadOpts(o, { seconds: 1, warmup: o.warmup })), 'the warm-up of the milter for strace');
-        result.syscalls = await underStrace(plain, o);
-        result.syscalls.separateMilter = plain !== m;
+        if (separate) {
+          if (o.pin) L.pinProcess(traced.pid, MILTER_CPU);
+          checkRun(await L.runLoadgen(traced.socket, loadOpts(o, { seconds: 1, warmup: o.warmup })), 'the warm-up of the milter for strace');
+        }
+        result.syscalls = { ...(await underStrace(traced, o)), separateMilter: separate };
       } finally {
-        if (plain !== m) await plain.stop();
+        if (separate) await traced.stop();
       }
       console.log(
-        `${cell} under strace -c -f${o.cpuProf ? ' (a second milter, without the profiler)' : ''}: ${result.syscalls.messages} messages ` +
+        `${cell} under strace -c -f${separate ? ' (a second milter, without the profiler)' : ''}: ${result.syscalls.messages} messages ` +
           `(${result.syscalls.rate.toFixed(0)} msg/s, slowed by strace); system calls per message:`,
       );
       for (const s of result.syscalls.perMessage.slice(0, o.top)) {
