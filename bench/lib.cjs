@@ -557,6 +557,8 @@ function errorText(err) {
  * them. `spec` maps each option to [key, kind]: 'flag' (no value), 'text',
  * 'list' (comma-separated, no empty item), or a number with its bound,
  * 'number > 0', 'whole >= 1', and their lists 'numbers >= 0', 'wholes >= 1'.
+ * A 'text' or 'list' entry may name its choices, [key, kind, choices]: then
+ * the value (or each item) must be one of them.
  * A value that is missing, empty, not a number, a fraction where a whole
  * number is due, or out of bounds is an error that names the option, what
  * it needs and what it got; so is an option not in `spec` (naming `script`,
@@ -570,7 +572,7 @@ function readOptions(argv, spec, script) {
     const a = argv[i];
     const s = Object.hasOwn(spec, a) ? spec[a] : undefined;
     if (!s) throw new OptionError(`unknown option ${a}; see the comment at the top of ${script}`);
-    const [key, kind] = s;
+    const [key, kind, choices] = s;
     if (kind === 'flag') {
       o[key] = true;
       continue;
@@ -579,6 +581,7 @@ function readOptions(argv, spec, script) {
     if (v === undefined || v.startsWith('--')) throw new OptionError(`${a} needs a value`);
     i++;
     o[key] = optionValue(a, kind, v);
+    if (choices) for (const x of kind === 'list' ? o[key] : [o[key]]) if (!choices.includes(x)) throw new OptionError(`${a} ${x}: expected one of ${choices.join(', ')}`);
   }
   return o;
 }

@@ -33,19 +33,17 @@ const ROOT = path.join(__dirname, '..');
 const L = require('./lib.cjs');
 
 /** The options, read by L.readOptions: option -> [key, kind]. */
+const ROW_NAMES = ['postfix', 'mta', 'mta-reuse', 'chain'];
 const OPTIONS = {
   '--messages': ['messages', 'whole >= 1'],
   '--concurrency': ['concurrency', 'whole >= 1'],
-  '--rows': ['rows', 'list'],
+  '--rows': ['rows', 'list', ROW_NAMES],
   '--size': ['size', 'whole >= 1'],
-  '--transport': ['transport', 'text'],
+  '--transport': ['transport', 'text', ['unix', 'inet']],
 };
-const ROW_NAMES = ['postfix', 'mta', 'mta-reuse', 'chain'];
 let opts;
 try {
   opts = { messages: 2000, concurrency: 8, rows: ROW_NAMES, size: 4096, transport: 'unix', ...L.readOptions(process.argv.slice(2), OPTIONS, 'bench/mta.cjs') };
-  if (opts.transport !== 'unix' && opts.transport !== 'inet') throw new L.OptionError(`--transport takes unix or inet, got ${opts.transport}`);
-  for (const r of opts.rows) if (!ROW_NAMES.includes(r)) throw new L.OptionError(`unknown row ${r}: expected ${ROW_NAMES.join(', ')}`);
 } catch (err) {
   console.error(`bench/mta: ${L.errorText(err)}`);
   process.exit(1);

@@ -24,11 +24,11 @@ const L = require('./lib.cjs');
 
 /** The options, read by L.readOptions: option -> [key, kind]. */
 const OPTIONS = {
-  '--impl': ['impl', 'text'],
-  '--shape': ['shape', 'text'],
+  '--impl': ['impl', 'text', L.IMPLS],
+  '--shape': ['shape', 'text', L.SHAPES],
   '--conc': ['conc', 'whole >= 1'],
   '--per-conn': ['perConn', 'whole >= 1'],
-  '--client': ['client', 'text'],
+  '--client': ['client', 'text', L.CLIENTS],
   '--rounds': ['rounds', 'whole >= 1'],
   '--seconds': ['seconds', 'number > 0'],
   '--warmup': ['warmup', 'number >= 0'],
@@ -44,9 +44,6 @@ function parseArgs(argv) {
   Object.assign(o, L.readOptions(argv, OPTIONS, 'bench/profile.cjs'));
   if (o.cpuProf) o.cpuProf = path.resolve(o.cpuProf);
   if (o.json) o.json = path.resolve(o.json);
-  if (!L.IMPLS.includes(o.impl)) throw new L.OptionError(`--impl ${o.impl}: expected one of ${L.IMPLS.join(', ')}`);
-  if (!L.SHAPES.includes(o.shape)) throw new L.OptionError(`--shape ${o.shape}: expected one of ${L.SHAPES.join(', ')}`);
-  if (!L.CLIENTS.includes(o.client)) throw new L.OptionError(`--client ${o.client}: expected ${L.CLIENTS.join(' or ')}`);
   if (o.cpuProf && o.impl !== 'node' && o.impl !== 'ts') throw new L.OptionError(`--cpu-prof profiles JavaScript: --impl must be node or ts, not ${o.impl}`);
   if (o.pin && os.availableParallelism() < 2) throw new L.OptionError(`--pin puts the milter and the load generator on CPUs of their own: it needs 2 CPUs, this process may use ${os.availableParallelism()}`);
   return o;

@@ -57,11 +57,11 @@ const OPTIONS = {
   '--canary-runs': ['canaryRuns', 'whole >= 1'],
   '--canary-between': ['canaryBetween', 'whole >= 0'],
   '--handoff': ['handoff', 'whole >= 1'],
-  '--shapes': ['shapes', 'list'],
+  '--shapes': ['shapes', 'list', L.SHAPES],
   '--conc': ['conc', 'wholes >= 1'],
-  '--modes': ['modes', 'list'],
-  '--impls': ['impls', 'list'],
-  '--clients': ['clients', 'list'],
+  '--modes': ['modes', 'list', ['many', 'one']],
+  '--impls': ['impls', 'list', L.IMPLS],
+  '--clients': ['clients', 'list', L.CLIENTS],
   '--max-other': ['otherPct', 'number >= 0'],
   '--max-other-cell': ['otherCellPct', 'number >= 0'],
   '--max-canary': ['canaryPct', 'number >= 0'],
@@ -98,10 +98,6 @@ function parseArgs(argv) {
   o.remeasure ??= 2;
   o.quietWaitS ??= 600;
   if (o.keepGoing && !o.doc) throw new L.OptionError('--keep-going needs --doc: only a --doc run stops early');
-  for (const s of o.shapes) if (!L.SHAPES.includes(s)) throw new L.OptionError(`unknown shape ${s}: expected ${L.SHAPES.join(', ')}`);
-  for (const m of o.modes) if (m !== 'many' && m !== 'one') throw new L.OptionError(`unknown mode ${m}: expected many or one`);
-  for (const i of o.impls) if (!L.IMPLS.includes(i)) throw new L.OptionError(`unknown implementation ${i}: expected ${L.IMPLS.join(', ')}`);
-  for (const c of o.clients) if (!CLIENTS.includes(c)) throw new L.OptionError(`unknown client ${c}: expected ${CLIENTS.join(', ')}`);
   return o;
 }
 

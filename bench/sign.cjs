@@ -23,7 +23,7 @@ const IMPLS = ['node', 'ts', 'opendkim'];
 const OPTIONS = {
   '--seconds': ['seconds', 'number > 0'],
   '--conc': ['conc', 'wholes >= 1'],
-  '--impls': ['impls', 'list'],
+  '--impls': ['impls', 'list', IMPLS],
   '--rounds': ['rounds', 'whole >= 1'],
   '--json': ['json', 'text'],
 };
@@ -34,7 +34,6 @@ function parseArgs(argv) {
   o.conc ??= [1, 8, 64];
   o.rounds ??= 3;
   o.impls ??= IMPLS.filter((i) => i !== 'opendkim' || fs.existsSync(OPENDKIM));
-  for (const i of o.impls) if (!IMPLS.includes(i)) throw new L.OptionError(`unknown implementation ${i}: expected ${IMPLS.join(', ')}`);
   return o;
 }
 

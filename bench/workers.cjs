@@ -16,10 +16,10 @@ const OPTIONS = {
   '--quick': ['quick', 'flag'],
   '--rounds': ['rounds', 'whole >= 1'],
   '--seconds': ['seconds', 'number > 0'],
-  '--shapes': ['shapes', 'list'],
+  '--shapes': ['shapes', 'list', L.SHAPES],
   '--conc': ['conc', 'wholes >= 1'],
   '--workers': ['workers', 'wholes >= 1'],
-  '--engines': ['engines', 'list'],
+  '--engines': ['engines', 'list', ['libmilter', 'node']],
   '--json': ['json', 'text'],
 };
 
@@ -31,8 +31,6 @@ function parseArgs(argv) {
   o.conc ??= [64];
   o.workers ??= [1, 2];
   o.engines ??= ['libmilter', 'node'];
-  for (const s of o.shapes) if (!L.SHAPES.includes(s)) throw new L.OptionError(`unknown shape ${s}: expected ${L.SHAPES.join(', ')}`);
-  for (const e of o.engines) if (e !== 'libmilter' && e !== 'node') throw new L.OptionError(`unknown engine ${e}: expected libmilter or node`);
   return o;
 }
 

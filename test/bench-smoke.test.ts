@@ -33,7 +33,7 @@ const bench = createRequire(__filename)('../bench/lib.cjs') as {
   cpuBetween(a: Mark, b: Mark): { wallS: number; otherS: number; otherCorePct: number; stealS: number; kernelS: number; top: { comm: string; s: number }[] };
   cpuMark(): Mark;
   clkTck(): number;
-  readOptions(argv: string[], spec: Record<string, [string, string]>, script: string): Record<string, unknown>;
+  readOptions(argv: string[], spec: Record<string, [string, string] | [string, string, string[]]>, script: string): Record<string, unknown>;
   OptionError: new (message: string) => Error;
   errorText(err: unknown): string;
 };
@@ -304,7 +304,7 @@ describe('bench publish check', () => {
 });
 
 describe('bench options (lib.cjs readOptions), the one reader of every bench script', () => {
-  const spec: Record<string, [string, string]> = {
+  const spec: Record<string, [string, string] | [string, string, string[]]> = {
     '--quick': ['quick', 'flag'],
     '--json': ['json', 'text'],
     '--shapes': ['shapes', 'list'],
@@ -312,6 +312,8 @@ describe('bench options (lib.cjs readOptions), the one reader of every bench scr
     '--seconds': ['seconds', 'number > 0'],
     '--warmup': ['warmup', 'number >= 0'],
     '--conc': ['conc', 'wholes >= 1'],
+    '--client': ['client', 'text', ['epoll', 'threads']],
+    '--impls': ['impls', 'list', ['c', 'py']],
   };
   const read = (...argv: string[]) => bench.readOptions(argv, spec, 'bench/x.cjs');
 
@@ -321,6 +323,7 @@ describe('bench options (lib.cjs readOptions), the one reader of every bench scr
       quick: true, json: 'out.json', shapes: ['s1', 's3'], rounds: 3, seconds: 0.5, warmup: 0, conc: [1, 8, 64],
     });
     expect(read('--rounds', '2', '--rounds', '4')).toEqual({ rounds: 4 });
+    expect(read('--client', 'threads', '--impls', 'py,c')).toEqual({ client: 'threads', impls: ['py', 'c'] });
   });
 
   it('refuses, by name and with what it got, every value it cannot use', () => {
@@ -339,6 +342,8 @@ describe('bench options (lib.cjs readOptions), the one reader of every bench scr
       [['--conc', '1,0'], '--conc needs whole numbers >= 1, got "0" in 1,0'],
       [['--conc', '1,,8'], '--conc needs whole numbers >= 1, got "" in 1,,8'],
       [['--shapes', 's1,'], '--shapes needs a comma-separated list without empty items, got "s1,"'],
+      [['--client', 'forks'], '--client forks: expected one of epoll, threads'],
+      [['--impls', 'c,go'], '--impls go: expected one of c, py'],
     ];
     for (const [argv, message] of cases) {
       let err: unknown;
@@ -367,10 +372,14 @@ describe('bench options (lib.cjs readOptions), the one reader of every bench scr
       [['bench/sign.cjs', '--conc', '8,'], '--conc needs whole numbers >= 1, got "" in 8,'],
       [['bench/ceiling/run.cjs', '--seconds', 'abc'], '--seconds needs a number > 0, got abc'],
       [['bench/scale.cjs', 'conns', '--conns', 'many'], '--conns needs a whole number >= 1, got many'],
-      [['bench/scale.cjs', 'soak', '--shape', 's9'], 'unknown shape s9: expected s1, s2, s3, s4'],
+      [['bench/scale.cjs', 'soak', '--shape', 's9'], '--shape s9: expected one of s1, s2, s3, s4'],
       [['bench/scale.cjs', 'bigbody', '--conns', '5'], 'unknown option --conns; see the comment at the top of bench/scale.cjs'],
       [['bench/mta.cjs', '--size', '-5'], 'bench/mta: --size needs a whole number >= 1, got -5'],
-      [['bench/mta.cjs', '--rows', 'postfix,smtp'], 'bench/mta: unknown row smtp: expected postfix, mta, mta-reuse, chain'],
+      [['bench/mta.cjs', '--rows', 'postfix,smtp'], 'bench/mta: --rows smtp: expected one of postfix, mta, mta-reuse, chain'],
+      [['bench/mta.cjs', '--transport', 'tcp'], 'bench/mta: --transport tcp: expected one of unix, inet'],
+      [['bench/run.cjs', '--modes', 'many,few'], '--modes few: expected one of many, one'],
+      [['bench/workers.cjs', '--engines', 'node,rust'], '--engines rust: expected one of libmilter, node'],
+      [['bench/sign.cjs', '--impls', 'opendkim,dkimpy'], '--impls dkimpy: expected one of node, ts, opendkim'],
     ];
     for (const [[script, ...args], message] of cases) {
       const r = await runNode([path.join(ROOT, script), ...args], 20_000);
